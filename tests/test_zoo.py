@@ -1,0 +1,171 @@
+"""Model zoo: shapes, parameter counts, BatchNorm options, one ReLU instance per call site."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qat_ste.errors import QatSteError
+from qat_ste.zoo import (
+    ZOO_MODELS,
+    BasicBlock,
+    ZeroPadShortcut,
+    create_zoo_model,
+    lenet5,
+    list_zoo_models,
+    resnet20,
+    vgg11,
+)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_the_three_models() -> None:
+    assert list_zoo_models() == ["lenet5", "resnet20", "vgg11"]
+    assert set(ZOO_MODELS) == {"lenet5", "resnet20", "vgg11"}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, input_shape",
+    [
+        ("lenet5", {}, (1, 28, 28)),
+        ("lenet5", {"image_size": 32}, (1, 32, 32)),
+        ("vgg11", {}, (3, 32, 32)),
+        ("vgg11", {"in_channels": 1}, (1, 32, 32)),
+        ("resnet20", {}, (3, 32, 32)),
+        ("resnet20", {"in_channels": 1, "num_classes": 7}, (1, 32, 32)),
+    ],
+)
+def test_output_shapes(name: str, kwargs: dict, input_shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    model = create_zoo_model(name, **kwargs).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, *input_shape))
+    assert out.shape == (3, kwargs.get("num_classes", 10))
+    assert torch.isfinite(out).all()
+
+
+def test_resnet20_parameter_count() -> None:
+    # Worked out by hand (3x3 convs have no bias; each affine BatchNorm has 2 x channels):
+    #   stem:   conv 3->16: 3*16*9 = 432, BN 2*16 = 32                                  ->    464
+    #   stage1: 3 blocks x (2 convs 16*16*9 = 2304 each + 2 BNs of 32)   = 3 * 4672      ->  14016
+    #   stage2: block 1: conv 16*32*9 = 4608 + conv 32*32*9 = 9216 + BNs 128 = 13952
+    #           blocks 2, 3: 2 * (2 * 9216 + 128) = 37120                               ->  51072
+    #   stage3: block 1: conv 32*64*9 = 18432 + conv 64*64*9 = 36864 + BNs 256 = 55552
+    #           blocks 2, 3: 2 * (2 * 36864 + 256) = 147968                             -> 203520
+    #   fc:     64*10 + 10 = 650                                                        ->    650
+    #   total                                                                           -> 269722
+    # (the "0.27M" of the ResNet paper). Option-A shortcuts add nothing. Without BN affine the
+    # 19 BNs' 2 * (16 + 6*16 + 6*32 + 6*64) = 1376 parameters disappear: 268346.
+    assert count_parameters(resnet20()) == 269722
+    assert count_parameters(resnet20(bn_affine=False)) == 269722 - 1376
+    # Each extra class adds 64 weights + 1 bias in the last layer.
+    assert count_parameters(resnet20(num_classes=100)) == 269722 + 90 * 65
+
+
+def test_other_parameter_counts() -> None:
+    # LeNet-5 (28x28): conv1 1*6*25 = 150, BN 12, conv2 6*16*25 = 2400, BN 32, fc1 400*120 = 48000,
+    # BN 240, fc2 120*84 = 10080, BN 168, fc3 84*10+10 = 850 -> 61932. (32x32: fc1 576*120.)
+    assert count_parameters(lenet5()) == 61932
+    assert count_parameters(lenet5(image_size=32)) == 61932 + (576 - 400) * 120
+    # VGG-11: bias-free 3x3 convs 9*(3*64 + 64*128 + 128*256 + 256*256 + 256*512 + 3*512*512)
+    # = 9217728, BNs 2*(64+128+256+256+4*512) = 5504, classifier 512*10+10 = 5130 -> 9228362.
+    convs = 9 * (3 * 64 + 64 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 3 * 512 * 512)
+    bns = 2 * (64 + 128 + 256 + 256 + 512 * 4)
+    assert count_parameters(vgg11()) == convs + bns + 512 * 10 + 10 == 9228362
+
+
+@pytest.mark.parametrize("name", ["lenet5", "vgg11", "resnet20"])
+def test_bn_affine_false_has_no_bn_weights(name: str) -> None:
+    model = create_zoo_model(name, bn_affine=False)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms, "every zoo model has BatchNorm layers"
+    for norm in norms:
+        assert norm.weight is None and norm.bias is None
+        assert list(norm.parameters()) == []
+        assert norm.running_mean is not None  # still normalises with batch statistics
+    with_affine = create_zoo_model(name)
+    assert all(m.weight is not None for m in with_affine.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, input_shape, relus",
+    [
+        ("lenet5", {}, (1, 28, 28), 4),
+        ("vgg11", {}, (3, 32, 32), 8),
+        ("resnet20", {}, (3, 32, 32), 19),  # 1 stem + 2 per block x 9 blocks
+    ],
+)
+def test_each_relu_module_is_called_exactly_once(name: str, kwargs: dict, input_shape: tuple, relus: int) -> None:
+    model = create_zoo_model(name, **kwargs)
+    relu_modules = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len(relu_modules) == relus
+    assert len({id(m) for m in relu_modules}) == relus  # distinct instances
+    calls: dict[int, int] = {}
+
+    def count_call(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    handles = [m.register_forward_hook(count_call) for m in relu_modules]
+    try:
+        model(torch.randn(2, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(calls.values()) == [1] * relus
+    assert set(calls) == {id(m) for m in relu_modules}
+    # No functional activations hide in forward: only these modules touch the graph.
+    traced = torch.fx.symbolic_trace(model)
+    functions = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
+    assert not any("relu" in f for f in functions), functions
+
+
+def test_option_a_shortcut_has_no_parameters_and_pads_channels() -> None:
+    shortcut = ZeroPadShortcut(16, 32, stride=2)
+    assert list(shortcut.parameters()) == [] and list(shortcut.buffers()) == []
+    x = torch.randn(2, 16, 8, 8)
+    y = shortcut(x)
+    assert y.shape == (2, 32, 4, 4)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
+    assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
+    model = resnet20()
+    shortcuts = [m for m in model.modules() if isinstance(m, ZeroPadShortcut)]
+    assert len(shortcuts) == 2  # entering stages 2 and 3
+    assert all(list(s.parameters()) == [] for s in shortcuts)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 9
+    assert sum(isinstance(b.shortcut, nn.Identity) for b in blocks) == 7
+
+
+def test_resnet20_kaiming_init_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = resnet20()
+    conv = model.layer3[1].conv1  # fan_in 64*9 -> std sqrt(2/576)
+    assert conv.weight.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.05)
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_model_and_bad_arguments_raise_clear_errors() -> None:
+    with pytest.raises(QatSteError, match="unknown zoo model 'resnet18'") as info:
+        create_zoo_model("resnet18")
+    assert "lenet5, resnet20, vgg11" in str(info.value)
+    with pytest.raises(QatSteError, match="does not take argument"):
+        create_zoo_model("vgg11", image_size=32)
+    with pytest.raises(QatSteError, match="num_classes"):
+        create_zoo_model("lenet5", num_classes=0)
+    with pytest.raises(QatSteError, match="at least 12x12"):
+        lenet5(image_size=8)
+    assert isinstance(create_zoo_model(" ResNet20 "), nn.Module)
+
+
+def test_vgg11_structure() -> None:
+    model = vgg11()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+    assert model.classifier.in_features == 512

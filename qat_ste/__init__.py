@@ -1,8 +1,20 @@
-"""qat_ste: quantization-aware training of activation-quantized networks with straight-through estimators."""
+"""qat_ste: quantization-aware training of activation-quantized networks with straight-through estimators.
 
+    import qat_ste
+    qmodel = qat_ste.quantize(model, bits=4, ste="clipped_relu")
+    qat_ste.calibrate(qmodel, batches)
+    print(qat_ste.report(qmodel))
+"""
+
+from .config import QuantConfig
 from .errors import QatSteError
+from .quantize import alpha_parameters, calibrate, project_alphas, quant_modules, quantize, report
+from .quantizer.module import QuantAct
 from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
 
 __version__ = "0.1.0"
 
-__all__ = ["QatSteError", "STE", "get_ste", "list_stes", "register_ste", "unregister_ste"]
+__all__ = [
+    "QatSteError", "QuantAct", "QuantConfig", "STE", "alpha_parameters", "calibrate", "get_ste",
+    "list_stes", "project_alphas", "quant_modules", "quantize", "register_ste", "report", "unregister_ste",
+]

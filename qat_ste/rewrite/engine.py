@@ -1,0 +1,411 @@
+"""The rewrite: find every activation call site of a model and give each its own quantizer.
+
+1. Every module that is not an activation (nor a torch.nn building block) is traced shallowly with
+   torch.fx, all its children as leaves, to list the activation calls its own forward makes.
+2. An activation module called at exactly one place is swapped for a QuantAct in place
+   ("module swap"). A module whose forward makes functional activation calls (F.relu,
+   torch.relu, x.relu_(), ...) or calls one activation module at several places gets a rewritten
+   forward from its traced graph, one QuantAct per call ("fx rewrite"); its class becomes a
+   subclass of the original, so methods and isinstance checks still work.
+3. A module that FX cannot trace (control flow on values or shapes) or whose forward branches on
+   ``self.training`` is handled by runtime call-order dispatch ("runtime fallback"), with the sites
+   taken from a census run (one forward pass with an example input).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..config import QuantConfig
+from ..errors import QatSteError
+from ..quantizer.module import QuantAct
+from .activations import (
+    ActivationKind, function_kind, function_name, is_inplace_call, method_kind, module_kind, strip_inplace,
+)
+from .census import CallEvent, count_activation_calls
+from .fallback import CallOrderDispatch, install_runtime_dispatch
+from .report import QuantReport, Site
+
+MODULE_SWAP, FX_REWRITE, RUNTIME_FALLBACK = "module swap", "fx rewrite", "runtime fallback"
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces one module's own forward; every child module is a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _is_torch_builtin(m: nn.Module) -> bool:
+    mod = type(m).__module__ or ""
+    return mod.startswith("torch.") and not isinstance(m, nn.Sequential)
+
+
+def _branches_on_training(m: nn.Module) -> bool:
+    try:
+        return "self.training" in inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _original_name(module: nn.Module) -> str:
+    cls = type(module)
+    root = (cls.__module__ or "").split(".")[0]
+    prefix = {"torch": "nn", "timm": "timm"}.get(root, root)
+    return f"{prefix}.{cls.__name__}"
+
+
+@dataclass
+class _Planned:
+    """A call site found by the analysis, before it is quantized or left float."""
+
+    name: str
+    owner: str
+    original: str
+    kind: ActivationKind
+    method: str
+    key: tuple            # matches census events: ("module", path) / ("call", owner, target, k)
+    order: int | None = None
+
+
+def _unique_attr(owner: nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 1
+    while hasattr(owner, name):
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def _default_example_input(model: nn.Module) -> torch.Tensor | None:
+    """A plausible input for a census run when the caller gave none (timm/zoo configs, else 224x224)."""
+    size = None
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and "input_size" in cfg:
+            size = tuple(cfg["input_size"])
+            break
+    if size is None:
+        size = getattr(model, "qat_input_size", None)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if first is None:
+        return None
+    if size is None:
+        size = (first.in_channels, 224, 224) if isinstance(first, nn.Conv2d) else (first.in_features,)
+    try:
+        p = next(model.parameters())
+        return torch.randn(1, *size, device=p.device, dtype=p.dtype)
+    except StopIteration:
+        return torch.randn(1, *size)
+
+
+def _run_census(model: nn.Module, example_input: Any) -> list[CallEvent]:
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return count_activation_calls(model, *inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def analyse_and_rewrite(
+    model: nn.Module, cfg: QuantConfig, example_input: Any = None
+) -> QuantReport:
+    """Rewrite ``model`` in place (see the module docstring) and return the report."""
+    modules = dict(model.named_modules())
+    path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    path_of.update({id(m): p for p, m in modules.items()})
+
+    # 1. shallow traces -----------------------------------------------------------------------
+    graphs: dict[str, fx.Graph] = {}
+    untraced: dict[str, str] = {}
+    for path, m in modules.items():
+        if module_kind(m) is not None or _is_torch_builtin(m):
+            continue
+        try:
+            graphs[path] = _ShallowTracer().trace(m)
+        except Exception as e:  # noqa: BLE001 - any tracing failure sends the module to the fallback
+            untraced[path] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+    static_calls: Counter = Counter()
+    for path, g in graphs.items():
+        for node in g.nodes:
+            if node.op == "call_module":
+                sub = modules[path].get_submodule(node.target)
+                if module_kind(sub) is not None:
+                    static_calls[id(sub)] += 1
+
+    # 2. census run ---------------------------------------------------------------------------
+    events: list[CallEvent] | None = None
+    census_error = ""
+    needs_census = cfg.keep_first or cfg.keep_last or bool(untraced)
+    if example_input is None and needs_census:
+        example_input = _default_example_input(model)
+    if example_input is not None:
+        try:
+            events = _run_census(model, example_input)
+        except Exception as e:  # noqa: BLE001
+            census_error = f"{type(e).__name__}: {e}"
+            if example_input is not None and not needs_census:
+                events = None
+    if needs_census and events is None:
+        what = "keep_first/keep_last need" if (cfg.keep_first or cfg.keep_last) else (
+            f"{len(untraced)} module(s) FX cannot trace ({', '.join(list(untraced)[:3])}) need")
+        raise QatSteError(
+            f"{what} a run of the model to find their activation calls, and the model could not be "
+            f"run{': ' + census_error if census_error else ' (no example input)'}",
+            "pass example_input=<a batch the model accepts> to quantize()")
+
+    runtime_calls: Counter = Counter()
+    for e in events or ():
+        if e.is_module:
+            runtime_calls[e.target] += 1
+    shared = {id(m) for p, m in modules.items() if module_kind(m) is not None
+              and (static_calls[id(m)] > 1 or runtime_calls[p] > 1)}
+
+    # 3. plan the sites -----------------------------------------------------------------------
+    planned: list[_Planned] = []
+    rewrites: dict[str, list[tuple[fx.Node, _Planned]]] = {}
+    fallbacks: dict[str, list[_Planned]] = {}
+    for path, g in graphs.items():
+        owner = modules[path]
+        if any(_node_is_site(n, owner, shared) for n in g.nodes) and _branches_on_training(owner):
+            untraced[path] = "its forward branches on self.training (a trace would freeze one branch)"
+            continue
+        counts: Counter = Counter()
+        for node in g.nodes:
+            site = _plan_node(node, owner, path, shared, counts)
+            if site is not None:
+                rewrites.setdefault(path, []).append((node, site))
+                planned.append(site)
+    for path in untraced:
+        for e in events or ():
+            if e.owner != path:
+                continue
+            target_module = modules.get(e.target) if e.is_module else None
+            if e.is_module and id(target_module) not in shared:
+                continue  # a plain swap covers it
+            site = _plan_event(e, path, modules)
+            fallbacks.setdefault(path, []).append(site)
+            planned.append(site)
+    for p, m in modules.items():
+        kind = module_kind(m)
+        if kind is not None and id(m) not in shared:
+            planned.append(_Planned(p, p.rpartition(".")[0], _original_name(m), kind, MODULE_SWAP, ("module", p)))
+
+    # execution order from the census
+    if events is not None:
+        order: dict[tuple, int] = {}
+        for i, e in enumerate(events):
+            if e.is_module:
+                order.setdefault(("module", e.target), i)
+            order.setdefault(("call", e.owner, e.target, e.index), i)
+        for s in planned:
+            s.order = order.get(s.key)
+
+    # 4. decide per site ----------------------------------------------------------------------
+    decisions = _decide(planned, cfg)
+    if not any(q for q, _ in decisions.values()):
+        found = len(planned)
+        raise QatSteError(
+            f"nothing to quantize: the model has {found} activation call site(s) and none is selected"
+            + (" (it has no activations qat_ste recognises)" if not found else
+               f" by the options (kinds={cfg.kinds}, include={cfg.include}, exclude={cfg.exclude})"),
+            "quantize a model with ReLU/GELU/SiLU/... activations, or widen include/kinds"
+            if not found else "widen include= or kinds=, or set quantize_gates=True")
+
+    # 5. apply --------------------------------------------------------------------------------
+    sites: list[Site] = []
+
+    def make(site: _Planned, fn: Any) -> QuantAct | None:
+        quantize, reason = decisions[id(site)]
+        if not quantize:
+            sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, None, reason, site.order))
+            return None
+        c = cfg.for_site(site.name)
+        qa = QuantAct(site.kind, fn, bits=c.bits, ste=c.ste, alpha_mode=c.alpha, alpha_init=c.alpha_init,
+                      rounding=c.rounding, per_channel=c.per_channel, original=site.original)
+        qa.site = site.name
+        sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, qa, "", site.order))
+        return qa
+
+    for path, items in rewrites.items():
+        _apply_fx_rewrite(modules[path], graphs[path], items, make)
+    for path, items in fallbacks.items():
+        _apply_fallback(modules[path], items, make, modules)
+    swaps: dict[int, nn.Module] = {}
+    for s in planned:
+        if s.method == MODULE_SWAP:
+            qa = make(s, modules[s.name])
+            if qa is not None:
+                swaps[id(modules[s.name])] = qa
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swaps:
+                parent._modules[name] = swaps[id(child)]
+
+    sites.sort(key=lambda s: (s.order is None, s.order if s.order is not None else 0, s.name))
+    return QuantReport(sites=sites, untraced=untraced,
+                       census_calls=len(events) if events is not None else None)
+
+
+def _node_is_site(node: fx.Node, owner: nn.Module, shared: set[int]) -> bool:
+    if node.op == "call_module":
+        return id(owner.get_submodule(node.target)) in shared
+    if node.op == "call_function":
+        return function_kind(node.target, node.args, node.kwargs) is not None
+    if node.op == "call_method":
+        return method_kind(node.target) is not None
+    return False
+
+
+def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], counts: Counter) -> _Planned | None:
+    prefix = f"{path}." if path else ""
+    if node.op == "call_module":
+        sub = owner.get_submodule(node.target)
+        kind = module_kind(sub)
+        if kind is None or id(sub) not in shared:
+            return None
+        k = counts[node.target]
+        counts[node.target] += 1
+        name = f"{prefix}{node.target.replace('.', '_')}_call{k + 1}"
+        return _Planned(name, path, _original_name(sub), kind, FX_REWRITE,
+                        ("call", path, f"{prefix}{node.target}", k))
+    if node.op == "call_function":
+        kind = function_kind(node.target, node.args, node.kwargs)
+        fname = function_name(node.target)
+    elif node.op == "call_method":
+        kind = method_kind(node.target)
+        fname = function_name(node.target)
+    else:
+        return None
+    if kind is None:
+        return None
+    k = counts[fname]
+    counts[fname] += 1
+    short = fname.split(".")[-1].rstrip("_")
+    return _Planned(f"{prefix}{short}_fn{k + 1}", path, fname, kind, FX_REWRITE, ("call", path, fname, k))
+
+
+def _plan_event(e: CallEvent, path: str, modules: dict[str, nn.Module]) -> _Planned:
+    prefix = f"{path}." if path else ""
+    if e.is_module:
+        rel = e.target[len(prefix):] if e.target.startswith(prefix) else e.target
+        return _Planned(f"{prefix}{rel.replace('.', '_')}_call{e.index + 1}", path,
+                        _original_name(modules[e.target]), e.kind, RUNTIME_FALLBACK,
+                        ("call", path, e.target, e.index))
+    short = e.target.split(".")[-1].rstrip("_")
+    return _Planned(f"{prefix}{short}_fn{e.index + 1}", path, e.target, e.kind, RUNTIME_FALLBACK,
+                    ("call", path, e.target, e.index))
+
+
+def _decide(planned: list[_Planned], cfg: QuantConfig) -> dict[int, tuple[bool, str]]:
+    out: dict[int, tuple[bool, str]] = {}
+    for s in planned:
+        if not cfg.kind_enabled(s.kind.name, s.kind.family):
+            out[id(s)] = (False, f"{s.kind.family} kind '{s.kind.name}' not selected"
+                          + (" (gates stay float; quantize_gates=True)" if s.kind.family == "gate" else ""))
+        elif not cfg.name_selected(s.name):
+            out[id(s)] = (False, "excluded by include/exclude patterns")
+        else:
+            out[id(s)] = (True, "")
+    chosen = sorted((s for s in planned if out[id(s)][0] and s.order is not None), key=lambda s: s.order)
+    if cfg.keep_first and chosen:
+        out[id(chosen[0])] = (False, "keep_first: first activation left float")
+    if cfg.keep_last and chosen:
+        out[id(chosen[-1])] = (False, "keep_last: last activation left float")
+    return out
+
+
+def _apply_fx_rewrite(owner: nn.Module, graph: fx.Graph, items: list, make) -> None:
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    changed = False
+    for node, site in items:
+        attr_base = site.name.rpartition(".")[2]
+        if node.op == "call_module":
+            qa = make(site, owner.get_submodule(node.target))
+            if qa is None:
+                continue
+            attr = _unique_attr(owner, attr_base)
+            owner.add_module(attr, qa)
+            node.target = attr
+            changed = True
+            continue
+        if node.op == "call_function":
+            inplace = is_inplace_call(node.target, dict(node.kwargs), tuple(node.args))
+            fn, args, kwargs = strip_inplace(node.target, tuple(node.args), dict(node.kwargs))
+        else:
+            inplace = is_inplace_call(node.target)
+            fn = getattr(torch.Tensor, node.target.rstrip("_"))
+            args, kwargs = tuple(node.args), dict(node.kwargs)
+        qa = make(site, fn)
+        if qa is None:
+            continue
+        attr = _unique_attr(owner, attr_base)
+        owner.add_module(attr, qa)
+        with graph.inserting_after(node):
+            new = graph.call_module(attr, args, kwargs)
+        node.replace_all_uses_with(new)
+        if inplace and isinstance(args[0], fx.Node):
+            source = args[0]
+            for user in list(source.users):
+                if user is not new and user is not node and position.get(user, -1) > position[node]:
+                    user.replace_input_with(source, new)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        _install_forward(owner, graph)
+
+
+def _install_forward(owner: nn.Module, graph: fx.Graph) -> None:
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<qat_ste rewrite of {type(owner).__qualname__}>", "exec"), namespace)
+    base = type(owner)
+    owner.__class__ = type(base.__name__, (base,), {
+        "forward": namespace["forward"], "_qat_base_class": base, "__module__": base.__module__,
+        "_qat_forward_src": code.src})
+
+
+def _apply_fallback(owner: nn.Module, items: list[_Planned], make, modules: dict[str, nn.Module]) -> None:
+    functional: dict[str, str] = {}
+    per_module: dict[str, list[nn.Module]] = {}
+    for site in items:
+        _, _, target, index = site.key
+        if target in modules and module_kind(modules[target]) is not None:
+            original = modules[target]
+            qa = make(site, original)
+            per_module.setdefault(target, []).append(qa if qa is not None else original)
+            continue
+        qa = make(site, _function_for(target))
+        if qa is not None:
+            attr = _unique_attr(owner, site.name.rpartition(".")[2])
+            owner.add_module(attr, qa)
+            functional[f"{target}@{index}"] = attr
+    for target, per_call in per_module.items():
+        parent_path, _, attr = target.rpartition(".")
+        parent = modules[parent_path] if parent_path else None
+        if parent is not None and parent._modules.get(attr) is modules[target]:
+            parent._modules[attr] = CallOrderDispatch(target, per_call)
+    install_runtime_dispatch(owner, functional)
+
+
+def _function_for(name: str):
+    """The callable behind a readable function name ('F.gelu', 'torch.relu', 'Tensor.relu')."""
+    import torch.nn.functional as F
+
+    space, _, attr = name.partition(".")
+    if space == "Tensor":
+        return getattr(torch.Tensor, attr.rstrip("_"))
+    fn = getattr({"F": F, "torch": torch}[space], attr)
+    return strip_inplace(fn, (), {})[0]

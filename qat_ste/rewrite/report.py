@@ -1,0 +1,96 @@
+"""The rewrite's report: one row per activation call site, quantized or left float (and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..quantizer.module import QuantAct
+
+
+@dataclass
+class Site:
+    """One activation call site of a quantized model."""
+
+    name: str                   # where its QuantAct lives in the model (dotted path)
+    owner: str                  # the module whose forward makes the call
+    original: str               # the float op it replaces: nn.ReLU, F.relu, Tensor.relu_, timm.GELU...
+    kind: str                   # activation kind (relu, gelu, sigmoid...)
+    method: str                 # module swap / fx rewrite / runtime fallback
+    module: QuantAct | None     # None when left float
+    reason: str = ""            # why it was left float
+    order: int | None = None    # position in execution order (census run), if known
+
+    @property
+    def quantized(self) -> bool:
+        return self.module is not None
+
+    def row(self) -> dict[str, Any]:
+        q = self.module
+        alpha = None
+        if q is not None:
+            a = q.alpha.detach().float().cpu()
+            alpha = (round(a.item(), 6) if a.numel() == 1 else [round(v, 6) for v in a.tolist()]) if q._initialized else None
+        return {
+            "site": self.name, "original": self.original, "kind": self.kind, "method": self.method,
+            "quantized": self.quantized,
+            "bits": q.bits if q else None, "ste": q.ste.name if q else None,
+            "alpha_mode": q.alpha_mode if q else None, "alpha": alpha,
+            "zero_point": (int(q.zero_point.flatten()[0]) if q is not None and q.zero_point.numel() else None),
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class QuantReport:
+    """What quantize() did: every site, the modules it could not trace, and the census count."""
+
+    sites: list[Site] = field(default_factory=list)
+    untraced: dict[str, str] = field(default_factory=dict)
+    census_calls: int | None = None
+
+    @property
+    def quantized(self) -> list[Site]:
+        return [s for s in self.sites if s.quantized]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if not s.quantized]
+
+    def methods(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.quantized:
+            out[s.method] = out.get(s.method, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.row() for s in self.sites], "untraced": dict(self.untraced),
+                "census_calls": self.census_calls, "quantized": len(self.quantized),
+                "left_float": len(self.skipped), "methods": self.methods()}
+
+    def table(self, max_rows: int | None = None) -> str:
+        """The report as a fixed-width text table."""
+        head = ("site", "original", "bits", "ste", "alpha", "method / reason")
+        rows = []
+        for s in self.sites[:max_rows]:
+            r = s.row()
+            if s.quantized:
+                a = r["alpha"]
+                a_text = "uninit" if a is None else (f"{a:.4g}" if isinstance(a, float) else f"[{len(a)} ch]")
+                rows.append((s.name, s.original, str(r["bits"]), r["ste"], f"{r['alpha_mode']}:{a_text}", s.method))
+            else:
+                rows.append((s.name, s.original, "-", "-", "float", s.reason))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+        if max_rows is not None and len(self.sites) > max_rows:
+            out.append(f"... {len(self.sites) - max_rows} more")
+        summary = f"{len(self.quantized)} quantized, {len(self.skipped)} left float"
+        methods = ", ".join(f"{k}: {v}" for k, v in self.methods().items())
+        out.append(f"{summary} ({methods})" if methods else summary)
+        if self.untraced:
+            out.append(f"{len(self.untraced)} module(s) not FX-traceable, handled at run time if they call activations")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -31,6 +31,8 @@ def fixed_step(bits: int, rounding: str = "nearest") -> float:
 
 
 def _quant_error(x: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, alpha: torch.Tensor, levels: int):
+    """Mean squared quantization error per channel; ``x``, ``target``: ``channels x n``, ``lo``, ``alpha``: ``(channels,)``."""
+    lo, alpha = lo[:, None], alpha[:, None]  # one value per row of x
     z = torch.clamp(torch.round(-lo / alpha), 0, levels)
     q = torch.clamp(torch.round(x / alpha) + z, 0, levels)
     return ((q - z) * alpha - target).pow(2).mean(dim=-1)

@@ -144,10 +144,11 @@ class QuantAct(nn.Module):
         key = prefix + "alpha"
         if key in state_dict and state_dict[key].shape != self.alpha.shape:
             self._replace_alpha(torch.empty_like(state_dict[key], device=self.alpha.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         zp_key = prefix + "zero_point"
-        if zp_key in state_dict:
-            self.zero_point = state_dict[zp_key].clone().to(self.alpha.device)
+        if zp_key in state_dict and state_dict[zp_key].shape != self.zero_point.shape:
+            # per-channel zero point into a per-tensor module (or back): resize before the copy
+            self.zero_point = torch.empty_like(state_dict[zp_key], device=self.alpha.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.initialized)
 
     # ---- forward ------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def channel_axis_of(u: torch.Tensor) -> int:
+    """The channel axis of a per-channel site: 1 for NCHW feature maps, the last one otherwise."""
+    return 1 if u.dim() == 4 else -1
+
+
 class QuantAct(nn.Module):
     """A quantized activation: exact staircase forward, STE backward, step alpha.
 
@@ -167,7 +172,9 @@ class QuantAct(nn.Module):
     def _grid(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, zp = self.alpha, self.zero_point
         if alpha.dim() == 1:
-            axis = self.channel_axis % u.dim()
+            # the same rule as samples_of(): the axis is not in the state_dict, so a module that
+            # loaded per-channel steps (never calibrated itself) must derive it from the input too
+            axis = channel_axis_of(u) % u.dim()
             shape = [1] * u.dim()
             shape[axis] = alpha.numel()
             alpha, zp = alpha.view(shape), zp.view(shape)
@@ -208,7 +215,7 @@ class QuantAct(nn.Module):
         """A random subsample of ``u`` laid out ``channels x n`` (one channel unless per-channel)."""
         u = u.detach().float()
         if self.per_channel and u.dim() >= 2:
-            self.channel_axis = 1 if u.dim() == 4 else -1
+            self.channel_axis = channel_axis_of(u)
             flat = u.movedim(self.channel_axis, 0).reshape(u.shape[self.channel_axis], -1)
         else:
             flat = u.reshape(1, -1)

@@ -162,9 +162,11 @@ class QuantAct(nn.Module):
         """What the quantizer sees: the input for the ReLU family, else the float activation's output."""
         if self.quantizes_input:
             return x
+        fn = self.fn if "fn" in self._modules else self.fn_call
+        if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set(): graph break
+            return fn(x, *args, **kwargs)
         token = INSIDE_QUANT_ACT.set(True)
         try:
-            fn = self.fn if "fn" in self._modules else self.fn_call
             return fn(x, *args, **kwargs)
         finally:
             INSIDE_QUANT_ACT.reset(token)

@@ -48,11 +48,22 @@ def _is_torch_builtin(m: nn.Module) -> bool:
     return mod.startswith("torch.") and not isinstance(m, nn.Sequential)
 
 
-def _branches_on_training(m: nn.Module) -> bool:
+def _trace_hazard(m: nn.Module) -> str:
+    """Why a trace of ``m.forward`` may not hold for every call ("" when it does).
+
+    A trace freezes Python branches: on ``self.training``, and on optional arguments (a traced
+    ``if shortcut is None`` always takes the branch of a given argument).
+    """
+    forward = type(m).forward
     try:
-        return "self.training" in inspect.getsource(type(m).forward)
+        if "self.training" in inspect.getsource(forward):
+            return "its forward branches on self.training (a trace would freeze one branch)"
     except (OSError, TypeError):
-        return False
+        pass
+    optional = [n for n, p in inspect.signature(forward).parameters.items() if p.default is None]
+    if optional:
+        return f"its forward has optional arguments ({', '.join(optional)}) a trace would freeze"
+    return ""
 
 
 def _original_name(module: nn.Module) -> str:
@@ -144,6 +155,15 @@ def analyse_and_rewrite(
                 if module_kind(sub) is not None:
                     static_calls[id(sub)] += 1
 
+    static_shared = {i for i, n in static_calls.items() if n > 1}
+    for path in list(graphs):
+        owner = modules[path]
+        if any(_node_is_site(n, owner, static_shared) for n in graphs[path].nodes):
+            hazard = _trace_hazard(owner)
+            if hazard:
+                untraced[path] = hazard
+                del graphs[path]
+
     # 2. census run ---------------------------------------------------------------------------
     events: list[CallEvent] | None = None
     census_error = ""
@@ -153,10 +173,8 @@ def analyse_and_rewrite(
     if example_input is not None:
         try:
             events = _run_census(model, example_input)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - reported below if the census was needed
             census_error = f"{type(e).__name__}: {e}"
-            if example_input is not None and not needs_census:
-                events = None
     if needs_census and events is None:
         what = "keep_first/keep_last need" if (cfg.keep_first or cfg.keep_last) else (
             f"{len(untraced)} module(s) FX cannot trace ({', '.join(list(untraced)[:3])}) need")
@@ -178,9 +196,6 @@ def analyse_and_rewrite(
     fallbacks: dict[str, list[_Planned]] = {}
     for path, g in graphs.items():
         owner = modules[path]
-        if any(_node_is_site(n, owner, shared) for n in g.nodes) and _branches_on_training(owner):
-            untraced[path] = "its forward branches on self.training (a trace would freeze one branch)"
-            continue
         counts: Counter = Counter()
         for node in g.nodes:
             site = _plan_node(node, owner, path, shared, counts)

@@ -10,7 +10,8 @@ ONNX) or ``ceil`` (the authors' code). The backward pass never relies on ``torch
 subgradient: the STE's ``mu'(u)`` is the whole input gradient, and the alpha gradient follows the
 chosen mode:
 
-- ``lsq``:  dy/dalpha = (q - z) - u/alpha inside the grid, (q - z) where clamped, times g = 1/sqrt(N L)
+- ``lsq``:  dy/dalpha = (q - z) - u/alpha for lo < u < hi, -z for u <= lo, L - z for u >= hi, times
+            g = 1/sqrt(N L) (LSQ's clip condition -Q_N < u/alpha < Q_P is on the unrounded u/alpha)
 - ``pact``: dy/dalpha = (L - z) * 1{u >= hi}   (PACT's 1{x >= clip} with clip = hi = (L - z) alpha)
 - ``bcgd``: dy/dalpha ~ -z below lo, (L + 1)/2 - z inside, L - z above hi; the summed gradient is
             scaled by 0.01 and clamped to [-1, 1] ([P3]; for z = 0 this is 0, 2^(b-1), L)
@@ -44,9 +45,9 @@ def _alpha_derivative(
 ) -> torch.Tensor:
     """dy/dalpha per element for ``mode``; ``r = u/alpha`` and ``t`` its rounded value (unclamped)."""
     if mode == "lsq":
-        q = torch.clamp(t + z, 0, levels)
-        inside = (t + z >= 0) & (t + z <= levels)
-        return torch.where(inside, t - r, q - z)
+        # Esser et al. eq. 3: -Q_N < u/alpha < Q_P with Q_N = z, Q_P = L - z, on the unrounded ratio
+        inside = (r + z > 0) & (r + z < levels)
+        return torch.where(inside, t - r, torch.where(r + z <= 0, -z, levels - z))
     if mode == "pact":
         return (u >= hi).to(u.dtype) * (levels - z)
     if mode == "bcgd":

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import QatSteError
 from .quantizer.functional import ALPHA_MODES, ROUNDING_MODES
-from .quantizer.module import check_bits, check_choice
+from .quantizer.module import check_alpha_init, check_bits, check_choice
 from .rewrite.activations import GATE_KINDS, KIND_NAMES
 from .ste import get_ste
 
@@ -51,9 +51,7 @@ class QuantConfig:
         get_ste(self.ste)
         check_choice("alpha mode", self.alpha, ALPHA_MODES)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
-        if self.alpha_init is not None and not (isinstance(self.alpha_init, (int, float)) and self.alpha_init > 0):
-            raise QatSteError(f"alpha_init={self.alpha_init!r}: the step alpha must be a number > 0",
-                              "pass a positive step, or alpha_init=None to calibrate it")
+        check_alpha_init(self.alpha_init)
         for name in ("include", "exclude", "kinds"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import math
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,17 @@ def check_bits(bits: Any) -> int:
         raise QatSteError(f"bits={bits!r} is not supported: activations are quantized to 1..8 bits",
                           "pass an integer bit width from 1 to 8, e.g. bits=4")
     return bits
+
+
+def check_alpha_init(alpha_init: Any) -> float | None:
+    """Validate a given step: None (calibrate / fixed default) or a finite number > 0 (not a bool)."""
+    if alpha_init is None:
+        return None
+    if (isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float))
+            or not math.isfinite(alpha_init) or alpha_init <= 0):
+        raise QatSteError(f"alpha_init={alpha_init!r}: the step alpha must be a finite number > 0",
+                          "pass a positive step, or alpha_init=None to calibrate it")
+    return float(alpha_init)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -78,9 +90,7 @@ class QuantAct(nn.Module):
                 fn.inplace = False
         else:
             self.fn_call = fn
-        if alpha_init is not None and not (isinstance(alpha_init, (int, float)) and alpha_init > 0):
-            raise QatSteError(f"alpha_init={alpha_init!r}: the step alpha must be a number > 0",
-                              "pass a positive step, or leave alpha_init=None to calibrate it")
+        alpha_init = check_alpha_init(alpha_init)
         alpha, zero_point, initialized = self._default_params(alpha_init)
         if self.alpha_mode == "fixed":
             self.register_buffer("alpha", alpha)

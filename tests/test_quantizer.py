@@ -352,9 +352,9 @@ def test_bad_bits(bits) -> None:
     assert "1 to 8" in e.value.fix
 
 
-@pytest.mark.parametrize("alpha_init", [0, 0.0, -0.1, "0.1", float("nan")])
+@pytest.mark.parametrize("alpha_init", [0, 0.0, -0.1, "0.1", float("nan"), float("inf"), True])
 def test_bad_alpha_init(alpha_init) -> None:
-    with pytest.raises(QatSteError, match="must be a number > 0"):
+    with pytest.raises(QatSteError, match="must be a finite number > 0"):
         QuantAct(RELU, alpha_init=alpha_init)
 
 

@@ -661,6 +661,8 @@ def test_optional_forward_argument_goes_to_fallback() -> None:
     (lambda: qat_ste.quantize(seq_model(), ste="clipped"), "unknown STE 'clipped'", "register_ste"),
     (lambda: qat_ste.quantize(seq_model(), alpha_init=0), "alpha_init=0", "positive step"),
     (lambda: qat_ste.quantize(seq_model(), alpha_init=-0.5), "alpha_init=-0.5", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), alpha_init=float("inf")), "alpha_init=inf", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), alpha_init=True), "alpha_init=True", "positive step"),
     (lambda: qat_ste.quantize(seq_model(), alpha="adam"), "unknown alpha mode 'adam'", "alpha mode="),
     (lambda: qat_ste.quantize(seq_model(), rounding="up"), "unknown rounding 'up'", "rounding="),
     (lambda: qat_ste.quantize(seq_model(), overrides=[1]), "overrides must be a dict", "overrides="),

@@ -150,7 +150,9 @@ def test_mse_method_is_a_local_grid_minimum(bits: int) -> None:
     assert lo.item() == 0
     top = x.clamp(min=0).max().item()
     alpha = hi.item() / L
-    step = top / 95 / L  # the search grid: fractions linspace(0.05, 1, 96) of the top
+    step = 0.01 * top / L  # the search grid: fractions linspace(0.05, 1, 96) of the top, 0.01 apart
+    k = (alpha * L / top - 0.05) / 0.01
+    assert k == pytest.approx(round(k), abs=1e-3) and 0 <= round(k) <= 95  # a point of the grid
     xn = x.numpy().ravel()
     e = _np_err(xn, alpha, L)
     assert e <= _np_err(xn, alpha - step, L) + 1e-9
@@ -168,7 +170,7 @@ def test_mse_method_per_channel() -> None:
     alpha = (hi / L).numpy()
     for c in range(3):
         xn = x[c].numpy()
-        step = float(x[c].clamp(min=0).max()) / 95 / L
+        step = 0.01 * float(x[c].clamp(min=0).max()) / L
         e = _np_err(xn, alpha[c], L)
         assert e <= _np_err(xn, alpha[c] - step, L) + 1e-9 and e <= _np_err(xn, alpha[c] + step, L) + 1e-9
         assert alpha[c] == pytest.approx(HALF_GAUSSIAN_STEP[4] * scales[c].item(), rel=0.15)

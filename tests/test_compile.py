@@ -96,7 +96,7 @@ def inductor_cpu() -> None:
     try:
         torch.compile(lambda t: t * 2 + 1, backend="inductor", fullgraph=True)(torch.randn(4))
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError,
-            torch._inductor.exc.CppCompileError) as e:
+            torch._inductor.exc.CppCompileError, torch._inductor.exc.InvalidCxxCompiler) as e:
         pytest.skip(f"CPU inductor toolchain unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 

@@ -882,6 +882,33 @@ def test_state_dict_into_fresh_quantized_copy(factory, per_channel: bool) -> Non
         assert any(mod.alpha.dim() == 1 for _, mod in qat_ste.quant_modules(fresh))
 
 
+@pytest.mark.xfail(strict=True, reason="rewrite/engine.py _install_forward / fallback: the rewritten class is "
+                   "a dynamic subclass with the original's name and module, so pickle (torch.save of the whole "
+                   "model) fails: \"Can't pickle <class Shared>: it's not the same object\"")
+def test_whole_model_pickle_round_trip() -> None:
+    import io
+
+    q = qat_ste.quantize(Shared(), alpha_init=A)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = x_img()
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_module_swap_model_pickle_round_trip() -> None:
+    import io
+
+    q = qat_ste.quantize(seq_model(), alpha_init=A)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = x_img()
+    assert torch.equal(loaded(x), q(x)) and isinstance(loaded[1], QuantAct)
+
+
 # ---- real models -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,970 @@
+#!/usr/bin/env python
+"""Reproduce [P1]'s Table 1 grid and its instability runs, and write model_zoo/RESULTS.md.
+
+[P1] = Yin et al., "Understanding Straight-Through Estimator in Training Activation Quantized Neural
+Nets", ICLR 2019. Recipes: model_zoo/recipes.json (loaded by qat_ste.zoo.recipes).
+
+What runs, per network: float pre-training (affine-free BatchNorm before each ReLU), then for each
+bit width and STE the quantized network trained from the float weights (alpha fixed), then the
+instability runs (ResNet-20: retrain quantized weights with another STE). Data: MNIST for LeNet-5;
+VGG-11 and ResNet-20 run on CIFAR-10 with ``--cifar10 FOLDER`` (the paper's setting), otherwise on
+MNIST zero-padded to 32x32 with one input channel (a substitute, clearly labelled in the report).
+
+    .venv/bin/python tools/reproduce_paper.py                                  # the full paper scale
+    .venv/bin/python tools/reproduce_paper.py --nets lenet5 --epochs-scale 0.1 --train-subset 10000
+    .venv/bin/python tools/reproduce_paper.py --cifar10 ~/data/cifar-10-batches-py --device cuda
+    .venv/bin/python tools/reproduce_paper.py --report-only                    # rewrite RESULTS.md
+
+Every finished run is appended to a JSON file (written atomically); running the same command again
+skips finished runs with the same settings and resumes an interrupted one from its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import qat_ste  # noqa: E402
+from qat_ste.errors import QatSteError  # noqa: E402
+from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train  # noqa: E402
+from qat_ste.train.data import TensorImageDataset, load_dataset  # noqa: E402
+from qat_ste.zoo import create_zoo_model  # noqa: E402
+from qat_ste.zoo.recipes import InstabilityRun, PaperResult, Recipes, Schedule, load_recipes  # noqa: E402
+
+RESULTS_FORMAT = "qat_ste.reproduce_paper/1"
+DEFAULT_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
+DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "reproduce_paper"
+DEFAULT_REPORT = REPO_ROOT / "model_zoo" / "RESULTS.md"
+DEFAULT_FIGURES = REPO_ROOT / "model_zoo" / "figures"
+INSTABILITY_FIGURE = "instability_resnet20.png"
+NET_TITLES = {"lenet5": "LeNet-5", "vgg11": "VGG-11", "resnet20": "ResNet-20"}
+PAPER_DATA = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+
+__all__ = [
+    "NetData", "RunSpec", "GridOptions", "ResultsStore", "load_net_data", "plan_runs", "run_grid",
+    "write_report", "summary_table", "machine_info", "main",
+]
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class NetData:
+    """The training and validation images one network trains on here."""
+
+    label: str  # e.g. "MNIST padded to 32x32 (substitute for CIFAR-10)"
+    train: TensorImageDataset
+    val: TensorImageDataset
+    train_full: int  # images in the whole training split (before --train-subset)
+    val_full: int
+    substitute: bool  # True when this is not the paper's data set
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of one image."""
+        return self.train.info.channels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) images."""
+        return int(self.train.info.image_size[0])
+
+
+def subset(data: TensorImageDataset, n: int | None, seed: int) -> TensorImageDataset:
+    """A fixed, seeded random subset of ``n`` images (all of them when ``n`` is None or too big)."""
+    if n is None or n >= len(data):
+        return data
+    if n < 1:
+        raise QatSteError(f"subset size {n} must be >= 1", "pass a positive --train-subset / --val-subset")
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return TensorImageDataset(data.images[keep].contiguous(), data.labels[keep], data.info, data.augment,
+                              data.crop_padding)
+
+
+def check_mnist_folder(folder: Path) -> None:
+    """Raise a clear error when the MNIST folder is absent."""
+    if not folder.is_dir():
+        raise QatSteError(
+            f"the MNIST folder {folder} does not exist (LeNet-5 trains on MNIST, and VGG-11/ResNet-20 on "
+            f"MNIST padded to 32x32 unless --cifar10 is given)",
+            "pass --mnist FOLDER with the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...), or run only "
+            "--nets vgg11,resnet20 with --cifar10 FOLDER",
+        )
+
+
+def load_net_data(
+    net: str,
+    recipes: Recipes,
+    mnist: Path | None,
+    cifar10: Path | None,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    seed: int = 0,
+    cache: dict[tuple[str, str], TensorImageDataset] | None = None,
+) -> NetData:
+    """Load the data for ``net``: the paper's data set where available, else the MNIST substitute."""
+    recipe = recipes.nets[net]
+    cache = {} if cache is None else cache
+
+    def get(spec: str, split: str, **options: Any) -> TensorImageDataset:
+        key = (spec + repr(sorted(options.items())), split)
+        if key not in cache:
+            cache[key] = load_dataset(spec, split, **options)
+        return cache[key]
+
+    if recipe.dataset == "cifar10" and cifar10 is not None:
+        train_set = get(f"cifar10:{cifar10}", "train", augment=recipe.augment)
+        val_set = get(f"cifar10:{cifar10}", "val")
+        label, substitute = "CIFAR-10" + (" (crop + flip)" if recipe.augment else ""), False
+    else:
+        if mnist is None:
+            raise QatSteError(f"{net} needs MNIST here, but no MNIST folder was given", "pass --mnist FOLDER")
+        check_mnist_folder(mnist)
+        if recipe.dataset == "mnist":
+            pad = recipe.image_size if recipe.image_size != 28 else None
+            train_set = get(f"mnist:{mnist}", "train", pad_to=pad)
+            val_set = get(f"mnist:{mnist}", "val", pad_to=pad)
+            label, substitute = f"MNIST {train_set.info.image_size[0]}x{train_set.info.image_size[1]}", False
+        else:
+            train_set = get(f"mnist:{mnist}", "train", pad_to=32)
+            val_set = get(f"mnist:{mnist}", "val", pad_to=32)
+            label, substitute = "MNIST padded to 32x32, 1 channel (substitute for CIFAR-10)", True
+    return NetData(label, subset(train_set, train_subset, seed), subset(val_set, val_subset, seed + 1),
+                   len(train_set), len(val_set), substitute)
+
+
+# =============================================================================================
+# The plan: which runs, with which (scaled) schedules
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the reproduction."""
+
+    run_id: str  # "float/lenet5", "grid/lenet5/2bit/relu", "instability/resnet20_4bit_identity_from_relu"
+    kind: str  # "float" | "grid" | "instability"
+    net: str
+    bits: int | None
+    ste: str | None
+    phases: tuple[tuple[str, Schedule], ...]  # (label, scaled schedule)
+    paper_epochs: int  # total epochs at the paper's scale
+    depends_on: str | None = None  # run_id whose final weights this run starts from
+    from_ste: str | None = None
+    role: str = ""
+    paper: PaperResult | None = None
+    claim: str = ""
+
+    @property
+    def epochs(self) -> int:
+        """Total epochs of this run (all phases)."""
+        return sum(s.epochs for _, s in self.phases)
+
+
+def float_id(net: str) -> str:
+    """Run id of a network's float pre-training."""
+    return f"float/{net}"
+
+
+def grid_id(net: str, bits: int, ste: str) -> str:
+    """Run id of one Table 1 cell."""
+    return f"grid/{net}/{bits}bit/{ste}"
+
+
+def plan_runs(
+    recipes: Recipes,
+    nets: Sequence[str],
+    bits: Sequence[int],
+    stes: Sequence[str],
+    epochs_scale: float = 1.0,
+    instability_scale: float | None = None,
+    instability: bool = True,
+    float_scale: float | None = None,
+) -> list[RunSpec]:
+    """The runs for the chosen nets/bits/STEs in dependency order: float pre-training, the grid
+    cells, then the instability runs of the chosen nets (adding the grid cells they start from).
+    ``float_scale`` and ``instability_scale`` default to ``epochs_scale``."""
+    unknown = [n for n in nets if n not in recipes.nets]
+    if unknown:
+        raise QatSteError(f"unknown net(s) {', '.join(unknown)}", f"use some of {', '.join(recipes.nets)}")
+    known_stes = set(qat_ste.list_stes())
+    bad = [s for s in stes if s not in known_stes]
+    if bad:
+        raise QatSteError(f"unknown STE(s) {', '.join(bad)}", f"use some of {', '.join(sorted(known_stes))}")
+    bad_bits = [b for b in bits if not 1 <= int(b) <= 8]
+    if bad_bits:
+        raise QatSteError(f"bit widths {bad_bits} are outside 1..8", "use e.g. --bits 2,4")
+    inst_scale = epochs_scale if instability_scale is None else instability_scale
+    pre_scale = epochs_scale if float_scale is None else float_scale
+    chosen = [r for r in recipes.instability if instability and r.net in nets]
+    cells: list[tuple[str, int, str]] = [(n, int(b), s) for n in nets for b in bits for s in stes]
+    for run in chosen:  # the weights an instability run starts from
+        if (run.net, run.bits, run.from_ste) not in cells:
+            cells.append((run.net, run.bits, run.from_ste))
+    plan: list[RunSpec] = []
+    for net in dict.fromkeys(n for n, _, _ in cells):
+        recipe = recipes.nets[net]
+        plan.append(RunSpec(float_id(net), "float", net, None, None,
+                            (("float pre-training", recipe.pretrain.scaled(pre_scale)),), recipe.pretrain.epochs))
+        for n, b, s in cells:
+            if n == net:
+                plan.append(RunSpec(grid_id(net, b, s), "grid", net, b, s,
+                                    (("quantized training", recipe.quant.scaled(epochs_scale)),), recipe.quant.epochs,
+                                    depends_on=float_id(net), paper=recipes.paper_result(net, b, s)))
+    for run in chosen:
+        plan.append(instability_spec(run, inst_scale))
+    return plan
+
+
+def instability_spec(run: InstabilityRun, scale: float) -> RunSpec:
+    """The RunSpec of one instability run at an epoch scale."""
+    return RunSpec(
+        f"instability/{run.name}", "instability", run.net, run.bits, run.ste,
+        tuple((p.label, p.schedule.scaled(scale)) for p in run.phases), sum(p.schedule.epochs for p in run.phases),
+        depends_on=grid_id(run.net, run.bits, run.from_ste), from_ste=run.from_ste, role=run.role, claim=run.claim,
+    )
+
+
+# =============================================================================================
+# Results file (atomic JSON) and machine description
+# =============================================================================================
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None, tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, fsync, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class ResultsStore:
+    """The JSON file of finished runs: ``{"format", "invocations": [...], "runs": {run_id: record}}``.
+    Every change is written at once, atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"format": RESULTS_FORMAT, "invocations": [], "runs": {}}
+        if self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                raise QatSteError(f"cannot read the results file {self.path}: {error}",
+                                  "move it away (finished runs are then redone) or pass another --results") from None
+            if not isinstance(loaded, dict) or loaded.get("format") != RESULTS_FORMAT:
+                raise QatSteError(f"{self.path} is not a results file of this tool (format {RESULTS_FORMAT})",
+                                  "pass another --results path")
+            self.data = loaded
+
+    @property
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """run_id -> record."""
+        return self.data["runs"]
+
+    def save(self) -> None:
+        """Write the file atomically."""
+        atomic_write_text(self.path, json.dumps(_clean(self.data), indent=1, allow_nan=False) + "\n")
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Add or replace one run's record and save."""
+        self.runs[record["run_id"]] = _clean(record)
+        self.save()
+
+    def add_invocation(self, entry: dict[str, Any]) -> int:
+        """Log one invocation of the tool; returns its index."""
+        self.data.setdefault("invocations", []).append(_clean(entry))
+        self.save()
+        return len(self.data["invocations"]) - 1
+
+
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    """CPU (and GPU) name, torch version, threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            "platform": platform.platform()}
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        info["gpu"] = torch.cuda.get_device_name(index)
+    return info
+
+
+# =============================================================================================
+# Running
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How the runs are executed."""
+
+    runs_dir: Path = DEFAULT_RUNS_DIR
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    epochs_scale: float = 1.0
+    instability_scale: float | None = None
+    float_scale: float | None = None
+    train_subset: int | None = None
+    val_subset: int | None = None
+    log: Callable[[str], None] = field(default=lambda message: _write_line(message))
+
+
+def _write_line(message: str) -> None:
+    """Print a line without breaking the progress bars."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def build_model(net: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
+    """The float zoo network for ``net`` with the recipes' BatchNorm setting and this data's shape."""
+    kwargs: dict[str, Any] = {"num_classes": data.train.info.num_classes, "in_channels": data.in_channels,
+                              "bn_affine": recipes.bn_affine}
+    if net == "lenet5":
+        kwargs["image_size"] = data.image_size
+    return create_zoo_model(net, **kwargs)
+
+
+def quantized_model(net: str, bits: int, ste: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
+    """The zoo network with every ReLU quantized (fixed alpha by default, as [P1])."""
+    return qat_ste.quantize(build_model(net, data, recipes), bits, ste, alpha=recipes.alpha, rounding=recipes.rounding)
+
+
+def run_settings(spec: RunSpec, data: NetData, recipes: Recipes, options: GridOptions,
+                 parent_fingerprint: str | None) -> dict[str, Any]:
+    """Everything that determines a run's result; its hash decides whether a stored run is reused."""
+    return {
+        "run_id": spec.run_id, "net": spec.net, "bits": spec.bits, "ste": spec.ste, "from_ste": spec.from_ste,
+        "data": data.label, "train_images": len(data.train), "val_images": len(data.val),
+        "augment": data.train.augment, "subset_seed": options.seed, "seed": options.seed,
+        "phases": [{"label": label, **s.to_dict()} for label, s in spec.phases],
+        "alpha": recipes.alpha if spec.kind != "float" else None,
+        "rounding": recipes.rounding if spec.kind != "float" else None,
+        "bn_affine": recipes.bn_affine, "starts_from": parent_fingerprint,
+    }
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """A short stable hash of a settings dict."""
+    return hashlib.sha1(json.dumps(_clean(settings), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _safe(run_id: str) -> str:
+    return run_id.replace("/", "__")
+
+
+def weights_path(runs_dir: Path, run_id: str, digest: str) -> Path:
+    """Where a finished run's final state_dict is kept."""
+    return runs_dir / "weights" / f"{_safe(run_id)}-{digest}.pt"
+
+
+def is_finished(record: Mapping[str, Any] | None, digest: str, runs_dir: Path) -> bool:
+    """True when ``record`` is a completed run with these settings whose weights are still there."""
+    return (record is not None and record.get("status") == "done" and record.get("fingerprint") == digest
+            and weights_path(runs_dir, record["run_id"], digest).exists())
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _starting_model(spec: RunSpec, data: NetData, recipes: Recipes, parent_weights: Path | None) -> torch.nn.Module:
+    if spec.kind == "float":
+        return build_model(spec.net, data, recipes)
+    assert parent_weights is not None and spec.bits is not None and spec.ste is not None
+    state = torch.load(parent_weights, map_location="cpu", weights_only=True)
+    if spec.kind == "grid":  # from the float weights, then quantize
+        model = build_model(spec.net, data, recipes)
+        model.load_state_dict(state)
+        return qat_ste.quantize(model, spec.bits, spec.ste, alpha=recipes.alpha, rounding=recipes.rounding)
+    # instability: the same quantized network with another STE (the STE only changes the backward pass)
+    model = quantized_model(spec.net, spec.bits, spec.ste, data, recipes)
+    model.load_state_dict(state)
+    return model
+
+
+def execute_run(
+    spec: RunSpec,
+    data: NetData,
+    recipes: Recipes,
+    options: GridOptions,
+    settings: dict[str, Any],
+    digest: str,
+    parent: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Train one run (all its phases) with the qat_ste.train engine; returns its record.
+
+    Each phase checkpoints every epoch under ``runs_dir/work``; an interrupted run continues from
+    its last finished epoch when started again with the same settings."""
+    started = time.perf_counter()
+    parent_weights = weights_path(options.runs_dir, spec.depends_on, parent["fingerprint"]) if parent else None
+    model = _starting_model(spec, data, recipes, parent_weights)
+    work = options.runs_dir / "work" / f"{_safe(spec.run_id)}-{digest}"
+    history: list[dict[str, Any]] = []
+    start_point: dict[str, Any] | None = None
+    if spec.kind == "instability":  # epoch 0: the starting weights (the forward pass ignores the STE)
+        start = evaluate(model, data.val, batch_size=256, device=_device_of(options.device))
+        start_point = {"epoch": 0, "train_loss": parent.get("final_train_loss") if parent else None,
+                       "val_loss": start["loss"], "val_accuracy": start["accuracy"]}
+    status, message, offset, result = "done", "", 0, None
+    for index, (label, schedule) in enumerate(spec.phases):
+        phase_dir = work / f"phase{index}"
+        last = phase_dir / "last.pt"
+        config = TrainConfig(
+            **schedule.to_train_kwargs(), device=options.device, seed=options.seed, out_dir=str(phase_dir),
+            resume=str(last) if last.exists() else None, progress=options.progress, log_format="none",
+            tensorboard=False, plot=False, print_summary=False,
+        )
+        try:
+            result = train(model, data.train, data.val, config,
+                           metadata={"title": f"{spec.run_id} - {label}", "run_id": spec.run_id})
+        except TrainingDiverged as error:
+            status, message = "diverged", error.problem
+            break
+        for row in result.history:
+            history.append({**row, "phase": index, "phase_label": label, "epoch": offset + int(row["epoch"])})
+        offset += schedule.epochs
+        if result.stopped_early:
+            raise KeyboardInterrupt(f"{spec.run_id} stopped ({result.stop_reason}); run again to resume")
+    if status == "done":
+        _atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           weights_path(options.runs_dir, spec.run_id, digest))
+    wall = time.perf_counter() - started
+    final = history[-1] if history else {}
+    evaluated = [r for r in history if r.get("val_accuracy") is not None]
+    record = {
+        "run_id": spec.run_id, "kind": spec.kind, "net": spec.net, "bits": spec.bits, "ste": spec.ste,
+        "from_ste": spec.from_ste, "role": spec.role, "depends_on": spec.depends_on, "status": status,
+        "message": message, "fingerprint": digest, "settings": settings,
+        "epochs": spec.epochs, "paper_epochs": spec.paper_epochs,
+        "epochs_scale": _scale_of(spec, options),
+        "data": data.label, "substitute_data": data.substitute,
+        "train_images": len(data.train), "train_images_full": data.train_full,
+        "val_images": len(data.val), "val_images_full": data.val_full,
+        "final_train_loss": final.get("train_loss") if status == "done" else None,
+        "final_val_accuracy_pct": 100.0 * evaluated[-1]["val_accuracy"] if evaluated and status == "done" else None,
+        "best_val_accuracy_pct": 100.0 * max(r["val_accuracy"] for r in evaluated) if evaluated else None,
+        "paper_train_loss": spec.paper.train_loss if spec.paper else None,
+        "paper_val_accuracy_pct": spec.paper.val_accuracy_pct if spec.paper else None,
+        "start": start_point, "history": history, "wall_time_s": wall,
+        "device": result.device if result is not None else options.device,
+        "machine": machine_info(result.device if result is not None else options.device),
+        "engine": "qat_ste.train.engine.train", "finished_at": _now(),
+    }
+    shutil.rmtree(work, ignore_errors=True)  # the phase checkpoints are only needed to resume
+    return record
+
+
+def _scale_of(spec: RunSpec, options: GridOptions) -> float:
+    if spec.kind == "instability" and options.instability_scale is not None:
+        return options.instability_scale
+    if spec.kind == "float" and options.float_scale is not None:
+        return options.float_scale
+    return options.epochs_scale
+
+
+def _device_of(device: str) -> str | None:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def run_grid(
+    plan: Sequence[RunSpec],
+    recipes: Recipes,
+    store: ResultsStore,
+    data_for: Callable[[str], NetData],
+    options: GridOptions,
+) -> list[dict[str, Any]]:
+    """Run every spec of ``plan`` in order, skipping those finished with the same settings.
+    Returns the records of the plan's runs (stored, new, or skipped as blocked)."""
+    from tqdm.auto import tqdm
+
+    digests: dict[str, str] = {}
+    records: list[dict[str, Any]] = []
+    bar = tqdm(plan, desc="reproduce [P1]", unit="run", disable=not options.progress, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(spec.run_id)
+        data = data_for(spec.net)
+        parent = store.runs.get(spec.depends_on) if spec.depends_on else None
+        parent_digest = digests.get(spec.depends_on) if spec.depends_on else None
+        settings = run_settings(spec, data, recipes, options, parent_digest)
+        digest = fingerprint(settings)
+        digests[spec.run_id] = digest
+        existing = store.runs.get(spec.run_id)
+        if is_finished(existing, digest, options.runs_dir):
+            options.log(f"skip {spec.run_id}: finished earlier with the same settings")
+            records.append(existing)
+            continue
+        if spec.depends_on and not is_finished(parent, parent_digest or "", options.runs_dir):
+            options.log(f"blocked {spec.run_id}: {spec.depends_on} did not finish")
+            records.append({"run_id": spec.run_id, "status": "blocked"})
+            continue
+        options.log(f"run {spec.run_id}: {spec.epochs} epoch(s) (paper: {spec.paper_epochs}), "
+                    f"{len(data.train)} training images, {data.label}")
+        record = execute_run(spec, data, recipes, options, settings, digest, parent)
+        store.put(record)
+        records.append(record)
+        options.log(_one_line(record))
+    return records
+
+
+def _one_line(record: Mapping[str, Any]) -> str:
+    if record.get("status") != "done":
+        return f"  {record['run_id']}: {record.get('status')} {record.get('message', '')}"
+    return (f"  {record['run_id']}: train loss {_fmt_loss(record['final_train_loss'])}, "
+            f"val acc {_fmt_acc(record['final_val_accuracy_pct'])} %, {_fmt_wall(record['wall_time_s'])} s")
+
+
+# =============================================================================================
+# Report
+# =============================================================================================
+
+
+def _fmt_loss(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    return f"{value:.2e}" if abs(value) < 0.01 else f"{value:.3f}"
+
+
+def _fmt_wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _done(store_runs: Mapping[str, Mapping[str, Any]], run_id: str) -> Mapping[str, Any] | None:
+    record = store_runs.get(run_id)
+    return record if record is not None and record.get("status") == "done" else None
+
+
+def _scale_text(record: Mapping[str, Any]) -> str:
+    parts = [f"{record['epochs']}/{record['paper_epochs']} ep"]
+    if record["train_images"] < record["train_images_full"]:
+        parts.append(f"{record['train_images']}/{record['train_images_full']} train img")
+    if record["val_images"] < record["val_images_full"]:
+        parts.append(f"{record['val_images']}/{record['val_images_full']} val img")
+    return ", ".join(parts)
+
+
+def is_reduced(record: Mapping[str, Any]) -> bool:
+    """True when a run used fewer epochs or images than the paper."""
+    return (record["epochs"] < record["paper_epochs"] or record["train_images"] < record["train_images_full"]
+            or record["val_images"] < record["val_images_full"])
+
+
+def ranking_verdict(cells: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """Test [P1]'s claim clipped_relu >= relu > identity on one (net, bits) row, by validation
+    accuracy and by training loss. Returns (measured order, verdict)."""
+    acc = {s: r["final_val_accuracy_pct"] for s, r in cells.items()}
+    loss = {s: r["final_train_loss"] for s, r in cells.items()}
+    order = " > ".join(f"{s} {acc[s]:.2f}" for s in sorted(acc, key=lambda s: -acc[s]))
+    holds_acc = acc["clipped_relu"] >= acc["relu"] > acc["identity"]
+    holds_loss = loss["clipped_relu"] <= loss["relu"] < loss["identity"]
+    verdict = ("holds" if holds_acc else "does not hold") + " by val accuracy; " + \
+              ("holds" if holds_loss else "does not hold") + " by training loss"
+    return order, verdict
+
+
+def summary_table(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) -> list[str]:
+    """Markdown rows: every Table 1 cell, measured beside the paper's numbers."""
+    lines = ["| net | bits | STE | train loss (measured) | train loss ([P1]) | val acc % (measured) | "
+             "val acc % ([P1]) | scale | data | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for net, bits, ste in recipes.grid_cells():
+        record = _done(runs, grid_id(net, bits, ste))
+        paper = recipes.paper_result(net, bits, ste)
+        p_loss = _fmt_loss(paper.train_loss) if paper else "-"
+        p_acc = _fmt_acc(paper.val_accuracy_pct) if paper else "-"
+        if record is None:
+            status = (runs.get(grid_id(net, bits, ste)) or {}).get("status", "not run")
+            lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | {ste} | {status} | {p_loss} | {status} | "
+                         f"{p_acc} | - | - | - |")
+            continue
+        lines.append(
+            f"| {NET_TITLES.get(net, net)} | {bits} | {ste} | {_fmt_loss(record['final_train_loss'])} | {p_loss} | "
+            f"{_fmt_acc(record['final_val_accuracy_pct'])} | {p_acc} | {_scale_text(record)} | "
+            f"{_short_data(record)} | {_fmt_wall(record['wall_time_s'])} |")
+    return lines
+
+
+def _short_data(record: Mapping[str, Any]) -> str:
+    return "MNIST-32 (substitute)" if record.get("substitute_data") else record["data"]
+
+
+def missing_runs(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) -> tuple[list[str], list[str]]:
+    """(runs of the full reproduction with no finished record, finished runs done at reduced scale)."""
+    full = plan_runs(recipes, list(recipes.grid_nets), list(recipes.grid_bits), list(recipes.grid_stes))
+    absent, reduced = [], []
+    for spec in full:
+        record = _done(runs, spec.run_id)
+        if record is None:
+            absent.append(spec.run_id)
+        elif is_reduced(record) or record.get("substitute_data"):
+            reduced.append(spec.run_id)
+    return absent, reduced
+
+
+def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+    """Training loss and validation error over epochs of the instability runs (PNG), or None when
+    none has finished."""
+    chosen = [r for r in runs.values() if r.get("kind") == "instability" and r.get("status") == "done"]
+    if not chosen:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen.sort(key=lambda r: (r["bits"] != 4, r["role"] == "control", r["run_id"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
+    boundaries: set[int] = set()
+    for record in chosen:
+        points = ([record["start"]] if record.get("start") else []) + list(record["history"])
+        epochs = [p["epoch"] for p in points]
+        label = record["run_id"].split("/", 1)[1].replace("resnet20_", "")
+        style = "--" if record["role"] == "control" else "-"
+        loss = [p.get("train_loss") for p in points]
+        err = [None if p.get("val_accuracy") is None else 100.0 * (1.0 - p["val_accuracy"]) for p in points]
+        axes[0].plot(epochs, [math.nan if v is None else v for v in loss], style, marker="o", ms=3, label=label)
+        axes[1].plot(epochs, [math.nan if v is None else v for v in err], style, marker="o", ms=3, label=label)
+        offset = 0
+        for phase in record["settings"]["phases"][:-1]:
+            offset += phase["epochs"]
+            boundaries.add(offset)
+    for ax, title in zip(axes, ("training loss (mean over the epoch)", "validation error (%)")):
+        for b in sorted(boundaries):
+            ax.axvline(b + 0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epoch (0 = starting weights)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("ResNet-20: retraining STE-trained quantized weights with another STE "
+                 "(dotted line: lr 1e-5 phase ends)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figures_dir: Path) -> str:
+    """Write RESULTS.md (and the instability PNG) from every run in ``store``; returns the text."""
+    runs = store.runs
+    done = [r for r in runs.values() if r.get("status") == "done"]
+    lines = ["# Reproducing [P1] Table 1 and the instability runs", ""]
+    lines += [f"Written by `tools/reproduce_paper.py` on {_now()} from `{_rel(store.path)}` "
+              f"({len(done)} finished run(s)). [P1] = Yin et al., *Understanding Straight-Through Estimator in "
+              "Training Activation Quantized Neural Nets*, ICLR 2019. Recipes: `model_zoo/recipes.json` "
+              "(see `model_zoo/README.md` for the choices the paper leaves open).", ""]
+    reduced_any = any(is_reduced(r) for r in done)
+    substitute_any = any(r.get("substitute_data") for r in done)
+    if reduced_any or substitute_any:
+        lines += ["> **REDUCED-SCALE RUNS.** " +
+                  ("Fewer epochs and/or training images than the paper (the `scale` column gives the exact "
+                   "numbers). " if reduced_any else "") +
+                  ("VGG-11 and ResNet-20 ran on MNIST padded to 32x32 (1 channel) instead of CIFAR-10, so their "
+                   "numbers are **not comparable** with the paper's CIFAR-10 numbers. " if substitute_any else "") +
+                  "The measured columns test the *direction* of the paper's claims at this scale; they do not "
+                  "reproduce its values.", ""]
+    machines = sorted({_machine_text(r) for r in done})
+    lines += ["## Machine", ""] + [f"- {m}" for m in machines] + [""]
+    invocations = store.data.get("invocations", [])
+    if invocations:
+        lines += ["## Commands", ""]
+        for inv in invocations:
+            wall = inv.get("wall_time_s")
+            lines.append(f"- `{inv.get('command', '')}` ({inv.get('started', '')}"
+                         + (f", {wall / 60:.1f} min" if wall is not None else ", interrupted or running") + ")")
+        lines.append("")
+    total = sum(r.get("wall_time_s", 0.0) for r in done)
+    lines += [f"Total training wall time of the finished runs: {total / 60:.1f} min.", ""]
+
+    lines += ["## Float baselines (pre-training)", "",
+              "| net | data | epochs used / paper-scale | train images | val images | train loss | val acc % | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for net in recipes.grid_nets:
+        record = _done(runs, float_id(net))
+        if record is None:
+            lines.append(f"| {NET_TITLES.get(net, net)} | - | not run | - | - | - | - | - |")
+            continue
+        lines.append(f"| {NET_TITLES.get(net, net)} | {record['data']} | {record['epochs']} / {record['paper_epochs']} | "
+                     f"{record['train_images']} / {record['train_images_full']} | "
+                     f"{record['val_images']} / {record['val_images_full']} | "
+                     f"{_fmt_loss(record['final_train_loss'])} | {_fmt_acc(record['final_val_accuracy_pct'])} | "
+                     f"{_fmt_wall(record['wall_time_s'])} |")
+    lines += ["", "## Table 1: training loss / validation accuracy, measured beside [P1]", "",
+              "Measured: mean training cross-entropy over the last epoch (train mode) and validation accuracy "
+              "after the last epoch. [P1]'s numbers are for the full schedules on MNIST (LeNet-5) and CIFAR-10 "
+              "(VGG-11, ResNet-20).", ""]
+    lines += summary_table(runs, recipes)
+    lines += ["", "Schedules actually used (after `--epochs-scale`):", ""]
+    for net in recipes.grid_nets:
+        record = next((r for r in done if r["net"] == net and r["kind"] == "grid"), None)
+        if record is not None:
+            phase = record["settings"]["phases"][0]
+            lines.append(f"- {NET_TITLES.get(net, net)}: {phase['epochs']} epochs (paper {record['paper_epochs']}), "
+                         f"batch {phase['batch_size']}, lr {phase['lr']:g}, x{phase['gamma']:g} at "
+                         f"{phase['milestones'] or 'no milestone'}, SGD momentum {phase['momentum']:g}, "
+                         f"wd {phase['weight_decay']:g}; {record['train_images']} training images")
+    lines += ["", "## Does clipped_relu >= relu > identity hold?", "",
+              "Tested per row on the measured numbers (not forced): validation accuracy "
+              "clipped_relu >= relu > identity, and training loss clipped_relu <= relu < identity.", "",
+              "| net | bits | measured order (val acc %) | verdict |", "|---|---|---|---|"]
+    any_row = False
+    for net in recipes.grid_nets:
+        for bits in recipes.grid_bits:
+            cells = {s: _done(runs, grid_id(net, bits, s)) for s in ("identity", "relu", "clipped_relu")}
+            if any(c is None for c in cells.values()):
+                continue
+            if len({_scale_key(c) for c in cells.values()}) > 1:
+                lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | - | cells ran at different scales: not compared |")
+                continue
+            order, verdict = ranking_verdict(cells)  # type: ignore[arg-type]
+            lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | {order} | {verdict} |")
+            any_row = True
+    if not any_row:
+        lines.append("| - | - | no row has all three STEs finished | - |")
+    lines += ["", "At reduced scale the differences between STEs can be within run-to-run noise (one seed per "
+              "cell); a verdict here is about this run, not a refutation or confirmation of the paper.", ""]
+
+    lines += ["## Instability runs (ResNet-20)", ""]
+    figure = plot_instability(runs, figures_dir / INSTABILITY_FIGURE)
+    inst = [r for r in runs.values() if r.get("kind") == "instability"]
+    if inst:
+        lines += ["| run | role | phases, epochs used | start val acc % | val acc % after phase 1 | "
+                  "final train loss | final val acc % | wall s |", "|---|---|---|---|---|---|---|---|"]
+        for record in sorted(inst, key=lambda r: r["run_id"]):
+            if record.get("status") != "done":
+                lines.append(f"| {record['run_id']} | - | {record.get('status')} | - | - | - | - | - |")
+                continue
+            phases = record["settings"]["phases"]
+            first = [h for h in record["history"] if h["phase"] == 0 and h.get("val_accuracy") is not None]
+            start = record.get("start") or {}
+            lines.append(
+                f"| {record['run_id'].split('/', 1)[1]} | {record['role']} | "
+                + " + ".join(f"{p['label']}: {p['epochs']} ep" for p in phases) + f" (paper {record['paper_epochs']}) | "
+                f"{_fmt_acc(100 * start['val_accuracy']) if start.get('val_accuracy') is not None else '-'} | "
+                f"{_fmt_acc(100 * first[-1]['val_accuracy']) if first else '-'} | "
+                f"{_fmt_loss(record['final_train_loss'])} | {_fmt_acc(record['final_val_accuracy_pct'])} | "
+                f"{_fmt_wall(record['wall_time_s'])} |")
+        claims = [c for c in (_claim(recipes, r) for r in sorted(inst, key=lambda r: r["run_id"])) if c]
+        lines += ["", "What [P1] reports for these runs (the control is ours):", ""] + [f"- {c}" for c in claims] + [""]
+    else:
+        lines += ["No instability run has been made yet.", ""]
+    if figure is not None:
+        lines += [f"![instability runs](figures/{figure.name})", ""]
+
+    absent, reduced = missing_runs(runs, recipes)
+    lines += ["## Missing", ""]
+    if absent:
+        lines += [f"Not run (or not finished) at any scale ({len(absent)}):", ""] + [f"- `{r}`" for r in absent] + [""]
+    if reduced:
+        lines += [f"Finished only at reduced scale or on substitute data, so still missing at the paper's scale "
+                  f"({len(reduced)}):", ""] + [f"- `{r}`" for r in reduced] + [""]
+    if not absent and not reduced:
+        lines += ["Nothing: every run of the reproduction finished at the paper's scale.", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    atomic_write_text(report_path, text)
+    return text
+
+
+def _claim(recipes: Recipes, record: Mapping[str, Any]) -> str:
+    name = record["run_id"].split("/", 1)[1]
+    run = next((r for r in recipes.instability if r.name == name), None)
+    return f"{name}: {run.claim}" if run and run.claim else ""
+
+
+def _scale_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (record["epochs"], record["train_images"], record["val_images"], record["data"])
+
+
+def _machine_text(record: Mapping[str, Any]) -> str:
+    m = record.get("machine", {})
+    text = f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, torch threads {m.get('torch_threads', '?')})"
+    if m.get("gpu"):
+        text += f", GPU {m['gpu']}"
+    return text + f", device {record.get('device', '?')}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("give a comma-separated list")
+        return [kind(t) for t in items]
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="folder of the four MNIST IDX files "
+                   "(default: ../shared/data/mnist next to the repository)")
+    p.add_argument("--cifar10", type=Path, default=None, help="cifar-10-batches-py folder: run VGG-11/ResNet-20 on "
+                   "CIFAR-10 as the paper (default: MNIST padded to 32x32 as a substitute)")
+    p.add_argument("--nets", type=_csv(str), default=None, help="comma-separated, default lenet5,vgg11,resnet20")
+    p.add_argument("--bits", type=_csv(int), default=None, help="comma-separated, default 2,4")
+    p.add_argument("--stes", type=_csv(str), default=None, help="comma-separated, default identity,relu,clipped_relu")
+    p.add_argument("--epochs-scale", type=_positive_float, default=1.0,
+                   help="multiply every epoch count and milestone (e.g. 0.1); 1 = the paper's schedules")
+    p.add_argument("--float-epochs-scale", type=_positive_float, default=None,
+                   help="epoch scale of the float pre-training (default: --epochs-scale)")
+    p.add_argument("--instability-scale", type=_positive_float, default=None,
+                   help="epoch scale of the instability runs (default: --epochs-scale)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
+    p.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
+    p.add_argument("--no-instability", action="store_true", help="skip the instability runs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="weights and resumable checkpoints")
+    p.add_argument("--results", type=Path, default=None, help="results JSON (default RUNS_DIR/results.json)")
+    p.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="the RESULTS.md to write")
+    p.add_argument("--figures", type=Path, default=DEFAULT_FIGURES, help="folder of the report's PNGs")
+    p.add_argument("--recipes", type=Path, default=None, help="recipes JSON (default model_zoo/recipes.json)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args, list(sys.argv[1:] if argv is None else argv))
+    except QatSteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    recipes = load_recipes(args.recipes)
+    store = ResultsStore(args.results or args.runs_dir / "results.json")
+    if args.report_only:
+        write_report(store, recipes, args.report, args.figures)
+        print(f"wrote {args.report}")
+        return 0
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    nets = args.nets or list(recipes.grid_nets)
+    plan = plan_runs(recipes, nets, args.bits or list(recipes.grid_bits), args.stes or list(recipes.grid_stes),
+                     args.epochs_scale, args.instability_scale, not args.no_instability, args.float_epochs_scale)
+    needs_mnist = any(recipes.nets[s.net].dataset == "mnist" or args.cifar10 is None for s in plan)
+    if needs_mnist:
+        check_mnist_folder(args.mnist.expanduser())
+    options = GridOptions(runs_dir=args.runs_dir, device=args.device, seed=args.seed, progress=not args.no_progress,
+                          epochs_scale=args.epochs_scale, instability_scale=args.instability_scale,
+                          float_scale=args.float_epochs_scale,
+                          train_subset=args.train_subset, val_subset=args.val_subset)
+    cache: dict[tuple[str, str], TensorImageDataset] = {}
+    loaded: dict[str, NetData] = {}
+
+    def data_for(net: str) -> NetData:
+        if net not in loaded:
+            loaded[net] = load_net_data(net, recipes, args.mnist.expanduser(),
+                                        args.cifar10.expanduser() if args.cifar10 else None,
+                                        args.train_subset, args.val_subset, args.seed, cache)
+        return loaded[net]
+
+    started, clock = _now(), time.perf_counter()
+    index = store.add_invocation({"command": "tools/reproduce_paper.py " + " ".join(argv), "started": started,
+                                  "wall_time_s": None, "machine": machine_info(_device_of(args.device))})
+    try:
+        run_grid(plan, recipes, store, data_for, options)
+    finally:
+        store.data["invocations"][index]["wall_time_s"] = time.perf_counter() - clock
+        store.save()
+        write_report(store, recipes, args.report, args.figures)
+    print()
+    print("\n".join(summary_table(store.runs, recipes)))
+    print(f"\nwrote {args.report} and {store.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""The ``qat-ste`` command line.
+
+    qat-ste convert --out runs/quickstart                 # digits + zoo:lenet5, about a minute on a CPU
+    qat-ste convert --model torchvision:resnet18 --data cifar10:~/data/cifar --weights r18.pt --out runs/r18
+    qat-ste export --checkpoint runs/r18/qat/best.pt --out r18_int8.onnx --weights int8
+    qat-ste check --onnx runs/r18/model.onnx --checkpoint runs/r18/qat/last.pt --json
+    qat-ste list-stes | list-models
+
+Every bad input ends with a one-paragraph message on stderr (the problem and the fix) and exit
+code 2; ``check`` exits 1 when the file fails its parity thresholds, ``convert`` exits 1 when
+training diverges. Set ``QAT_STE_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import QatSteError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+CONVERT_FORMAT = "qat_ste.convert/1"
+DEFAULT_DATA = "digits"
+DEFAULT_MODEL = "zoo:lenet5"
+
+
+# =============================================================================================
+# Argument parsing
+# =============================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as QatSteError (one paragraph, exit code 2) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise QatSteError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, weights_flag: str) -> None:
+    parser.add_argument("--model", default=None,
+                        help=f"zoo:NAME, torchvision:NAME or timm:NAME (default {DEFAULT_MODEL}); random init")
+    parser.add_argument(weights_flag, dest="model_weights", metavar="FILE", default=None,
+                        help="local state dict file to start from (nothing is ever downloaded)")
+    parser.add_argument("--data", default=None,
+                        help="digits (default, bundled), synthetic, mnist:FOLDER, cifar10:FOLDER, imagefolder:FOLDER")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input side the data is served at (default: MNIST 28, CIFAR-10 32; else 28 for "
+                             "lenet5, 32 for other models)")
+    parser.add_argument("--bits", type=int, default=4, help="activation bits, 1..8 (default 4)")
+    parser.add_argument("--ste", default="clipped_relu", help="straight-through estimator (qat-ste list-stes)")
+    parser.add_argument("--alpha", default="lsq", help="step mode: lsq (default), fixed, pact or bcgd")
+    parser.add_argument("--calib-method", default="mse", help="calibration: mse (default), percentile, gaussian, lsq, max")
+    parser.add_argument("--calib-batches", type=int, default=2, help="calibration batches (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest for small models)")
+
+
+def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check-samples", type=int, default=512,
+                        help="held-out images the ONNX check runs (default 512)")
+    parser.add_argument("--min-code-agreement", type=float, default=0.9,
+                        help="end-to-end share of equal codes required (default 0.9)")
+    parser.add_argument("--min-top1-agreement", type=float, default=0.9,
+                        help="share of equal top-1 predictions required (default 0.9)")
+    parser.add_argument("--max-logit-diff", type=float, default=None, help="largest |logit difference| allowed")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qat-ste`` argument parser."""
+    parser = _Parser(prog="qat-ste", description="Quantization-aware training with straight-through estimators.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    convert = commands.add_parser(
+        "convert", help="float model -> calibrated, fine-tuned quantized model -> ONNX, checked",
+        description="Load (or pre-train) a float model, quantize, calibrate, fine-tune, export ONNX and check it "
+                    "in ONNX Runtime. Writes OUT/report.json, OUT/quantization.{txt,json}, OUT/model.onnx and "
+                    "training checkpoints under OUT/float and OUT/qat.")
+    _add_model_arguments(convert, "--weights")
+    convert.add_argument("--out", default="runs/convert", help="output folder (default runs/convert)")
+    convert.add_argument("--float-epochs", type=int, default=None,
+                         help="float pre-training epochs (default: 3 without --weights, 0 with)")
+    convert.add_argument("--float-lr", type=float, default=0.05, help="float pre-training LR (default 0.05)")
+    convert.add_argument("--epochs", type=int, default=3, help="quantized fine-tuning epochs (default 3)")
+    convert.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default 64)")
+    convert.add_argument("--lr", type=float, default=0.01, help="fine-tuning LR (default 0.01)")
+    convert.add_argument("--optimizer", default="sgd", help="sgd (default) or adamw")
+    convert.add_argument("--weight-decay", type=float, default=5e-4)
+    convert.add_argument("--schedule", default="cosine", help="cosine (default), multistep or constant")
+    convert.add_argument("--warmup-epochs", type=float, default=0.0)
+    convert.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off")
+    convert.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                         help="torch.compile (auto: on CUDA only)")
+    convert.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
+    convert.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    convert.add_argument("--form", default="deploy", help="ONNX form: deploy (default) or spec")
+    convert.add_argument("--export-weights", default="float", help="ONNX weights: float (default) or int8")
+    convert.add_argument("--opset", type=int, default=None)
+    convert.add_argument("--no-export", action="store_true", help="stop after training (no ONNX, no check)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_check_thresholds(convert)
+
+    export = commands.add_parser("export", help="export a quantized checkpoint (or a calibrated model) to ONNX",
+                                 description="Export the model of a qat-ste checkpoint, or a --model quantized "
+                                             "and calibrated on --data, to ONNX.")
+    export.add_argument("--checkpoint", default=None, help="last.pt/best.pt of qat-ste convert (OUT/qat/...)")
+    _add_model_arguments(export, "--model-weights")
+    export.add_argument("--out", required=True, help="ONNX file to write")
+    export.add_argument("--form", default="deploy", help="deploy (default) or spec")
+    export.add_argument("--weights", dest="export_weights", default="float", help="float (default) or int8")
+    export.add_argument("--opset", type=int, default=None)
+
+    check = commands.add_parser("check", help="check an ONNX file against its PyTorch model in ONNX Runtime",
+                                description="Compare an exported ONNX file with the model it came from; exits 1 "
+                                            "when parity falls below the thresholds.")
+    check.add_argument("--onnx", required=True, help="the ONNX file")
+    check.add_argument("--checkpoint", default=None, help="the qat-ste checkpoint the file was exported from")
+    _add_model_arguments(check, "--model-weights")
+    _add_check_thresholds(check)
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    commands.add_parser("list-stes", help="the registered straight-through estimators")
+    commands.add_parser("list-models", help="the model zoo (torchvision/timm names come from those libraries)")
+    return parser
+
+
+# =============================================================================================
+# Helpers
+# =============================================================================================
+
+
+def _out(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000.0
+    return str(size)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.2f} %"
+
+
+def _table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    value_width = max(len(v) for _, v in rows)
+    rule = "-" * (width + 2 + value_width)
+    return "\n".join([title, rule] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [rule])
+
+
+def _check_positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise QatSteError(f"{name} {value} must be {'>= 0' if allow_zero else '> 0'}", f"pass a valid {name}")
+
+
+def _check_thresholds(args: argparse.Namespace) -> None:
+    for name in ("min_code_agreement", "min_top1_agreement"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise QatSteError(f"--{name.replace('_', '-')} {value} is not a share between 0 and 1",
+                              "pass e.g. 0.9 (90 %)")
+    if args.max_logit_diff is not None and not args.max_logit_diff >= 0:
+        raise QatSteError(f"--max-logit-diff {args.max_logit_diff} must be >= 0", "pass e.g. 0.05")
+    _check_positive("--check-samples", args.check_samples)
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from .config import QuantConfig
+
+    return QuantConfig(bits=args.bits, ste=args.ste, alpha=args.alpha)
+
+
+def _load_data(spec: str, image_size: int, seed: int) -> tuple[Any, Any]:
+    from .train.build import data_options
+    from .train.data import load_dataset, parse_dataset_spec
+
+    parse_dataset_spec(spec)
+    options = data_options(spec, image_size)
+    return load_dataset(spec, "train", **options), load_dataset(spec, "val", **options)
+
+
+def _resolve_model_and_data(args: argparse.Namespace, metadata: dict[str, Any] | None = None
+                            ) -> tuple[Any, str, int]:
+    from .train.build import default_image_size, parse_model_spec
+
+    model_text = args.model or (metadata or {}).get("model") or DEFAULT_MODEL
+    spec = parse_model_spec(model_text)
+    data = args.data or (metadata or {}).get("data") or DEFAULT_DATA
+    image_size = args.image_size
+    if image_size is None:
+        saved = (metadata or {}).get("image_size")
+        image_size = int(saved[0]) if saved else default_image_size(spec, data)
+    return spec, data, int(image_size)
+
+
+def _example_input(dataset: Any) -> Any:
+    import torch
+
+    images, _ = dataset.get_batch(torch.arange(1))
+    return images
+
+
+def _val_batches(dataset: Any, samples: int, batch_size: int = 128) -> tuple[list[Any], list[Any]]:
+    import torch
+
+    count = min(int(samples), len(dataset))
+    inputs, labels = [], []
+    for start in range(0, count, batch_size):
+        images, targets = dataset.get_batch(torch.arange(start, min(start + batch_size, count)))
+        inputs.append(images)
+        labels.append(targets)
+    return inputs, labels
+
+
+def _metadata(spec: Any, data: str, info: Any, stage: str, quant: Any | None) -> dict[str, Any]:
+    return {
+        "kind": CONVERT_FORMAT, "stage": stage, "model": str(spec), "data": data,
+        "num_classes": info.num_classes, "in_channels": info.channels, "image_size": list(info.image_size),
+        "quant": None if quant is None else {"bits": quant.bits, "ste": quant.ste, "alpha": quant.alpha},
+        "title": f"{spec} on {data} ({stage})",
+    }
+
+
+def _quantize(model: Any, quant: Any, example: Any) -> Any:
+    import qat_ste
+
+    return qat_ste.quantize(model, config=quant, example_input=example)
+
+
+def _calibrate(qmodel: Any, train_set: Any, method: str, batches: int, batch_size: int, seed: int) -> None:
+    import qat_ste
+    from .train.data import TensorLoader
+
+    device = next((p.device for p in qmodel.parameters()), None)
+    loader = TensorLoader(train_set.with_augment(False), batch_size, shuffle=True, seed=seed + 7919, device=device)
+    qat_ste.calibrate(qmodel, loader, method, num_batches=batches)
+
+
+def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(quantized model with the checkpoint's weights, its metadata, train set, val set)."""
+    from .config import QuantConfig
+    from .train.build import build_model
+    from .train.checkpoint import load_checkpoint, load_model_state
+
+    state = load_checkpoint(path)
+    meta = state.get("metadata") or {}
+    if meta.get("kind") != CONVERT_FORMAT:
+        raise QatSteError(f"{path} has no model description (it was not written by qat-ste convert)",
+                          "export it from Python with qat_ste.export.export_onnx(model, path, example_input)")
+    if meta.get("stage") != "qat" or not meta.get("quant"):
+        raise QatSteError(f"{path} is the float pre-training checkpoint", "pass OUT/qat/last.pt or OUT/qat/best.pt")
+    spec, data, image_size = _resolve_model_and_data(args, meta)
+    if args.model and str(spec) != meta["model"]:
+        raise QatSteError(f"--model {args.model} differs from the checkpoint's model {meta['model']}",
+                          "leave --model out when passing --checkpoint")
+    train_set, val_set = _load_data(data, image_size, args.seed)
+    if (train_set.info.num_classes, train_set.info.channels) != (meta["num_classes"], meta["in_channels"]):
+        raise QatSteError(f"--data {data} has {train_set.info.num_classes} classes and {train_set.info.channels} "
+                          f"channel(s); the checkpoint's model expects {meta['num_classes']} and {meta['in_channels']}",
+                          f"use data like the checkpoint's ({meta['data']})")
+    model = build_model(spec, meta["num_classes"], meta["in_channels"], image_size)
+    qmodel = _quantize(model, QuantConfig(**meta["quant"]), _example_input(val_set))
+    load_model_state(qmodel, state["model"], f"checkpoint {path}", "pass a checkpoint written by qat-ste convert")
+    qmodel.eval()
+    return qmodel, meta, train_set, val_set
+
+
+def _model_from_arguments(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """A --model quantized and calibrated on --data (post-training quantization)."""
+    import torch
+
+    from .train.build import build_model, load_weights_file
+
+    quant = _quant_config(args)
+    spec, data, image_size = _resolve_model_and_data(args)
+    train_set, val_set = _load_data(data, image_size, args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(spec, train_set.info.num_classes, train_set.info.channels, image_size)
+    if args.model_weights:
+        load_weights_file(model, args.model_weights)
+    qmodel = _quantize(model, quant, _example_input(val_set))
+    _calibrate(qmodel, train_set, args.calib_method, args.calib_batches, 64, args.seed)
+    qmodel.eval()
+    return qmodel, train_set, val_set
+
+
+def _source_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    if args.checkpoint:
+        qmodel, _, train_set, val_set = _model_from_checkpoint(args.checkpoint, args)
+        return qmodel, train_set, val_set
+    return _model_from_arguments(args)
+
+
+def _run_check(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse.Namespace) -> Any:
+    from .export import check_onnx
+
+    inputs, labels = _val_batches(val_set, args.check_samples)
+    return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
+                      min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
+                      latency=not args.no_latency)
+
+
+# =============================================================================================
+# convert
+# =============================================================================================
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    import qat_ste
+    from .train import TrainConfig, evaluate, train
+    from .train.build import build_model, load_weights_file
+    from .train.checkpoint import atomic_write_json, atomic_write_text
+    from .train.distributed import barrier, env_world, resolve_device, setup_distributed, teardown_distributed
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    quant = _quant_config(args)
+    _check_thresholds(args)
+    for name in ("epochs", "batch_size", "calib_batches"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=name == "epochs")
+    _check_positive("--float-epochs", args.float_epochs, allow_zero=True)
+    spec, data, image_size = _resolve_model_and_data(args)
+    out = Path(args.out).expanduser()
+    float_dir, qat_dir = out / "float", out / "qat"
+    if args.resume and not ((float_dir / "last.pt").exists() or (qat_dir / "last.pt").exists()):
+        raise QatSteError(f"--resume: nothing to resume in {out} (no float/last.pt or qat/last.pt)",
+                          "drop --resume to start afresh, or pass the --out of the interrupted run")
+    device = resolve_device(args.device, env_world()[2])
+    dist_info = setup_distributed(device)
+    main = dist_info.is_main
+    say: Callable[[str], None] = _out if main else (lambda message="": None)
+    try:
+        tick = time.perf_counter()
+        train_set, val_set = _load_data(data, image_size, args.seed)
+        info = train_set.info
+        timings["data_s"] = time.perf_counter() - tick
+        say(f"data: {data}: {len(train_set)} train / {len(val_set)} val images, "
+            f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {info.num_classes} classes")
+
+        torch.manual_seed(args.seed)
+        model = build_model(spec, info.num_classes, info.channels, image_size)
+        skipped: list[str] = []
+        if args.model_weights:
+            skipped = load_weights_file(model, args.model_weights)
+            say(f"weights: {args.model_weights}" + (f" ({len(skipped)} tensor(s) kept their random init: "
+                                                    f"{', '.join(skipped[:4])})" if skipped else ""))
+        parameters = sum(p.numel() for p in model.parameters())
+        say(f"model: {spec} ({type(model).__name__}, {parameters / 1e3:.1f}k parameters)")
+        float_epochs = args.float_epochs if args.float_epochs is not None else (0 if args.model_weights else 3)
+
+        common = dict(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                      schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
+                      compile={"auto": "auto", "on": True, "off": False}[args.compile], device=args.device,
+                      seed=args.seed, progress=not args.no_progress, print_summary=False,
+                      checkpoint_every_steps=args.checkpoint_every)
+        # ---- float ---------------------------------------------------------------------------
+        tick = time.perf_counter()
+        float_result = None
+        if float_epochs > 0:
+            say(f"\n== float pre-training: {float_epochs} epoch(s) ==")
+            resume = str(float_dir / "last.pt") if args.resume and (float_dir / "last.pt").exists() else None
+            float_result = train(model, train_set, val_set,
+                                 TrainConfig(epochs=float_epochs, lr=args.float_lr, out_dir=str(float_dir),
+                                             resume=resume, **common),
+                                 metadata=_metadata(spec, data, info, "float", None))
+            if float_result.stopped_early:
+                say(f"stopped ({float_result.stop_reason}); run again with --resume to continue")
+                return EXIT_FAILED
+        model.to(device)
+        float_eval = evaluate(model, val_set, 256, device)
+        timings["float_s"] = time.perf_counter() - tick
+        say(f"float accuracy: {_pct(float_eval['accuracy'])} (loss {float_eval['loss']:.4f})")
+
+        # ---- quantize, calibrate ----------------------------------------------------------------
+        tick = time.perf_counter()
+        qmodel = _quantize(model, quant, _example_input(val_set).to(device))
+        report = qat_ste.report(qmodel)
+        say(f"\n== quantized: {len(report.quantized)} site(s) at {quant.bits} bits, STE {quant.ste}, "
+            f"alpha {quant.alpha} ({len(report.skipped)} left float) ==")
+        resume_qat = str(qat_dir / "last.pt") if args.resume and (qat_dir / "last.pt").exists() else None
+        calibrated_eval = None
+        if resume_qat is None:
+            _calibrate(qmodel, train_set, args.calib_method, args.calib_batches, args.batch_size, args.seed)
+            calibrated_eval = evaluate(qmodel, val_set, 256, device)
+            say(f"calibrated ({args.calib_method}, {args.calib_batches} batch(es)): accuracy "
+                f"{_pct(calibrated_eval['accuracy'])} before fine-tuning")
+        timings["calibrate_s"] = time.perf_counter() - tick
+
+        # ---- fine-tune -----------------------------------------------------------------------
+        tick = time.perf_counter()
+        qat_result = None
+        if args.epochs > 0:
+            say(f"\n== quantization-aware fine-tuning: {args.epochs} epoch(s) ==")
+            qat_result = train(qmodel, train_set, val_set,
+                               TrainConfig(epochs=args.epochs, lr=args.lr, out_dir=str(qat_dir), resume=resume_qat,
+                                           **common),
+                               metadata=_metadata(spec, data, info, "qat", quant))
+            if qat_result.stopped_early:
+                say(f"stopped ({qat_result.stop_reason}); run again with --resume to continue")
+                return EXIT_FAILED
+        quant_eval = evaluate(qmodel, val_set, 256, device)
+        timings["finetune_s"] = time.perf_counter() - tick
+        say(f"quantized accuracy: {_pct(quant_eval['accuracy'])} (loss {quant_eval['loss']:.4f})")
+        barrier(dist_info)
+        if not main:
+            return EXIT_OK
+
+        # ---- files -------------------------------------------------------------------------
+        out.mkdir(parents=True, exist_ok=True)
+        qmodel.cpu().eval()
+        report = qat_ste.report(qmodel)
+        atomic_write_text(out / "quantization.txt", report.table() + "\n")
+        atomic_write_json(out / "quantization.json", report.to_dict())
+        export_result = check = None
+        onnx_path = out / "model.onnx"
+        if not args.no_export:
+            from .export import export_onnx
+
+            tick = time.perf_counter()
+            say("\n== ONNX export and ONNX Runtime check ==")
+            export_result = export_onnx(qmodel, onnx_path, _example_input(val_set), form=args.form,
+                                        weights=args.export_weights, opset=args.opset)
+            timings["export_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            check = _run_check(qmodel, onnx_path, val_set, args)
+            timings["check_s"] = time.perf_counter() - tick
+            say(check.table())
+        timings["total_s"] = time.perf_counter() - started
+
+        summary = _convert_summary(float_eval, calibrated_eval, quant_eval, export_result, check)
+        document = {
+            "format": CONVERT_FORMAT,
+            "command": ["qat-ste", *sys.argv[1:]] if Path(sys.argv[0]).name in ("qat-ste", "cli.py") else None,
+            "model": {"spec": str(spec), "class": type(model).__name__, "parameters": parameters,
+                      "weights_file": args.model_weights, "tensors_left_random": skipped},
+            "data": {"spec": data, "train_images": len(train_set), "val_images": len(val_set),
+                     **{k: v for k, v in info.to_dict().items() if k != "class_names"}},
+            "quantization": {"bits": quant.bits, "ste": quant.ste, "alpha": quant.alpha,
+                             "calibration": {"method": args.calib_method, "batches": args.calib_batches},
+                             "sites_quantized": len(report.quantized), "sites_left_float": len(report.skipped)},
+            "float": {"epochs": float_epochs, **float_eval,
+                      "history": float_result.history if float_result else []},
+            "calibrated": calibrated_eval,
+            "quantized": {"epochs": args.epochs, **quant_eval,
+                          "best_val_accuracy": qat_result.best_val_accuracy if qat_result else None,
+                          "images_per_s": qat_result.images_per_s if qat_result else None,
+                          "history": qat_result.history if qat_result else []},
+            "onnx": export_result.to_dict() if export_result is not None else None,
+            "check": check.to_dict() if check is not None else None,
+            "summary": summary,
+            "files": {"report": str(out / "report.json"), "quantization": str(out / "quantization.json"),
+                      "onnx": str(onnx_path) if export_result is not None else None,
+                      "checkpoint": str(qat_dir / "last.pt") if qat_result else None,
+                      "best_checkpoint": qat_result.best_checkpoint if qat_result else None,
+                      "float_checkpoint": str(float_dir / "last.pt") if float_result else None},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "device": str(device), "world_size": dist_info.world_size,
+            "versions": {"qat_ste": qat_ste.__version__, "torch": str(torch.__version__)},
+        }
+        atomic_write_json(out / "report.json", document)
+        say("")
+        say(_summary_table(document))
+        say(f"\nwrote {out / 'report.json'}")
+        if check is not None and not check.ok:
+            say("the ONNX check FAILED: " + "; ".join(check.failures))
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        teardown_distributed(dist_info)
+
+
+def _convert_summary(float_eval: dict, calibrated_eval: dict | None, quant_eval: dict, export_result: Any,
+                     check: Any) -> dict[str, Any]:
+    checked = check.to_dict() if check is not None else {}
+    return {
+        "float_accuracy": float_eval["accuracy"],
+        "calibrated_accuracy": calibrated_eval["accuracy"] if calibrated_eval else None,
+        "quantized_accuracy": quant_eval["accuracy"],
+        "onnx_accuracy": checked.get("accuracy_onnx"),
+        "torch_accuracy_on_check_samples": checked.get("accuracy_torch"),
+        "check_samples": checked.get("samples"),
+        "code_parity": checked.get("site_parity"),
+        "code_agreement": checked.get("code_agreement"),
+        "top1_agreement": checked.get("top1_agreement"),
+        "max_logit_diff": checked.get("max_logit_diff"),
+        "check_ok": checked.get("ok"),
+        "onnx_file_size_bytes": export_result.file_size if export_result is not None else None,
+        "latency_ms": checked.get("latency_ms"),
+    }
+
+
+def _summary_table(document: dict[str, Any]) -> str:
+    s = document["summary"]
+    q = document["quantization"]
+    d = document["data"]
+    latency = s.get("latency_ms")
+    latency_text = "-"
+    if latency:
+        latency_text = (f"quantized {latency['quantized']:.3f} ms, float {latency['float']:.3f} ms "
+                        f"(batch {int(latency['batch'])}, ORT CPU)")
+    check_text = "-" if s["check_ok"] is None else ("OK" if s["check_ok"] else "FAILED")
+    onnx = document["onnx"]
+    rows = [
+        ("model", f"{document['model']['spec']} ({document['model']['parameters'] / 1e3:.1f}k parameters)"),
+        ("data", f"{d['spec']} ({d['train_images']} train / {d['val_images']} val, "
+                 f"{d['channels']}x{d['image_size'][0]}x{d['image_size'][1]})"),
+        ("quantization", f"{q['bits']}-bit activations, STE {q['ste']}, alpha {q['alpha']}, "
+                         f"{q['sites_quantized']} site(s)"),
+        ("float accuracy", _pct(s["float_accuracy"])),
+        ("calibrated accuracy", _pct(s["calibrated_accuracy"])),
+        ("quantized accuracy", _pct(s["quantized_accuracy"])),
+        ("ORT accuracy", _pct(s["onnx_accuracy"]) + (f" (PyTorch {_pct(s['torch_accuracy_on_check_samples'])} on "
+                                                    f"the same {s['check_samples']} images)" if s["check_samples"] else "")),
+        ("code parity (per site)", _pct(s["code_parity"])),
+        ("code agreement (end to end)", _pct(s["code_agreement"])),
+        ("top-1 agreement", _pct(s["top1_agreement"])),
+        ("ONNX file", f"{onnx['path']} ({_human_bytes(s['onnx_file_size_bytes'])}, {onnx['form']}, "
+                      f"{onnx['weights']} weights)" if onnx else "-"),
+        ("latency", latency_text),
+        ("ONNX check", check_text),
+        ("time", f"{document['timings_s'].get('total_s', 0.0):.1f} s"),
+    ]
+    return _table("qat-ste convert summary", rows)
+
+
+# =============================================================================================
+# export, check, lists
+# =============================================================================================
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    qmodel, _, val_set = _source_model(args)
+    result = export_onnx(qmodel, Path(args.out).expanduser(), _example_input(val_set), form=args.form,
+                         weights=args.export_weights, opset=args.opset)
+    _out(f"wrote {result.path} ({_human_bytes(result.file_size)}, form {result.form}, {result.weights} weights, "
+         f"opset {result.opset}, {len(result.sites)} quantized site(s))")
+    for note in result.notes:
+        _out(f"note: {note}")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    onnx_path = Path(args.onnx).expanduser()
+    if not onnx_path.is_file():
+        raise QatSteError(f"ONNX file {onnx_path} does not exist", "pass the file qat-ste convert/export wrote")
+    _check_thresholds(args)
+    qmodel, _, val_set = _source_model(args)
+    report = _run_check(qmodel, onnx_path, val_set, args)
+    _out(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if not report.ok:
+        print(f"qat-ste check: {onnx_path} fails the parity thresholds: {'; '.join(report.failures)}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _list_stes(args: argparse.Namespace) -> int:
+    from .ste import get_ste, list_stes
+
+    names = list_stes()
+    width = max(len(n) for n in names)
+    for name in names:
+        _out(f"{name.ljust(width)}  {get_ste(name).description}")
+    return EXIT_OK
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    from .zoo import ZOO_MODELS
+
+    _out("zoo models (--model zoo:NAME):")
+    width = max(len(n) for n in ZOO_MODELS)
+    for name in sorted(ZOO_MODELS):
+        doc = (ZOO_MODELS[name].__doc__ or "").strip().splitlines()
+        _out(f"  {name.ljust(width)}  {doc[0] if doc else ''}")
+    _out("\ntorchvision:NAME  any name of torchvision.models.list_models() (e.g. resnet18, mobilenet_v3_small)")
+    _out("timm:NAME         any name of timm.list_models() (e.g. resnet18, efficientnet_b0), if timm is installed")
+    _out("All are built with random weights for the data's classes and channels; start from a local state dict "
+         "with --weights FILE (nothing is downloaded).")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert": _convert, "export": _export, "check": _check, "list-stes": _list_stes, "list-models": _list_models,
+}
+
+
+# =============================================================================================
+# main
+# =============================================================================================
+
+
+def _fail(problem: str, fix: str | None) -> None:
+    text = f"qat-ste: error: {problem.rstrip('.')}."
+    if fix:
+        text += f" Fix: {fix.rstrip('.')}."
+    print(" ".join(text.split()), file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``qat-ste`` command line; returns the exit code (0 ok, 1 failed check/run, 2 bad input)."""
+    debug = os.environ.get("QAT_STE_DEBUG", "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(list(argv) if argv is not None else None)
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            _check_positive("--threads", threads)
+            import torch
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return COMMANDS[args.command](args)
+            finally:
+                torch.set_num_threads(previous)
+        return COMMANDS[args.command](args)
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0) if not isinstance(stop.code, str) else EXIT_USAGE
+    except QatSteError as error:
+        if debug:
+            raise
+        from .train.engine import TrainingDiverged
+
+        _fail(error.problem, error.fix)
+        return EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qat-ste: interrupted", file=sys.stderr)
+        return 130
+    except ImportError as error:
+        if debug:
+            raise
+        _fail(f"a required package is missing ({error})",
+              "install the extras: pip install 'qat_ste[onnx,timm,data,plot]'")
+        return EXIT_USAGE
+    except (OSError, RuntimeError, ValueError, MemoryError) as error:
+        if debug:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _fail(f"{type(error).__name__}: {first[:400]}",
+              "check the paths and that the model fits the data (e.g. a larger --image-size for deep models); "
+              "set QAT_STE_DEBUG=1 to see the traceback")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Models by name for a data set: ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``.
+
+Models are always built with random weights; pretrained weights come only from a local file
+(:func:`load_weights_file`). Nothing here downloads anything: a request for hub or pretrained
+weights is refused with a message saying how to pass a file instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import QatSteError
+from .checkpoint import CHECKPOINT_FORMAT, describe_state_mismatch
+
+__all__ = [
+    "MODEL_SOURCES", "ModelSpec", "parse_model_spec", "build_model", "default_image_size", "data_options",
+    "load_weights_file", "HUB_WORDS",
+]
+
+MODEL_SOURCES = ("zoo", "torchvision", "timm")
+#: --weights values that ask for downloaded weights (refused: this tool never downloads)
+HUB_WORDS = ("hub", "pretrained", "default", "imagenet", "download", "true", "yes")
+_WEIGHTS_FIX = ("qat-ste never downloads weights: get a state dict file yourself (e.g. on a machine with "
+                "internet: torch.save(torchvision.models.resnet18(weights='DEFAULT').state_dict(), 'r18.pt')) "
+                "and pass it with --weights r18.pt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``source:name`` model reference."""
+
+    source: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse ``zoo:lenet5`` / ``torchvision:resnet18`` / ``timm:resnet18`` (a bare name means zoo).
+    Suffixes such as ``@pretrained`` and hub references are refused."""
+    if not isinstance(text, str) or not text.strip():
+        raise QatSteError("empty model name", "pass e.g. --model zoo:lenet5, torchvision:resnet18 or timm:resnet18")
+    raw = text.strip()
+    if "@" in raw:
+        raise QatSteError(f"model {raw!r} asks for downloaded weights ({raw[raw.index('@'):]})", _WEIGHTS_FIX)
+    source, sep, name = raw.partition(":")
+    if not sep:
+        source, name = "zoo", raw
+    source = source.strip().lower()
+    name = name.strip()
+    if source in ("hf-hub", "hf_hub", "hf", "http", "https", "local-dir"):
+        raise QatSteError(f"model {raw!r} refers to a hub or URL, which qat-ste does not load", _WEIGHTS_FIX)
+    if source not in MODEL_SOURCES:
+        raise QatSteError(f"unknown model source {source!r} in {raw!r}",
+                          "write the model as zoo:NAME, torchvision:NAME or timm:NAME (qat-ste list-models)")
+    if not name or "/" in name or ":" in name:
+        raise QatSteError(f"model name {name!r} in {raw!r} is not a plain model name",
+                          "write e.g. torchvision:resnet18; hub repositories are not loaded")
+    return ModelSpec(source, name)
+
+
+#: data sets whose images have one fixed size (served as they are by default)
+NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
+
+
+def default_image_size(spec: ModelSpec, dataset: str | None = None) -> int:
+    """The input side used when the user gives none: the data set's own for MNIST (28) and
+    CIFAR-10 (32); otherwise 28 for LeNet-5 and 32 for every other model."""
+    name = (dataset or "").partition(":")[0].strip().lower()
+    if name in NATIVE_IMAGE_SIZE:
+        return NATIVE_IMAGE_SIZE[name]
+    return 28 if spec.source == "zoo" and spec.name.lower() == "lenet5" else 32
+
+
+def data_options(dataset: str, image_size: int) -> dict[str, Any]:
+    """``load_dataset`` options that serve ``image_size`` x ``image_size`` images from ``dataset``
+    (the spec's name part), or a QatSteError when that data set cannot be served at that size."""
+    name = dataset.partition(":")[0].strip().lower()
+    if image_size < 4:
+        raise QatSteError(f"--image-size {image_size} is too small", "use e.g. 28 or 32")
+    if name == "digits":
+        return {} if image_size == 8 else {"resize": image_size}
+    if name == "synthetic":
+        return {"size": image_size}
+    if name == "imagefolder":
+        return {"size": image_size}
+    if name == "mnist":
+        if image_size < 28:
+            raise QatSteError(f"MNIST images are 28x28 and cannot be served at {image_size}x{image_size}",
+                              "use --image-size 28 or larger (larger sizes zero-pad)")
+        return {} if image_size == 28 else {"pad_to": image_size}
+    if name == "cifar10":
+        if image_size != 32:
+            raise QatSteError(f"CIFAR-10 images are 32x32, not {image_size}x{image_size}", "use --image-size 32")
+        return {}
+    return {}
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Give the model's first Conv2d ``in_channels`` inputs (a fresh, randomly initialised layer)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.in_channels == in_channels:
+                return
+            if module.groups != 1:
+                raise QatSteError(f"the first convolution {name} is grouped; cannot change its input channels",
+                                  "use data with the model's channel count")
+            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                            module.dilation, 1, module.bias is not None, module.padding_mode)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            return
+    raise QatSteError("the model has no Conv2d layer whose input channels could be adapted",
+                      "use data with the model's channel count")
+
+
+def _unknown_model(spec: ModelSpec, known: list[str]) -> QatSteError:
+    close = difflib.get_close_matches(spec.name, known, n=4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return QatSteError(f"unknown {spec.source} model {spec.name!r}",
+                       f"{hint}qat-ste list-models shows the zoo; torchvision/timm names come from those libraries")
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A randomly initialised ``spec`` model with ``num_classes`` outputs and ``in_channels`` inputs."""
+    if spec.source == "zoo":
+        from ..zoo import ZOO_MODELS, create_zoo_model
+
+        key = spec.name.lower()
+        if key not in ZOO_MODELS:
+            raise _unknown_model(spec, sorted(ZOO_MODELS))
+        kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
+        if _accepts(ZOO_MODELS[key], "image_size"):
+            kwargs["image_size"] = image_size
+        return create_zoo_model(key, **kwargs)
+    if spec.source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if spec.name not in names:
+            raise _unknown_model(spec, names)
+        try:
+            model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes,
+                                                 image_size=image_size)
+        except TypeError:  # only some models (ViT, Swin...) take image_size
+            model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
+        _replace_first_conv(model, in_channels)
+        return model
+    try:
+        import timm
+    except ImportError:
+        raise QatSteError("timm models need the timm package, which is not installed",
+                          "pip install 'qat_ste[timm]' (or timm)") from None
+    if not timm.is_model(spec.name):
+        raise _unknown_model(spec, timm.list_models())
+    base = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    try:
+        return timm.create_model(spec.name, img_size=image_size, **base)
+    except TypeError:  # CNNs take no img_size
+        return timm.create_model(spec.name, **base)
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a local state dict file into ``model``.
+
+    Accepts a plain state dict, a dict holding it under ``state_dict`` / ``model`` /
+    ``model_state_dict``, or a qat_ste training checkpoint. Tensors whose shape differs (e.g. a
+    classifier for another number of classes) are skipped; their names are returned. Raises
+    QatSteError for hub requests, a missing or unreadable file, or when nothing fits.
+    """
+    text = str(path).strip()
+    if text.lower() in HUB_WORDS or text.upper().startswith("IMAGENET") or "://" in text or text.startswith("hf-hub:"):
+        raise QatSteError(f"--weights {text!r} asks for downloaded weights", _WEIGHTS_FIX)
+    file = Path(text).expanduser()
+    if not file.is_file():
+        raise QatSteError(f"weights file {file} does not exist", "pass the path of a local state dict file (.pt/.pth)")
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # many formats and damages raise many types
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise QatSteError(f"cannot read weights file {file}: {first}",
+                          "pass a state dict saved with torch.save(model.state_dict(), path)") from None
+    state = loaded
+    if isinstance(loaded, dict):
+        if loaded.get("format") == CHECKPOINT_FORMAT:
+            state = loaded["model"]
+        else:
+            for key in ("state_dict", "model_state_dict", "model"):
+                if isinstance(loaded.get(key), dict):
+                    state = loaded[key]
+                    break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise QatSteError(f"{file} does not hold a state dict of tensors",
+                          "pass a file saved with torch.save(model.state_dict(), path)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not fitting:
+        raise QatSteError(f"no tensor of {file} fits this model ({describe_state_mismatch(model, state)})",
+                          "pass weights saved from the same architecture")
+    skipped = sorted(k for k in own if k not in fitting)
+    model.load_state_dict(fitting, strict=False)
+    return skipped

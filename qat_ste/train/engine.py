@@ -1,0 +1,1038 @@
+"""The training engine: one plain loop for float and quantized models, on CPU, one GPU or many.
+
+    from qat_ste.train import TrainConfig, train, evaluate
+    result = train(qmodel, train_set, val_set, TrainConfig(epochs=5, lr=0.01, out_dir="runs/x"))
+
+What a run does, in order (in the spirit of torchvision's references/classification/train.py):
+
+1. Pick the device (``auto``: ``cuda:LOCAL_RANK`` if there is a GPU, else CPU) and, under
+   ``torchrun``, join the process group (NCCL on GPU, gloo on CPU). Each rank reads its shard of
+   every epoch through :class:`~qat_ste.train.data.TensorLoader`, so the global batch is
+   ``batch_size x world_size``.
+2. On resume, load model, optimizer, scheduler, grad scaler, loader position, RNG states, history
+   and best metric from ``last.pt``; the run then continues exactly as if never stopped.
+3. Quantized sites whose step alpha is not initialised yet are calibrated on a few training batches
+   (``qat_ste.calibrate`` averages the ranges over ranks, so all ranks start identical).
+4. Optimizer groups: weights with ``weight_decay``; normalisation parameters and the learned steps
+   alpha without decay (``norm_weight_decay`` / ``alpha_weight_decay``, both 0 by default).
+5. Per step: forward (bf16 autocast on CUDA by default), cross-entropy, backward, optional gradient
+   clipping, optimizer step, ``qat_ste.project_alphas``, per-step LR schedule (warmup then
+   multistep / cosine / constant). A non-finite loss stops the run before the update, keeping the
+   last good checkpoint.
+6. Per epoch: evaluation, a history row (CSV or JSON lines, TensorBoard if installed), ``last.pt``
+   and ``best.pt`` (atomic). ``last.pt`` is also written every ``checkpoint_every_steps`` steps and
+   when the run is stopped by Ctrl-C (the first Ctrl-C stops after the current step) or by
+   ``stop_after_steps``.
+7. At the end: a PNG of the curves and a summary table. Only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ContextManager, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import QatSteError
+from ..quantize import alpha_parameters, calibrate, project_alphas, quant_modules
+from .checkpoint import (
+    CHECKPOINT_FORMAT, atomic_save, atomic_write_bytes, capture_rng_state, load_checkpoint, load_model_state,
+    restore_rng_state,
+)
+from .data import TensorImageDataset, TensorLoader
+from .distributed import (
+    DistInfo, all_reduce_sum, barrier, env_world, gather_to_main, resolve_device, setup_distributed,
+    teardown_distributed,
+)
+from .metrics import LOG_FORMATS, MetricsLog, format_table, plot_curves
+
+__all__ = [
+    "TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "parameter_groups",
+    "build_optimizer", "build_scheduler", "lr_factor",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("multistep", "cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AUTO = "auto"
+
+#: normalisation layers whose parameters get ``norm_weight_decay`` (class names containing "Norm"
+#: are treated the same, which covers timm's and most custom norm layers)
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                                nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+# =============================================================================================
+# Configuration and result
+# =============================================================================================
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (plain values only, so it is stored in checkpoints).
+
+    - ``epochs``, ``batch_size`` (per process; the global batch is ``batch_size x world_size``),
+      ``eval_batch_size`` (default: 2 x batch_size), ``drop_last``.
+    - ``optimizer`` (``sgd``/``adamw``), ``lr``, ``momentum``, ``nesterov``, ``weight_decay``,
+      ``norm_weight_decay`` and ``alpha_weight_decay`` (decay of normalisation parameters and
+      learned steps alpha; 0 by default), ``alpha_lr`` (None: ``lr``), ``label_smoothing``,
+      ``grad_clip`` (max global gradient norm, None: off).
+    - ``schedule`` (``cosine``/``multistep``/``constant``, stepped every iteration), ``milestones``
+      (epochs; None: half and three quarters of ``epochs``), ``gamma``, ``warmup_epochs`` (may be
+      fractional; linear warmup from ``warmup_start_factor x lr``).
+    - ``amp``: ``auto`` (bf16 autocast on CUDA, off on CPU), ``bf16``, ``fp16`` (CUDA, with a grad
+      scaler) or ``off``. ``compile`` and ``channels_last``: True/False or ``auto`` (on with CUDA).
+    - ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``. ``seed``.
+    - ``out_dir``: where ``last.pt``, ``best.pt``, the metrics log and ``curves.png`` go (None:
+      write nothing). ``checkpoint_every_steps``: also write ``last.pt`` every N steps (0: only per
+      epoch). ``eval_every``: evaluate every N epochs (and after the last).
+    - ``progress`` (tqdm bar), ``verbose`` (one line per epoch and notes such as calibration or
+      resume), ``log_format`` (``csv``/``jsonl``/``none``), ``tensorboard`` (used if installed),
+      ``plot``, ``print_summary`` (the table at the end).
+    - ``resume``: a checkpoint path, or True for ``out_dir/last.pt``. ``stop_after_steps``: stop
+      (saving ``last.pt``) once this many optimizer steps are done in total, as if interrupted.
+    - ``calibrate_batches``/``calibrate_method``: calibration of still-uninitialised quantizers.
+    - ``sync_bn`` (SyncBatchNorm under DDP), ``find_unused_parameters`` (DDP).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    drop_last: bool = False
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    norm_weight_decay: float = 0.0
+    alpha_weight_decay: float = 0.0
+    alpha_lr: float | None = None
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+    amp: str = AUTO
+    compile: bool | str = AUTO
+    channels_last: bool | str = AUTO
+    device: str = AUTO
+    seed: int = 0
+    out_dir: str | None = None
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0
+    progress: bool = True
+    verbose: bool = True
+    log_format: str = "csv"
+    tensorboard: bool = True
+    plot: bool = True
+    print_summary: bool = True
+    resume: str | bool | None = None
+    stop_after_steps: int | None = None
+    calibrate_batches: int = 4
+    calibrate_method: str = "mse"
+    sync_bn: bool = False
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            self.out_dir = str(self.out_dir)
+        if isinstance(self.resume, Path):
+            self.resume = str(self.resume)
+        if self.milestones is not None:
+            self.milestones = tuple(int(m) for m in self.milestones)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        if self.eval_batch_size is not None:
+            _check_int("eval_batch_size", self.eval_batch_size, 1)
+        _check_int("eval_every", self.eval_every, 1)
+        _check_int("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        _check_int("calibrate_batches", self.calibrate_batches, 1)
+        if self.stop_after_steps is not None:
+            _check_int("stop_after_steps", self.stop_after_steps, 1)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("log_format", self.log_format, LOG_FORMATS)
+        for name in ("compile", "channels_last"):
+            if getattr(self, name) not in (True, False, AUTO):
+                raise QatSteError(f"{name}={getattr(self, name)!r} is not valid", f"use True, False or '{AUTO}'")
+        for name in ("lr", "momentum", "weight_decay", "norm_weight_decay", "alpha_weight_decay", "gamma",
+                     "warmup_epochs", "label_smoothing"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise QatSteError(f"{name}={value!r} must be a finite number >= 0", f"pass e.g. {name}=0.1")
+        if self.lr <= 0:
+            raise QatSteError(f"lr={self.lr} must be > 0", "pass a positive learning rate, e.g. lr=0.05")
+        if self.alpha_lr is not None and not (isinstance(self.alpha_lr, (int, float)) and self.alpha_lr > 0):
+            raise QatSteError(f"alpha_lr={self.alpha_lr!r} must be > 0 or None", "pass e.g. alpha_lr=0.01, or None")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise QatSteError(f"grad_clip={self.grad_clip!r} must be > 0 or None", "pass e.g. grad_clip=5.0")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise QatSteError(f"warmup_start_factor={self.warmup_start_factor} must be in (0, 1]", "use e.g. 0.1")
+        if self.label_smoothing >= 1:
+            raise QatSteError(f"label_smoothing={self.label_smoothing} must be < 1", "use e.g. 0.1")
+        if self.milestones is not None and any(m < 1 for m in self.milestones):
+            raise QatSteError(f"milestones {self.milestones} must be epochs >= 1", "pass e.g. milestones=(30, 60)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (what checkpoints store)."""
+        out = asdict(self)
+        out["milestones"] = list(self.milestones) if self.milestones is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from :meth:`to_dict` output (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise QatSteError(f"{name}={value!r} must be an integer >= {minimum}", f"pass e.g. {name}={max(minimum, 1)}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise QatSteError(f"unknown {name} {value!r}", f"use one of: {', '.join(choices)}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``history`` has one dict per epoch (see metrics.HISTORY_COLUMNS)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    final_val_accuracy: float | None = None
+    final_val_loss: float | None = None
+    final_train_loss: float | None = None
+    final_train_accuracy: float | None = None
+    epochs_completed: int = 0
+    steps: int = 0
+    images_per_s: float = 0.0
+    train_time_s: float = 0.0
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    metrics_path: str | None = None
+    plot_path: str | None = None
+    stopped_early: bool = False
+    stop_reason: str = ""
+    device: str = "cpu"
+    world_size: int = 1
+    amp: str = "off"
+    compiled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (for JSON reports)."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """The summary table printed at the end of a run."""
+        best = None if self.best_val_accuracy is None else f"{self.best_val_accuracy:.4f} (epoch {self.best_epoch})"
+        rows = [
+            ("epochs completed", self.epochs_completed), ("optimizer steps", self.steps),
+            ("final train loss", self.final_train_loss), ("final train accuracy", self.final_train_accuracy),
+            ("final val loss", self.final_val_loss), ("final val accuracy", self.final_val_accuracy),
+            ("best val accuracy", best), ("images/s (train)", round(self.images_per_s, 1)),
+            ("train time (s)", round(self.train_time_s, 1)),
+            ("device", f"{self.device} x {self.world_size}" if self.world_size > 1 else self.device),
+            ("amp / compiled", f"{self.amp} / {'yes' if self.compiled else 'no'}"),
+            ("last checkpoint", self.last_checkpoint), ("best checkpoint", self.best_checkpoint),
+            ("metrics", self.metrics_path), ("curves", self.plot_path),
+        ]
+        if self.stopped_early:
+            rows.append(("stopped early", self.stop_reason))
+        return format_table(rows, title="training summary")
+
+
+class TrainingDiverged(QatSteError):
+    """The loss (or a gradient norm, or a weight) became NaN or infinite; the run stopped."""
+
+    def __init__(self, problem: str, fix: str, *, step: int, last_checkpoint: str | None) -> None:
+        super().__init__(problem, fix)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+# =============================================================================================
+# Optimizer and schedule
+# =============================================================================================
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in up to three optimizer groups, each with a ``name``: ``weights``
+    (``weight_decay``), ``norm`` (parameters of normalisation layers, ``norm_weight_decay``) and
+    ``alpha`` (learned quantizer steps, ``alpha_weight_decay`` and ``alpha_lr``)."""
+    alpha_ids = {id(p) for p in alpha_parameters(model)}
+    norm_ids = {id(p) for m in model.modules() if _is_norm_module(m) for p in m.parameters(recurse=False)}
+    groups: dict[str, list[nn.Parameter]] = {"weights": [], "norm": [], "alpha": []}
+    seen: set[int] = set()
+    for _, parameter in model.named_parameters():
+        if not parameter.requires_grad or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        key = "alpha" if id(parameter) in alpha_ids else "norm" if id(parameter) in norm_ids else "weights"
+        groups[key].append(parameter)
+    settings = {
+        "weights": {"weight_decay": config.weight_decay},
+        "norm": {"weight_decay": config.norm_weight_decay},
+        "alpha": {"weight_decay": config.alpha_weight_decay,
+                  **({"lr": config.alpha_lr} if config.alpha_lr is not None else {})},
+    }
+    out = [{"params": params, "name": key, **settings[key]} for key, params in groups.items() if params]
+    if not out:
+        raise QatSteError("the model has no trainable parameters (requires_grad is False everywhere)",
+                          "unfreeze some parameters before training")
+    return out
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW over :func:`parameter_groups`."""
+    groups = parameter_groups(model, config)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """The LR multiplier for optimizer step ``step`` (0-based): linear warmup over
+    ``warmup_epochs``, then the schedule (multistep by epoch, cosine to 0 over the remaining
+    steps, or constant)."""
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return config.warmup_start_factor + (1.0 - config.warmup_start_factor) * step / warmup
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "multistep":
+        milestones = config.milestones
+        if milestones is None:
+            milestones = tuple(sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)}))
+        epoch = step // steps_per_epoch
+        return config.gamma ** sum(1 for m in milestones if epoch >= m)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The class scores of a model's output (a tensor, a tuple whose first item they are, or an
+    object/dict with ``logits``), e.g. GoogLeNet's training-mode namedtuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise QatSteError(f"the model returned {type(output).__name__}, not class scores",
+                      "train a classifier whose forward returns a tensor of logits (N x classes)")
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (bf16/fp16 autocast outputs are upcast)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _autocast(device: torch.device, amp: str) -> ContextManager:
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def _input_dtype(model: nn.Module, amp: str) -> torch.dtype | None:
+    """The dtype float inputs are cast to: the model's own when it is not float32 (e.g. a model
+    converted with .double()) and autocast is off; None keeps the inputs as they are."""
+    if amp != "off":
+        return None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return None if dtype == torch.float32 else dtype
+
+
+def _prepare_inputs(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    channels_last: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if dtype is not None and images.is_floating_point():
+        images = images.to(dtype)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _eval_batches(data: Any, batch_size: int, device: torch.device, rank: int, world: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, TensorImageDataset):
+        indices = torch.arange(rank, len(data), world)  # each rank its share, no padding
+        for start in range(0, len(indices), batch_size):
+            yield data.get_batch(indices[start:start + batch_size], None, device)
+    elif isinstance(data, TensorLoader):
+        position = data.state_dict()
+        try:
+            yield from data
+        finally:
+            data.load_state_dict(position)
+    else:
+        for batch in data:
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise QatSteError("evaluate() needs batches of (images, labels)",
+                                  "pass a TensorImageDataset, a TensorLoader or a DataLoader of (x, y)")
+            yield batch[0], batch[1]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: TensorImageDataset | TensorLoader | Iterable[Any],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    *,
+    amp: str = "off",
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Mean cross-entropy ``loss``, top-1 ``accuracy`` and the number of images ``n``.
+
+    ``data``: a TensorImageDataset (under an initialised process group each rank takes every
+    world-th image and the sums are reduced, so the result covers the whole set exactly once), a
+    TensorLoader, or any iterable of (images, labels). ``device``: default the model's. The
+    model's train/eval mode is restored afterwards.
+    """
+    _check_int("batch_size", batch_size, 1)
+    target = resolve_device(device) if device is not None else _model_device(model)
+    _check_choice("amp", amp, AMP_MODES)
+    amp = "off" if amp == AUTO else amp
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=target)
+    dtype = _input_dtype(model, amp)
+    try:
+        for images, labels in _eval_batches(data, batch_size, target, rank, world):
+            images, labels = _prepare_inputs(images, labels, target, channels_last, dtype)
+            with _autocast(target, amp):
+                logits = _logits(model(images))
+            sums[0] += F.cross_entropy(_upcast(logits), labels, reduction="sum").double()
+            sums[1] += (logits.argmax(1) == labels).sum().double()
+            sums[2] += labels.numel()
+    finally:
+        model.train(was_training)
+    if distributed:
+        sums = all_reduce_sum(sums)
+    loss, correct, n = sums.tolist()
+    if n == 0:
+        raise QatSteError("evaluate() got no images", "pass a non-empty data set")
+    return {"loss": loss / n, "accuracy": correct / n, "n": int(n)}
+
+
+# =============================================================================================
+# Ctrl-C: stop after the current step
+# =============================================================================================
+
+
+class _StopRequest:
+    """While active (main thread only), the first SIGINT asks the loop to stop after the current
+    step (it then saves last.pt); a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+
+# =============================================================================================
+# The run
+# =============================================================================================
+
+
+@dataclass
+class _EpochMeter:
+    """Sums over the current epoch's steps (global over ranks)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class _Run:
+    """Everything a running training loop holds."""
+
+    config: TrainConfig
+    model: nn.Module  # the module as given (what checkpoints store)
+    step_model: nn.Module  # DDP and/or compiled wrapper used for training steps
+    eager_model: nn.Module  # the model or its DDP wrapper, never compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    loader: TensorLoader
+    val_data: Any
+    dist: DistInfo
+    device: torch.device
+    amp: str
+    channels_last: bool
+    compiled: bool
+    out_dir: Path | None
+    metadata: dict[str, Any]
+    criterion: nn.Module
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    meter: _EpochMeter = field(default_factory=_EpochMeter)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    last_checkpoint: Path | None = None
+    train_images: float = 0.0
+    train_time_s: float = 0.0
+    compile_verified: bool = False
+    input_dtype: torch.dtype | None = None
+
+    @property
+    def files(self) -> bool:
+        return self.out_dir is not None and self.dist.is_main
+
+
+def _resolve_flags(config: TrainConfig, device: torch.device) -> tuple[str, bool, bool]:
+    cuda = device.type == "cuda"
+    amp = config.amp
+    if amp == AUTO:
+        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"
+    if amp == "fp16" and not cuda:
+        raise QatSteError("amp='fp16' needs a CUDA device", "use amp='off' (or 'bf16') on CPU")
+    compile_ = cuda if config.compile == AUTO else bool(config.compile)
+    channels_last = cuda if config.channels_last == AUTO else bool(config.channels_last)
+    return amp, compile_, channels_last
+
+
+def _as_train_loader(data: Any, config: TrainConfig, info: DistInfo, device: torch.device) -> TensorLoader:
+    if isinstance(data, TensorLoader):
+        if (data.rank, data.world_size) != (info.rank, info.world_size):
+            raise QatSteError(
+                f"the TensorLoader is set up for rank {data.rank} of {data.world_size}, but this process is "
+                f"rank {info.rank} of {info.world_size}",
+                "pass the TensorImageDataset itself and let train() shard it, or build the loader with "
+                "rank=RANK, world_size=WORLD_SIZE",
+            )
+        return data
+    if isinstance(data, TensorImageDataset):
+        return TensorLoader(data, config.batch_size, shuffle=True, seed=config.seed, drop_last=config.drop_last,
+                            rank=info.rank, world_size=info.world_size, device=device)
+    raise QatSteError(
+        f"train() needs the training data as a TensorImageDataset or TensorLoader, got {type(data).__name__}",
+        "load it with qat_ste.train.data.load_dataset(spec, 'train') (or wrap your tensors in "
+        "TensorImageDataset(images_uint8, labels, info))",
+    )
+
+
+def _uninitialised_sites(model: nn.Module) -> list[str]:
+    return [name for name, m in quant_modules(model) if not m._initialized]
+
+
+def _calibrate_if_needed(model: nn.Module, train_data: Any, config: TrainConfig, info: DistInfo,
+                         device: torch.device, say: Any) -> None:
+    missing = _uninitialised_sites(model)
+    if not missing:
+        return
+    dataset = train_data.dataset if isinstance(train_data, TensorLoader) else train_data
+    loader = TensorLoader(dataset.with_augment(False), config.batch_size, shuffle=True, seed=config.seed + 7919,
+                          rank=info.rank, world_size=info.world_size, device=device)
+    say(f"calibrating {len(missing)} quantized site(s) on {min(config.calibrate_batches, len(loader))} "
+        f"batch(es) ({config.calibrate_method})")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    batches = (images.to(dtype) for images, _ in loader)
+    calibrate(model, batches, config.calibrate_method, num_batches=config.calibrate_batches)
+
+
+def _wrap_model(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device,
+                compile_: bool) -> tuple[nn.Module, nn.Module]:
+    """(model for training steps, its uncompiled form): DDP under torchrun, then torch.compile."""
+    eager = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        eager = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+    return (torch.compile(eager) if compile_ else eager), eager
+
+
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, say: Any) -> None:
+    keys = ("epochs", "batch_size", "optimizer", "lr", "schedule", "milestones", "warmup_epochs", "seed",
+            "weight_decay", "momentum", "amp", "grad_clip")
+    current = config.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if k in saved and saved[k] != current[k]]
+    if changed:
+        warnings.warn("resuming with settings that differ from the checkpoint's, so the run will not match an "
+                      "uninterrupted one: " + "; ".join(changed), stacklevel=4)
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    if config.resume is None or config.resume is False:
+        return None
+    if config.resume is True:
+        if config.out_dir is None:
+            raise QatSteError("resume=True needs out_dir (it resumes from out_dir/last.pt)",
+                              "set out_dir, or pass resume= the checkpoint path")
+        return Path(config.out_dir) / "last.pt"
+    return Path(str(config.resume)).expanduser()
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain Python (what a weights-only checkpoint can hold); Paths become strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise QatSteError(f"{where} holds a {type(value).__name__}; checkpoints store only plain values",
+                      "pass strings, numbers, booleans, lists and dicts of them")
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def _save_checkpoint(run: _Run, epoch_done: bool, best: bool = False) -> None:
+    """Write last.pt (and best.pt) on rank 0; every rank must call it (RNG states are gathered)."""
+    if run.out_dir is None:
+        return
+    if not _params_finite(run.model):
+        raise _diverged(run, "a weight became NaN or infinite")
+    rng_states = gather_to_main(capture_rng_state(), run.dist)
+    if not run.files:
+        return
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rng_states,
+        "epoch": run.epoch,
+        "epoch_done": epoch_done,
+        "step": run.step,
+        "loader": run.loader.state_dict(),
+        "epoch_meter": run.meter.to_dict(),
+        "history": run.history,
+        "best_metric": run.best_metric,
+        "best_epoch": run.best_epoch,
+        "train_images": run.train_images,
+        "train_time_s": run.train_time_s,
+        "config": run.config.to_dict(),
+        "metadata": run.metadata,
+        "world_size": run.dist.world_size,
+        "torch_version": str(torch.__version__),
+    }
+    last = run.out_dir / "last.pt"
+    atomic_save(state, last)
+    run.last_checkpoint = last
+    if best:
+        atomic_write_bytes(run.out_dir / "best.pt", last.read_bytes())
+
+
+def _diverged(run: _Run, what: str) -> TrainingDiverged:
+    kept = str(run.last_checkpoint) if run.last_checkpoint is not None else None
+    where = f"at epoch {run.epoch + 1}, step {run.step + 1}"
+    kept_text = (f"the last good checkpoint {kept} is kept" if kept else
+                 "no checkpoint was written before it" if run.out_dir is not None else "no out_dir was set")
+    return TrainingDiverged(
+        f"training stopped: {what} {where}; {kept_text}",
+        "lower the learning rate (lr), add warmup (warmup_epochs) or gradient clipping (grad_clip), or check "
+        "the data for NaNs; then resume from the checkpoint with the new settings or start afresh",
+        step=run.step, last_checkpoint=kept)
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise QatSteError(f"the checkpoint's optimizer/scheduler state does not fit this run ({error})",
+                          "resume with the same model and optimizer settings as the interrupted run") from None
+    run.loader.load_state_dict(state["loader"])
+    run.epoch = int(state["epoch"])
+    run.step = int(state["step"])
+    run.history = list(state.get("history") or [])
+    run.meter = _EpochMeter(**state["epoch_meter"]) if not state.get("epoch_done") else _EpochMeter()
+    run.best_metric = state.get("best_metric")
+    run.best_epoch = state.get("best_epoch")
+    run.train_images = float(state.get("train_images", 0.0))
+    run.train_time_s = float(state.get("train_time_s", 0.0))
+    rng = state.get("rng") or []
+    if rng:
+        restore_rng_state(rng[run.dist.rank] if run.dist.rank < len(rng) else rng[0])
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
+                ) -> tuple[list[float], bool]:
+    """One optimizer step. Returns the global (loss sum, correct, count) and whether any rank asked
+    to stop (read after the backward pass, so a Ctrl-C during this step stops after it). Raises
+    TrainingDiverged (before updating the weights) on a non-finite loss or gradient norm."""
+    images, labels = _prepare_inputs(images, labels, run.device, run.channels_last, run.input_dtype)
+    run.optimizer.zero_grad(set_to_none=True)
+    with _autocast(run.device, run.amp):
+        logits = _logits(run.step_model(images))
+    loss = run.criterion(_upcast(logits), labels)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    grad_norm = None
+    if run.config.grad_clip is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    n = labels.numel()
+    exact = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+    zero = torch.zeros((), dtype=exact, device=loss.device)
+    stats = torch.stack([
+        loss.detach().to(exact) * n,
+        (logits.detach().argmax(1) == labels).sum().to(exact),
+        zero + n,
+        zero + (1.0 if stop.requested else 0.0),
+        grad_norm.detach().to(exact) if grad_norm is not None and run.scaler is None else zero,
+    ])
+    values = all_reduce_sum(stats).tolist()
+    if not math.isfinite(values[0]):
+        raise _diverged(run, f"the loss became {values[0]}")
+    if not math.isfinite(values[4]):
+        raise _diverged(run, f"the gradient norm became {values[4]}")
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    project_alphas(run.model)
+    run.scheduler.step()
+    run.step += 1
+    return values[:3], values[3] > 0
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _checked_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
+                  ) -> tuple[list[float], bool]:
+    """A training step; if torch.compile fails on the very first one, warn and continue eagerly."""
+    if not run.compiled or run.compile_verified:
+        return _train_step(run, images, labels, stop)
+    try:
+        out = _train_step(run, images, labels, stop)
+    except Exception as error:  # only compiler failures are handled; anything else propagates
+        if not _is_compile_error(error):
+            raise
+        warnings.warn(f"torch.compile failed on this model ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                      "training continues without compiling (pass compile=False to skip the attempt)",
+                      stacklevel=2)
+        run.step_model, run.compiled = run.eager_model, False
+        out = _train_step(run, images, labels, stop)
+    run.compile_verified = True
+    return out
+
+
+def _progress_bar(run: _Run) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(run.loader), initial=run.loader.batch_index, leave=False, dynamic_ncols=True,
+                desc=f"epoch {run.epoch + 1}/{run.config.epochs}",
+                disable=not (run.config.progress and run.dist.is_main), unit="batch")
+
+
+def _train_one_epoch(run: _Run, stop: _StopRequest, say: Any) -> str:
+    """Run the rest of the current epoch. Returns '' when it completed, else why it stopped."""
+    run.step_model.train()
+    run.loader.set_epoch(run.epoch)
+    if run.loader.batch_index >= len(run.loader):  # saved right after the epoch's last step
+        return ""
+    bar = _progress_bar(run)
+    every = run.config.checkpoint_every_steps
+    try:
+        tick = time.perf_counter()
+        for images, labels in run.loader:
+            (loss_sum, correct, count), stop_now = _checked_step(run, images, labels, stop)
+            now = time.perf_counter()
+            run.meter.time_s += now - tick
+            run.meter.loss_sum += loss_sum
+            run.meter.correct += correct
+            run.meter.count += count
+            run.train_images += count
+            run.train_time_s += now - tick
+            bar.update(1)
+            if bar.n % 5 == 0 or bar.n == bar.total:
+                bar.set_postfix(loss=f"{run.meter.loss_sum / run.meter.count:.4f}",
+                                acc=f"{run.meter.correct / run.meter.count:.3f}",
+                                img_s=f"{run.meter.count / max(run.meter.time_s, 1e-9):.0f}", refresh=False)
+            reason = ""
+            if stop_now:
+                reason = "interrupted (Ctrl-C)"
+            elif run.config.stop_after_steps is not None and run.step >= run.config.stop_after_steps:
+                reason = f"stop_after_steps={run.config.stop_after_steps}"
+            if reason:
+                _save_checkpoint(run, epoch_done=False)
+                return reason
+            last_batch = run.loader.batch_index >= len(run.loader)
+            if every and run.step % every == 0 and not last_batch:
+                _save_checkpoint(run, epoch_done=False)
+            tick = time.perf_counter()
+        return ""
+    finally:
+        bar.close()
+
+
+def _finish_epoch(run: _Run, log: MetricsLog | None, say: Any) -> None:
+    config = run.config
+    epoch = run.epoch
+    evaluate_now = run.val_data is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs)
+    val = None
+    if evaluate_now:
+        val = evaluate(run.model, run.val_data, config.eval_batch_size or 2 * config.batch_size, run.device,
+                       amp=run.amp, channels_last=run.channels_last)
+    meter = run.meter
+    row = {
+        "epoch": epoch + 1,
+        "step": run.step,
+        "lr": float(run.optimizer.param_groups[0]["lr"]),
+        "train_loss": meter.loss_sum / meter.count if meter.count else None,
+        "train_accuracy": meter.correct / meter.count if meter.count else None,
+        "val_loss": val["loss"] if val else None,
+        "val_accuracy": val["accuracy"] if val else None,
+        "images_per_s": meter.count / meter.time_s if meter.time_s > 0 else None,
+        "epoch_time_s": meter.time_s,
+    }
+    run.history.append(row)
+    if run.val_data is not None:
+        metric = row["val_accuracy"]
+    else:
+        metric = -row["train_loss"] if row["train_loss"] is not None else None
+    improved = metric is not None and (run.best_metric is None or metric > run.best_metric)
+    if improved:
+        run.best_metric, run.best_epoch = metric, epoch + 1
+    run.epoch = epoch + 1
+    run.meter = _EpochMeter()
+    _save_checkpoint(run, epoch_done=True, best=improved)
+    if log is not None:
+        log.append(row)
+    parts = [f"epoch {row['epoch']}/{config.epochs}", f"lr {row['lr']:.3g}"]
+    if row["train_loss"] is not None:
+        parts.append(f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}")
+    if val:
+        parts.append(f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
+    if row["images_per_s"]:
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+    say("  ".join(parts))
+
+
+def _result(run: _Run, stop_reason: str, metrics_path: Path | None, plot_path: Path | None) -> TrainResult:
+    evaluated = [r for r in run.history if r.get("val_accuracy") is not None]
+    last = run.history[-1] if run.history else {}
+    best_val = None
+    if evaluated:
+        best_val = max(r["val_accuracy"] for r in evaluated)
+    best_ckpt = run.out_dir / "best.pt" if run.out_dir is not None and (run.out_dir / "best.pt").exists() else None
+    return TrainResult(
+        history=[dict(r) for r in run.history],
+        best_val_accuracy=best_val,
+        best_epoch=run.best_epoch if run.val_data is not None else None,
+        final_val_accuracy=evaluated[-1]["val_accuracy"] if evaluated else None,
+        final_val_loss=evaluated[-1]["val_loss"] if evaluated else None,
+        final_train_loss=last.get("train_loss"),
+        final_train_accuracy=last.get("train_accuracy"),
+        epochs_completed=run.epoch,
+        steps=run.step,
+        images_per_s=run.train_images / run.train_time_s if run.train_time_s > 0 else 0.0,
+        train_time_s=run.train_time_s,
+        last_checkpoint=str(run.last_checkpoint) if run.last_checkpoint is not None else None,
+        best_checkpoint=str(best_ckpt) if best_ckpt is not None else None,
+        metrics_path=str(metrics_path) if metrics_path is not None else None,
+        plot_path=str(plot_path) if plot_path is not None else None,
+        stopped_early=bool(stop_reason),
+        stop_reason=stop_reason,
+        device=str(run.device),
+        world_size=run.dist.world_size,
+        amp=run.amp,
+        compiled=run.compiled,
+    )
+
+
+def train(
+    model: nn.Module,
+    train_data: TensorImageDataset | TensorLoader,
+    val_data: TensorImageDataset | TensorLoader | None = None,
+    config: TrainConfig | None = None,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` (float, or returned by ``qat_ste.quantize``) in place; see the module doc.
+
+    ``train_data``: a TensorImageDataset (shuffled and sharded here) or a TensorLoader; ``val_data``
+    (optional) is evaluated every ``config.eval_every`` epochs. ``metadata`` (plain values) is
+    stored in the checkpoints, e.g. what is needed to rebuild the model. Under ``torchrun`` the
+    same call trains with DistributedDataParallel. Raises :class:`TrainingDiverged` on a non-finite
+    loss, QatSteError on bad settings or an unreadable checkpoint.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise QatSteError(f"config must be a TrainConfig, got {type(config).__name__}",
+                          "pass qat_ste.train.TrainConfig(...)")
+    if not isinstance(model, nn.Module):
+        raise QatSteError(f"train() takes a torch.nn.Module, got {type(model).__name__}", "pass the model object")
+    device = resolve_device(config.device, env_world()[2])
+    info = setup_distributed(device)
+    try:
+        return _train(model, train_data, val_data, config, metadata or {}, info, device)
+    finally:
+        teardown_distributed(info)
+
+
+def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, metadata: dict[str, Any],
+           info: DistInfo, device: torch.device) -> TrainResult:
+    def say(message: str) -> None:
+        if info.is_main and config.verbose:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    amp, compile_, channels_last = _resolve_flags(config, device)
+    out_dir = Path(config.out_dir).expanduser() if config.out_dir is not None else None
+    resume_from = _resume_path(config)
+    state = load_checkpoint(resume_from) if resume_from is not None else None
+
+    torch.manual_seed(config.seed + info.rank)
+    np.random.seed((config.seed + info.rank) % 2 ** 32)
+    random.seed(config.seed + info.rank)
+
+    loader = _as_train_loader(train_data, config, info, device)
+    if val_data is not None and not isinstance(val_data, (TensorImageDataset, TensorLoader)):
+        raise QatSteError(f"val_data must be a TensorImageDataset or TensorLoader, got {type(val_data).__name__}",
+                          "load it with qat_ste.train.data.load_dataset(spec, 'val')")
+    model.to(device)
+    if state is not None:
+        _check_resume_config(state.get("config", {}), config, say)
+        load_model_state(model, state["model"], f"checkpoint {resume_from}",
+                         "resume with the same model (and quantization settings) as the interrupted run")
+        model.to(device)
+    else:
+        _calibrate_if_needed(model, loader, config, info, device, say)
+    if config.sync_bn and info.distributed:
+        if device.type != "cuda":
+            raise QatSteError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)",
+                              "turn sync_bn off for CPU runs")
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if converted is not model:
+            raise QatSteError("sync_bn cannot convert a model that is itself a BatchNorm layer",
+                              "wrap it in a module or turn sync_bn off")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, len(loader))
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    step_model, eager_model = _wrap_model(model, config, info, device, compile_)
+    run = _Run(config=config, model=model, step_model=step_model, eager_model=eager_model,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader, val_data=val_data,
+               dist=info, device=device, amp=amp, channels_last=channels_last, compiled=compile_,
+               out_dir=out_dir, metadata=_plain(metadata, "metadata"),
+               criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
+    run.input_dtype = _input_dtype(model, amp)
+    if state is not None:
+        _restore(run, state)
+        run.last_checkpoint = resume_from
+        say(f"resumed from {resume_from}: epoch {run.epoch + 1}, step {run.step}")
+
+    log = None
+    if run.files:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(out_dir, config.log_format, tensorboard=config.tensorboard)
+        log.restart(run.history)
+    stop_reason = ""
+    try:
+        with _StopRequest() as stop:
+            while run.epoch < config.epochs:
+                stop_reason = _train_one_epoch(run, stop, say)
+                if stop_reason:
+                    say(f"stopped ({stop_reason}) at step {run.step}; resume from {run.last_checkpoint}")
+                    break
+                _finish_epoch(run, log, say)
+    finally:
+        if log is not None:
+            log.close()
+    plot_path = None
+    if run.files and config.plot:
+        plot_path = plot_curves(run.history, out_dir / "curves.png", title=str(metadata.get("title", "")))
+    barrier(info)
+    result = _result(run, stop_reason, log.path if log is not None else None, plot_path)
+    if info.is_main and config.print_summary:
+        from tqdm.auto import tqdm
+
+        tqdm.write(result.table())
+    return result

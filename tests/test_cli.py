@@ -186,3 +186,27 @@ def test_convert_under_torchrun_with_two_cpu_processes(tmp_path):
     assert report["world_size"] == 2 and report["summary"]["check_ok"] is True
     assert run.stdout.count("qat-ste convert summary") == 1  # printed by rank 0 only
     assert load_checkpoint(out / "qat" / "last.pt")["world_size"] == 2
+
+
+def test_weights_file_loads_the_tensors_that_fit(tmp_path):
+    from qat_ste.train.build import load_weights_file
+    from qat_ste.zoo import create_zoo_model
+
+    source = create_zoo_model("lenet5", num_classes=5)
+    path = tmp_path / "lenet5_5cls.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)  # a DDP save
+    target = create_zoo_model("lenet5", num_classes=10)
+    skipped = load_weights_file(target, path)
+    assert skipped == ["fc3.bias", "fc3.weight"]  # the classifier for another number of classes
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+
+
+def test_torchvision_and_timm_models_are_built_for_the_data():
+    from qat_ste.train.build import build_model, parse_model_spec
+
+    resnet = build_model(parse_model_spec("torchvision:resnet18"), num_classes=7, in_channels=1, image_size=32)
+    assert resnet.conv1.in_channels == 1 and resnet.fc.out_features == 7
+    assert resnet(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    pytest.importorskip("timm")
+    net = build_model(parse_model_spec("timm:resnet10t"), num_classes=3, in_channels=1, image_size=32)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 3)

@@ -105,6 +105,8 @@ def test_evaluate_restores_mode_and_counts(synthetic):
     again = evaluate(model, batches)
     assert again["n"] == 256 and again["accuracy"] == pytest.approx(out["accuracy"])
     assert again["loss"] == pytest.approx(out["loss"], rel=1e-5)
+    augmented = evaluate(model, synthetic[1].with_augment(True), batch_size=100)
+    assert augmented == out  # evaluation never augments
 
 
 # ---- parameter groups and weight decay ----------------------------------------------------------

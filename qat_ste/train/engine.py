@@ -403,6 +403,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _eval_batches(data: Any, batch_size: int, device: torch.device, rank: int, world: int
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, TensorImageDataset):
+        data = data.with_augment(False) if data.augment else data  # never evaluate augmented images
         indices = torch.arange(rank, len(data), world)  # each rank its share, no padding
         for start in range(0, len(indices), batch_size):
             yield data.get_batch(indices[start:start + batch_size], None, device)
@@ -434,13 +435,15 @@ def evaluate(
 
     ``data``: a TensorImageDataset (under an initialised process group each rank takes every
     world-th image and the sums are reduced, so the result covers the whole set exactly once), a
-    TensorLoader, or any iterable of (images, labels). ``device``: default the model's. The
-    model's train/eval mode is restored afterwards.
+    TensorLoader, or any iterable of (images, labels). A data set's augmentation is not applied.
+    ``device``: default the model's. ``amp``: ``off`` (default), ``bf16``, ``fp16`` or ``auto``
+    (bf16 on CUDA). The model's train/eval mode is restored afterwards.
     """
     _check_int("batch_size", batch_size, 1)
     target = resolve_device(device) if device is not None else _model_device(model)
     _check_choice("amp", amp, AMP_MODES)
-    amp = "off" if amp == AUTO else amp
+    if amp == AUTO:
+        amp = "bf16" if target.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -618,7 +621,8 @@ def _wrap_model(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
     return (torch.compile(eager) if compile_ else eager), eager
 
 
-def _check_resume_config(saved: dict[str, Any], config: TrainConfig, say: Any) -> None:
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Warn when settings that shape the run differ from the checkpoint's."""
     keys = ("epochs", "batch_size", "optimizer", "lr", "schedule", "milestones", "warmup_epochs", "seed",
             "weight_decay", "momentum", "amp", "grad_clip")
     current = config.to_dict()
@@ -808,7 +812,7 @@ def _progress_bar(run: _Run) -> Any:
                 disable=not (run.config.progress and run.dist.is_main), unit="batch")
 
 
-def _train_one_epoch(run: _Run, stop: _StopRequest, say: Any) -> str:
+def _train_one_epoch(run: _Run, stop: _StopRequest) -> str:
     """Run the rest of the current epoch. Returns '' when it completed, else why it stopped."""
     run.step_model.train()
     run.loader.set_epoch(run.epoch)
@@ -977,7 +981,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
                           "load it with qat_ste.train.data.load_dataset(spec, 'val')")
     model.to(device)
     if state is not None:
-        _check_resume_config(state.get("config", {}), config, say)
+        _check_resume_config(state.get("config", {}), config)
         load_model_state(model, state["model"], f"checkpoint {resume_from}",
                          "resume with the same model (and quantization settings) as the interrupted run")
         model.to(device)
@@ -1018,9 +1022,11 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     try:
         with _StopRequest() as stop:
             while run.epoch < config.epochs:
-                stop_reason = _train_one_epoch(run, stop, say)
+                stop_reason = _train_one_epoch(run, stop)
                 if stop_reason:
-                    say(f"stopped ({stop_reason}) at step {run.step}; resume from {run.last_checkpoint}")
+                    where = (f"resume from {run.last_checkpoint}" if run.last_checkpoint is not None
+                             else "no checkpoint was written (no out_dir)")
+                    say(f"stopped ({stop_reason}) at step {run.step}; {where}")
                     break
                 _finish_epoch(run, log, say)
     finally:

@@ -1,0 +1,407 @@
+"""check_onnx(): does an exported file compute what the PyTorch model computes?
+
+Figures (each names the ONNX Runtime options it used, see ``CheckReport.options``):
+
+- per-site code parity: every site's quantizer gets the SAME input ``u`` in both runtimes (ORT's
+  own upstream value, exposed as an extra graph output) and must give identical codes and
+  dequantized values. This is exact; anything below 100 % is a failure.
+- end-to-end code agreement: ORT's codes against PyTorch's, each runtime computing everything
+  upstream itself. Float convolutions accumulate in a different order, so a few codes near a
+  rounding boundary differ; a tolerance applies (``min_code_agreement``). With int8 weights in
+  the file (the PyTorch model keeps float weights) this figure, and the logits, also carry the
+  weight quantization error.
+- max |logit difference|, top-1 agreement, and the accuracy of both when labels are given.
+- which ops ORT runs as integer kernels (its optimized graph), and latency against the float
+  model's own export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import QatSteError
+from .ops import RoutedSite, export_routing, quant_sites, reference_codes
+from .onnx_export import DISABLE_QDQ, export_float_onnx, read_metadata
+from .runtime import (
+    FLOAT_COMPUTE_OPS, describe_options, is_integer_op, make_session, median_latency_ms, optimized_op_counts,
+)
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """One site's figures."""
+
+    name: str
+    bits: int
+    container: str
+    occurrences: int
+    values: int          # code values compared
+    parity: float        # share of equal codes given the same input u (must be 1.0)
+    dequant_exact: bool  # DequantizeLinear's output equals (q - z) * alpha bit for bit
+    end_to_end: float    # share of ORT codes equal to PyTorch's through the whole network
+
+
+@dataclass
+class CheckReport:
+    """What check_onnx() found. ``ok`` is True when every check passed; ``failures`` says why not."""
+
+    onnx_path: str
+    form: str
+    weights: str
+    reference: str                     # what the PyTorch side of the comparison is
+    samples: int                       # input samples compared
+    ok: bool
+    failures: list[str]
+    sites: list[SiteCheck]
+    site_parity: float                 # lowest per-site parity (1.0 = exact everywhere)
+    code_agreement: float              # end-to-end, all sites pooled
+    max_logit_diff: float
+    top1_agreement: float              # share of equal argmax (over the last axis) between the runtimes
+    accuracy_torch: float | None
+    accuracy_onnx: float | None
+    integer_ops: dict[str, int]        # integer kernels in ORT's optimized graph (the file's session options)
+    float_ops: dict[str, int]          # float conv/matmul/gemm kernels left in that graph
+    integer_ops_default_options: dict[str, int] | str  # same with ORT's default options (str: why it failed)
+    latency_ms: dict[str, float] | None  # quantized, float, speedup (float / quantized), batch
+    thresholds: dict[str, float | None]
+    options: dict[str, str]            # figure -> the ORT session options it used
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (NaN becomes None)."""
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        return clean(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        """A readable text report."""
+        lines = [f"ONNX check of {self.onnx_path} (form={self.form}, weights={self.weights}, "
+                 f"{self.samples} samples): {'OK' if self.ok else 'FAILED'}",
+                 f"  compared with {self.reference}"]
+        width = max([len("site")] + [len(s.name) for s in self.sites])
+        lines.append(f"  {'site':<{width}}  bits  container  values    parity  dequant  end-to-end")
+        for s in self.sites:
+            lines.append(f"  {s.name:<{width}}  {s.bits:>4}  {s.container:<9}  {s.values:>7}  {s.parity:>7.2%}  "
+                         f"{'exact' if s.dequant_exact else 'DIFF':<7}  {s.end_to_end:>9.2%}")
+        t = self.thresholds
+        lines += [
+            f"  per-site code parity (same input u)  {self.site_parity:.4%}  (required: 100%)",
+            f"  end-to-end code agreement            {self.code_agreement:.4%}  (min {t['min_code_agreement']:.2%})",
+            f"  max |logit difference|               {self.max_logit_diff:.6g}"
+            + (f"  (max {t['max_logit_diff']:g})" if t.get("max_logit_diff") is not None else "  (not limited)"),
+            f"  top-1 agreement                      {self.top1_agreement:.2%}  (min {t['min_top1_agreement']:.2%})",
+        ]
+        if self.accuracy_torch is not None:
+            lines.append(f"  accuracy                             PyTorch {self.accuracy_torch:.2%}, "
+                         f"ONNX Runtime {self.accuracy_onnx:.2%}")
+        lines.append(f"  integer ops (file's options)         {_ops_text(self.integer_ops)}; "
+                     f"float conv/matmul left: {_ops_text(self.float_ops)}")
+        default = self.integer_ops_default_options
+        lines.append("  integer ops (ORT default options)    "
+                     + (_ops_text(default) if isinstance(default, dict) else f"not loadable: {default}"))
+        if self.latency_ms:
+            lat = self.latency_ms
+            lines.append(f"  latency, batch {int(lat['batch'])} (median)           quantized {lat['quantized']:.2f} ms, "
+                         f"float {lat['float']:.2f} ms, speedup {lat['speedup']:.2f}x")
+        lines.append("  ORT options per figure:")
+        lines += [f"    {k}: {v}" for k, v in self.options.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  FAILED: {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def _ops_text(ops: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    xs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not xs or not all(isinstance(x, torch.Tensor) for x in xs):
+        raise QatSteError("inputs must be a tensor (one batch) or a sequence of tensors (batches)",
+                          "pass e.g. torch.randn(16, 3, 32, 32)")
+    if labels is None:
+        return [(x, None) for x in xs]
+    ys = [labels] if isinstance(labels, torch.Tensor) else list(labels)
+    if len(ys) != len(xs) or any(len(y) != len(x) for x, y in zip(xs, ys)):
+        raise QatSteError("labels do not match inputs (one label per input sample)",
+                          "pass labels shaped like the inputs' batches, e.g. a tensor of N class indices")
+    return list(zip(xs, ys))
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    raise QatSteError(f"the model returned {type(out).__name__}, not a tensor", "check a model that returns logits")
+
+
+def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]]:
+    """The file with each site's u, codes (as uint8) and dequantized output as extra graph outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    codes_as: dict[str, str] = {}
+
+    def expose(name: str, elem: int) -> None:
+        if name not in outputs:
+            graph.output.append(helper.make_tensor_value_info(name, elem, None))
+            outputs.add(name)
+
+    for t in tensors:
+        expose(t.input, TensorProto.FLOAT)
+        expose(t.output, TensorProto.FLOAT)
+        codes = t.codes
+        if t.codes_type != TensorProto.UINT8:  # 4/2-bit codes: widen for numpy
+            codes = f"{t.codes}/as_uint8"
+            if codes not in outputs:
+                graph.node.append(helper.make_node("Cast", [t.codes], [codes], to=TensorProto.UINT8,
+                                                   name=f"{t.prefix}/widen"))
+        expose(codes, TensorProto.UINT8)
+        codes_as[t.codes] = codes
+    return model.SerializeToString(), codes_as
+
+
+def int8_weight_reference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose conv/linear weights are rounded to per-channel symmetric int8, as
+    export_onnx(weights="int8") stores them (quantizing before or after BatchNorm folding gives the
+    same integers: the fold scales each output channel, and so its step, by the same factor)."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                w = m.weight
+                step = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127.0
+                step = torch.where(step > 0, step, torch.ones_like(step))
+                w.copy_(torch.clamp(torch.round(w / step), -127, 127) * step)
+    return reference
+
+
+def _capture_hook(store: dict[str, list[torch.Tensor]]):
+    def for_site(site: RoutedSite):
+        def run(module, u: torch.Tensor) -> torch.Tensor:
+            store.setdefault(site.name, []).append(u.detach().float().cpu())
+            alpha, zero_point = module._grid(u)
+            return ((reference_codes(module, u) - zero_point) * alpha).to(u.dtype)
+        return run
+    return for_site
+
+
+# ---- the check -------------------------------------------------------------------------------------
+
+
+def check_onnx(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    min_code_agreement: float = 0.9,
+    max_logit_diff: float | None = None,
+    min_top1_agreement: float = 0.9,
+    latency: bool = True,
+    latency_runs: int = 10,
+    threads: int | None = None,
+    float_onnx_path: str | os.PathLike | None = None,
+) -> CheckReport:
+    """Compare the ONNX file written by ``export_onnx`` with the PyTorch ``model`` it came from.
+
+    ``inputs``: one batch (a tensor, batch first) or a sequence of batches, for a single-input
+    model; ``labels``: class indices matching them (adds accuracies). ``ok`` requires exact
+    per-site code parity, end-to-end code agreement >= ``min_code_agreement``, top-1 agreement
+    >= ``min_top1_agreement`` and, when given, max |logit difference| <= ``max_logit_diff``.
+    ``latency``: also time the file against the float model's export (``float_onnx_path``, or
+    exported to a temp dir) with ``threads`` intra-op threads (None: ORT's default), median of
+    ``latency_runs`` runs on the first batch. See the module docstring for what each figure means.
+    """
+    import onnx
+
+    from .passes import site_tensors
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise QatSteError(f"no ONNX file at {path}", "pass the path export_onnx() wrote")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise QatSteError(f"cannot read {path} as ONNX: {e}", "pass a file written by export_onnx()") from e
+    meta = read_metadata(proto)
+    if not meta.get("sites"):
+        raise QatSteError(f"{path} has no qat_ste metadata", "check a file written by qat_ste's export_onnx()")
+    sites = {s.name: s for s in quant_sites(model)}
+    missing = [s["name"] for s in meta["sites"] if s["name"] not in sites]
+    if missing:
+        raise QatSteError(f"the model has no quantized site(s) {', '.join(missing[:5])} that the file has",
+                          "check the file against the model it was exported from")
+    batches = _batches(inputs, labels)
+    notes: list[str] = []
+    file_config: dict[str, str] = dict(meta.get("session_config", {}))
+    tensors = site_tensors(proto)
+    numerics_config = dict(DISABLE_QDQ)
+    options = {
+        "site_parity": describe_options(numerics_config) + " (the file with each site's u/codes as extra outputs)",
+        "end_to_end_codes": describe_options(numerics_config) + " (same run)",
+        "logits": describe_options(file_config) + " (the file as deployed)",
+        "integer_ops": describe_options(file_config) + "; and ORT defaults",
+    }
+    instrumented, codes_as = _instrumented(proto, tensors)
+    probe = make_session(instrumented, numerics_config)
+    deployed = make_session(path, file_config)
+    input_name = deployed.get_inputs()[0].name
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if meta.get("weights") == "int8":
+        reference_model = int8_weight_reference(model)
+        reference = "the PyTorch model with per-channel int8 weights, as in the file"
+        notes.append("the file has int8 weights: PyTorch figures use the model with its conv/linear weights "
+                     "rounded the same way")
+    else:
+        reference_model, reference = model, "the PyTorch model as given"
+    sites = {s.name: s for s in quant_sites(reference_model)}
+    routed = list(sites.values())
+    by_site: dict[str, list[Any]] = {}
+    for t in tensors:
+        by_site.setdefault(t.name, []).append(t)
+
+    counts = {name: dict(values=0, parity=0, e2e=0, dq_exact=True) for name in by_site}
+    failures: list[str] = []
+    max_diff, agree, total, correct_t, correct_o, samples = 0.0, 0, 0, 0, 0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            store: dict[str, list[torch.Tensor]] = {}
+            with export_routing(reference_model, routed, _capture_hook(store)):
+                logits_t = _first_tensor(reference_model(x.to(device))).float().cpu()
+            feeds = {input_name: x.detach().cpu().numpy()}
+            logits_o = torch.from_numpy(deployed.run(None, feeds)[0]).float()
+            probe_names = [o.name for o in probe.get_outputs()]
+            values = dict(zip(probe_names, probe.run(None, feeds)))
+            for name, occ in by_site.items():
+                module = sites[name].module
+                captured = store.get(name, [])
+                for k, t in enumerate(occ):
+                    u_o = torch.from_numpy(values[t.input])
+                    codes_o = torch.from_numpy(values[codes_as[t.codes]].astype(np.float32))
+                    ref = reference_codes(module, u_o)
+                    alpha, zero_point = module._grid(u_o)
+                    y_ref = ((ref - zero_point.cpu()) * alpha.detach().cpu()).float().numpy()
+                    c = counts[name]
+                    c["values"] += ref.numel()
+                    c["parity"] += int((ref == codes_o).sum())
+                    c["dq_exact"] = c["dq_exact"] and np.array_equal(y_ref, values[t.output])
+                    if k < len(captured) and captured[k].shape == u_o.shape:
+                        c["e2e"] += int((reference_codes(module, captured[k]) == codes_o).sum())
+                    else:
+                        failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart of the same shape")
+            diff = (logits_t - logits_o).abs()
+            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+            top_t, top_o = logits_t.argmax(-1), logits_o.argmax(-1)
+            agree += int((top_t == top_o).sum())
+            total += top_t.numel()
+            samples += len(x)
+            if y is not None:
+                correct_t += int((top_t == y.cpu().reshape(top_t.shape)).sum())
+                correct_o += int((top_o == y.cpu().reshape(top_o.shape)).sum())
+
+    meta_sites = {s["name"]: s for s in meta["sites"]}
+    site_checks = []
+    for name, c in counts.items():
+        n = max(c["values"], 1)
+        site_checks.append(SiteCheck(
+            name=name, bits=int(meta_sites.get(name, {}).get("bits", sites[name].module.bits)),
+            container=str(meta_sites.get(name, {}).get("container", "?")), occurrences=len(by_site[name]),
+            values=c["values"], parity=c["parity"] / n, dequant_exact=c["dq_exact"], end_to_end=c["e2e"] / n))
+    all_values = max(sum(c["values"] for c in counts.values()), 1)
+    site_parity = min((s.parity for s in site_checks), default=1.0)
+    code_agreement = sum(c["e2e"] for c in counts.values()) / all_values
+    top1 = agree / max(total, 1)
+
+    for s in site_checks:
+        if s.parity < 1.0:
+            failures.append(f"site {s.name}: {s.values - round(s.parity * s.values)} of {s.values} codes differ "
+                            "given the same input (the file's scale/zero point/rounding differ from the model's)")
+        if not s.dequant_exact:
+            failures.append(f"site {s.name}: dequantized values differ from (q - z) * alpha")
+    if code_agreement < min_code_agreement:
+        failures.append(f"end-to-end code agreement {code_agreement:.4%} < {min_code_agreement:.2%}")
+    if max_logit_diff is not None and max_diff > max_logit_diff:
+        failures.append(f"max |logit difference| {max_diff:.6g} > {max_logit_diff:g}")
+    if top1 < min_top1_agreement:
+        failures.append(f"top-1 agreement {top1:.2%} < {min_top1_agreement:.2%}")
+
+    deployed_ops = optimized_op_counts(path, file_config)
+    integer_ops = {k: v for k, v in deployed_ops.items() if is_integer_op(k)}
+    float_ops = {k: v for k, v in deployed_ops.items() if k in FLOAT_COMPUTE_OPS}
+    if file_config:
+        try:
+            default_ops: dict[str, int] | str = {
+                k: v for k, v in optimized_op_counts(path, {}).items() if is_integer_op(k)}
+        except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
+            default_ops = str(e).strip().splitlines()[-1][:200]
+    else:
+        default_ops = dict(integer_ops)
+
+    latency_ms = None
+    if latency:
+        latency_ms = _latency(model, path, batches[0][0], file_config, meta, latency_runs, threads,
+                              float_onnx_path, notes)
+        options["latency"] = (f"quantized: {describe_options(file_config, threads)}; "
+                              f"float export: {describe_options({}, threads)}")
+
+    return CheckReport(
+        onnx_path=str(path), form=str(meta.get("form")), weights=str(meta.get("weights")), reference=reference,
+        samples=samples,
+        ok=not failures, failures=failures, sites=site_checks, site_parity=site_parity,
+        code_agreement=code_agreement, max_logit_diff=max_diff, top1_agreement=top1,
+        accuracy_torch=correct_t / total if labels is not None and total else None,
+        accuracy_onnx=correct_o / total if labels is not None and total else None,
+        integer_ops=integer_ops, float_ops=float_ops, integer_ops_default_options=default_ops,
+        latency_ms=latency_ms,
+        thresholds={"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
+                    "min_top1_agreement": min_top1_agreement},
+        options=options, notes=notes)
+
+
+def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, str], meta: dict[str, Any],
+             runs: int, threads: int | None, float_path: str | os.PathLike | None, notes: list[str]) -> dict[str, float] | None:
+    feeds_x = x.detach().cpu().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = Path(float_path) if float_path is not None else Path(tmp) / "float.onnx"
+        if float_path is None:
+            try:
+                export_float_onnx(model, reference, x[:1].cpu(), opset=int(meta.get("opset", 21)))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"no latency comparison: the float model did not export ({e})")
+                return None
+        quantized = make_session(path, config, threads=threads)
+        baseline = make_session(reference, {}, threads=threads)
+        q_ms = median_latency_ms(quantized, {quantized.get_inputs()[0].name: feeds_x}, runs)
+        f_ms = median_latency_ms(baseline, {baseline.get_inputs()[0].name: feeds_x}, runs)
+    return {"quantized": q_ms, "float": f_ms, "speedup": f_ms / q_ms, "batch": float(len(x))}

@@ -1,0 +1,399 @@
+"""export_onnx(): a quantized model to an ONNX file with one QuantizeLinear -> DequantizeLinear per site.
+
+Forms:
+
+- ``deploy``: uint8 code tensors, limited to [0, 2^b - 1] by an integer Clip between Q and DQ when
+  b < 8. With ``weights="int8"`` (per-channel symmetric int8 weights, int32 biases) ONNX Runtime's
+  CPU provider fuses DQ -> Conv -> Q into QLinearConv (and Gemm/MatMul into QGemm/QLinearMatMul)
+  with its default session options; the integer Clip does not stop that fusion (a float Clip
+  before Q does). BatchNorm is folded into the convolutions by the exporter's optimizer.
+- ``spec``: each site's codes in the narrowest standard type: UINT2 for 1-2 bits (opset 25),
+  UINT4 for 3-4 bits (opset 21), uint8 + Clip above. Bit-identical to ``deploy``; ONNX Runtime
+  loads it only with the session config entry ``session.disable_quant_qdq = 1`` (its QDQ fusions
+  take no 4-bit types), which the file's metadata records.
+
+Ceil rounding is exported exactly as Div -> Ceil -> QuantizeLinear(scale 1) -> DequantizeLinear(alpha);
+those sites cannot fuse into the preceding integer op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import QatSteError
+from ..quantizer.module import QuantAct
+from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
+
+FORMS = ("deploy", "spec")
+WEIGHT_MODES = ("float", "int8")
+#: opsets the export supports: the torch exporter implements >= 18 (lower ones go through a converter
+#: that drops the node metadata the site search needs); 25 is the newest ORT 1.31 runs (UINT2)
+SUPPORTED_OPSETS = tuple(range(18, 26))
+DEFAULT_OPSET = 21
+#: ONNX Runtime 1.31 refuses newer IR versions
+MAX_IR_VERSION = 13
+METADATA_KEY = "qat_ste"
+#: session config entry that stops ONNX Runtime from re-quantizing float weights next to Q/DQ and
+#: from trying (and failing) to fuse 4-bit Q/DQ
+DISABLE_QDQ = {"session.disable_quant_qdq": "1"}
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One quantized site as written to the file."""
+
+    name: str
+    index: int
+    kind: str
+    bits: int
+    container: str              # "uint8", "uint4" or "uint2"
+    range_limit: str            # "none", "integer_clip" (Clip on uint8 codes) or "float_limit" (before Q)
+    scale: tuple[float, ...]    # alpha (one value, or one per channel)
+    zero_point: tuple[int, ...]
+    axis: int | None            # the channel axis when per-channel
+    rounding: str
+    quantizes_input: bool       # ReLU family: the quantizer replaces the whole activation
+    input: str                  # tensor the quantizer reads (u)
+    codes: str                  # the integer code tensor
+    output: str                 # the dequantized tensor
+    occurrences: int = 1        # times the site appears in the graph (a module called more than once)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What export_onnx() wrote."""
+
+    path: Path
+    form: str
+    weights: str
+    opset: int
+    ir_version: int
+    file_size: int
+    sites: tuple[SiteInfo, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_batch: bool
+    session_config: dict[str, str]  # ORT session config entries this file is meant to run with
+    weight_counts: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+
+def _as_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise QatSteError(
+            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}",
+            "pass e.g. torch.randn(1, 3, 224, 224)")
+    return inputs
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise QatSteError(f"{name}={value!r} is not supported; choose one of: {', '.join(choices)}",
+                          f"pass {name}= one of those")
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    target = Path(path)
+    if target.is_dir():
+        raise QatSteError(f"{target} is a directory", "pass a file path, e.g. model.onnx")
+    parent = target.parent
+    if not parent.is_dir():
+        raise QatSteError(f"cannot write {target}: directory {parent} does not exist",
+                          "create the directory first or pass a path in an existing one")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise QatSteError(f"cannot write {target}: no write permission", "pass a path you can write to")
+    return target
+
+
+def _required_opset(bits: Sequence[int], form: str) -> int:
+    if form != "spec":
+        return SUPPORTED_OPSETS[0]
+    if min(bits) <= 2:
+        return 25
+    return 21 if min(bits) <= 4 else SUPPORTED_OPSETS[0]
+
+
+def _resolve_opset(opset: int | None, required: int, form: str, bits: Sequence[int]) -> int:
+    if opset is None:
+        return max(DEFAULT_OPSET, required)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise QatSteError(
+            f"opset={opset!r} is not supported; supported opsets: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}",
+            f"pass opset=None (default {DEFAULT_OPSET}) or one of those")
+    if opset < required:
+        kind = "UINT2 (1-2 bit sites)" if required == 25 else "UINT4 (3-4 bit sites)"
+        raise QatSteError(
+            f"form='spec' carries {kind} codes, which need opset >= {required}; got opset={opset} "
+            f"(site bit widths: {sorted(set(bits))})",
+            f"pass opset={required} (or opset=None), or use form='deploy' (uint8 codes, any opset)")
+    return opset
+
+
+def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...]) -> dict[int, tuple[int, int | None]]:
+    """Run the model once on the example input; returns {site index: (rank, channel axis)} of the
+    sites that ran. Shape errors become a QatSteError."""
+    seen: dict[int, tuple[int, int | None]] = {}
+
+    def hook_for(site: RoutedSite):
+        def run(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
+            per_channel = module.alpha.dim() == 1
+            seen[site.index] = (u.dim(), module.channel_axis % u.dim() if per_channel else None)
+            alpha, zero_point = module._grid(u)
+            return ((reference_codes(module, u) - zero_point) * alpha).to(u.dtype)
+        return run
+
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    try:
+        with torch.no_grad(), export_routing(model, sites, hook_for):
+            model(*inputs)
+    except QatSteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here is the input not fitting the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QatSteError(
+            f"the model does not run on the example input of shape {shapes}: {type(e).__name__}: {first}",
+            "pass an example input shaped like the model's input (batch first), e.g. torch.randn(1, 3, 224, 224)",
+        ) from e
+    return seen
+
+
+# ---- the export ------------------------------------------------------------------------------------
+
+
+def _trace_inputs(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[torch.Tensor, ...]:
+    """torch.export specialises a batch of 1; trace a dynamic batch with 2 rows."""
+    if not dynamic_batch:
+        return inputs
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+
+
+def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...],
+                  opset: int, dynamic_batch: bool, hook=None):
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
+    try:
+        with export_routing(model, sites, hook):
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=translation_table(), dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fix = "pass dynamic_batch=False if the model fixes its batch size; otherwise report this model"
+        raise QatSteError(f"the ONNX exporter failed: {type(e).__name__}: {first}", fix) from e
+    return program.model_proto
+
+
+def _site_quants(sites: list[RoutedSite], seen: dict[int, tuple[int, int | None]], form: str):
+    from .passes import SiteQuant, container_for
+
+    quants = []
+    for s in sites:
+        if s.index not in seen:
+            continue
+        m = s.module
+        rank, axis = seen[s.index]
+        quants.append(SiteQuant(
+            index=s.index, name=s.name, bits=m.bits,
+            scale=m.alpha.detach().cpu().float().numpy(),
+            zero_point=m.zero_point.detach().cpu().numpy().round().astype("int64"),
+            axis=axis, rank=rank, rounding=m.rounding,
+            container=container_for(m.bits, narrow=form == "spec")))
+    return quants
+
+
+def _site_infos(quants: list, site_graphs: list, sites: list[RoutedSite]) -> list[SiteInfo]:
+    """SiteInfo per exported site (tensor names from its first occurrence in the graph)."""
+    occurrences: dict[int, int] = {}
+    first: dict[int, Any] = {}
+    for sg in site_graphs:
+        occurrences[sg.quant.index] = occurrences.get(sg.quant.index, 0) + 1
+        first.setdefault(sg.quant.index, sg)
+    infos = []
+    for q in quants:
+        sg, m = first[q.index], sites[q.index].module
+        infos.append(SiteInfo(
+            name=q.name, index=q.index, kind=m.kind.name, bits=q.bits, container=q.container,
+            range_limit=q.range_limit, scale=tuple(float(v) for v in q.scale.reshape(-1)),
+            zero_point=tuple(int(v) for v in q.zero_point.reshape(-1)), axis=q.axis, rounding=q.rounding,
+            quantizes_input=m.quantizes_input, input=sg.input, codes=sg.codes, output=sg.output,
+            occurrences=occurrences[q.index]))
+    return infos
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``target`` and move it into place (no partial files)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    form: str = "deploy",
+    weights: str = "float",
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> ExportResult:
+    """Export a quantized model (from ``qat_ste.quantize``) to ONNX at ``path``.
+
+    Every quantized activation becomes QuantizeLinear -> integer codes -> DequantizeLinear with its
+    alpha and zero point; the codes equal PyTorch's. ``form``: ``"deploy"`` (uint8 codes, fusable
+    by ONNX Runtime) or ``"spec"`` (UINT4/UINT2 codes where they fit). ``weights``: ``"float"`` or
+    ``"int8"`` (per-channel int8 weights + int32 biases, for integer kernels). ``opset``: 18..25,
+    default 21 (25 when ``spec`` has 1-2 bit sites). ``dynamic_batch``: the first axis of every
+    input is dynamic. The model is not changed. The file is checked with
+    ``onnx.checker.check_model(full_check=True)`` and written atomically; its metadata_props
+    ``"qat_ste"`` holds the settings of every site as JSON. Raises QatSteError on bad input.
+    """
+    import onnx
+
+    from . import passes
+
+    if not isinstance(model, nn.Module):
+        raise QatSteError(f"export_onnx() takes a torch.nn.Module, got {type(model).__name__}",
+                          "pass the model returned by qat_ste.quantize()")
+    _check_choice("form", form, FORMS)
+    _check_choice("weights", weights, WEIGHT_MODES)
+    sites = quant_sites(model)
+    if not sites:
+        raise QatSteError("the model has no quantized activations (no QuantAct modules)",
+                          "quantize it first: qmodel = qat_ste.quantize(model, bits=4); qat_ste.calibrate(qmodel, batches)")
+    for s in sites:
+        s.module.require_initialized()
+    bits = [s.module.bits for s in sites]
+    opset = _resolve_opset(opset, _required_opset(bits, form), form, bits)
+    target = _check_path(path)
+    inputs = _as_inputs(example_input)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in inputs)
+    seen = _probe(model, sites, inputs)
+    if not seen:
+        raise QatSteError("no quantized activation ran on the example input", "check the model's forward and input")
+    notes = []
+    skipped = [s.name for s in sites if s.index not in seen]
+    if skipped:
+        notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: {', '.join(skipped[:5])}")
+
+    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch)
+    graph = proto.graph
+    passes.clean_metadata(graph)
+    quants = _site_quants(sites, seen, form)
+    site_graphs = passes.tag_sites(graph, quants)
+    weight_counts: dict[str, int] = {}
+    if weights == "int8":
+        weight_counts = passes.quantize_weights_int8(graph, site_graphs)
+    if form == "spec":
+        passes.narrow_containers(graph, site_graphs)
+    passes.prune(graph)
+    unfolded = sum(n.op_type == "BatchNormalization" for n in graph.node)
+    if unfolded:
+        notes.append(f"{unfolded} BatchNormalization node(s) could not be folded into a convolution; "
+                     "the layers around them cannot run as integer ops")
+    if any(q.rounding == "ceil" for q in quants):
+        notes.append("ceil-rounding sites are exported as Div -> Ceil -> QuantizeLinear(scale 1); "
+                     "the op before them cannot fuse into an integer kernel")
+
+    produced = next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), opset)
+    if produced != opset:  # defensive: the torch exporter may change the opset it was asked for
+        notes.append(f"the exporter produced opset {produced} for the requested opset {opset}")
+        if produced < _required_opset(bits, form):
+            raise RuntimeError(f"the exporter produced opset {produced}, below what form={form!r} needs")
+        opset = produced
+    ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
+    if ir_version > MAX_IR_VERSION:
+        raise QatSteError(f"opset {opset} needs ONNX IR version {ir_version}; ONNX Runtime 1.31 reads <= {MAX_IR_VERSION}",
+                          "pass a lower opset")
+    proto.ir_version = ir_version
+    session_config = {} if (form == "deploy" and weights == "int8") else dict(DISABLE_QDQ)
+
+    infos = _site_infos(quants, site_graphs, sites)
+    metadata = {
+        "format": "qat_ste.onnx/1", "form": form, "weights": weights, "opset": opset,
+        "session_config": session_config, "sites": [i.to_dict() for i in infos],
+    }
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+    proto.producer_name = "qat_ste"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"qat_ste produced an invalid ONNX graph (a bug, please report): {e}") from e
+    data = proto.SerializeToString()
+    try:
+        _atomic_write(target, data)
+    except OSError as e:
+        raise QatSteError(f"cannot write {target}: {e}", "pass a path you can write to") from e
+    return ExportResult(
+        path=target, form=form, weights=weights, opset=opset, ir_version=ir_version, file_size=len(data),
+        sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
+        output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
+        session_config=session_config, weight_counts=weight_counts, notes=tuple(notes))
+
+
+def export_float_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``model`` with every quantized site replaced by the float activation it wraps (the
+    float baseline for latency and size comparisons). BatchNorm is folded as in export_onnx()."""
+    import onnx
+
+    target = _check_path(path)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in _as_inputs(example_input))
+    sites = quant_sites(model)
+    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch,
+                          hook=lambda site: float_activation)
+    from . import passes
+
+    passes.clean_metadata(proto.graph)
+    onnx.checker.check_model(proto)
+    _atomic_write(target, proto.SerializeToString())
+    return target
+
+
+def read_metadata(onnx_model: Any) -> dict[str, Any]:
+    """The ``qat_ste`` metadata of a loaded ONNX model (``onnx.ModelProto``); {} if absent."""
+    for p in onnx_model.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    return {}

@@ -1,0 +1,148 @@
+"""The export-time quantizer: a torch custom op that the dynamo ONNX exporter maps to Q/DQ.
+
+During export every :class:`~qat_ste.QuantAct` routes its float value ``u`` through
+``torch.ops.qat_ste.quant_dequant`` (via the module's ``_export_fn`` hook, set and cleared by
+:func:`export_routing`). The op computes exactly what QuantAct computes, and
+:func:`translate_quant_dequant` lowers it to
+
+    QuantizeLinear(uint8) -> [Clip(uint8, qmin, qmax) when the range is narrower than uint8] -> DequantizeLinear
+
+Each QuantizeLinear carries node metadata ``qat_ste.site_index`` so that the post-passes can find
+the nodes of every site. Ceil rounding has no QuantizeLinear equivalent; it is exported exactly as
+``Ceil(u / alpha)`` followed by a QuantizeLinear with scale 1 (the input is already an integer)
+and a DequantizeLinear with scale alpha.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..quantizer.functional import quantize_codes
+from ..quantizer.module import QuantAct
+
+#: node metadata key on each QuantizeLinear: the index of its site in the export's site list
+SITE_INDEX_KEY = "qat_ste.site_index"
+
+
+def _per_channel_view(t: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
+    if t.dim() == 0:
+        return t
+    shape = [1] * u.dim()
+    shape[axis] = t.numel()
+    return t.view(shape)
+
+
+@torch.library.custom_op("qat_ste::quant_dequant", mutates_args=())
+def quant_dequant(
+    u: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dq_scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int,
+    site: int,
+) -> torch.Tensor:
+    """``(clamp(round(u / scale) + z, qmin, qmax) - z) * dq_scale``; ``site`` only tags the ONNX node."""
+    s = _per_channel_view(scale, u, axis)
+    z = _per_channel_view(zero_point, u, axis)
+    q = torch.clamp(torch.round(u.float() / s.float()) + z, qmin, qmax)
+    return ((q - z) * _per_channel_view(dq_scale, u, axis)).to(u.dtype)
+
+
+@quant_dequant.register_fake
+def _quant_dequant_fake(u, scale, zero_point, dq_scale, qmin, qmax, axis, site):
+    return torch.empty_like(u)
+
+
+def _straight_through(ctx, grad):
+    return grad, None, None, None, None, None, None, None
+
+
+quant_dequant.register_autograd(_straight_through)
+
+
+def translate_quant_dequant(u, scale, zero_point, dq_scale, qmin: int, qmax: int, axis: int, site: int):
+    """onnxscript lowering of ``qat_ste::quant_dequant`` (uint8 containers; later passes may narrow them)."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    zp = op.Cast(zero_point, to=ir.DataType.UINT8)
+    q = op.QuantizeLinear(u, scale, zp, axis=axis)
+    q.producer().metadata_props[SITE_INDEX_KEY] = str(site)
+    if qmin > 0 or qmax < 255:
+        q = op.Clip(q, op.Constant(value=ir.tensor(np.uint8(qmin))), op.Constant(value=ir.tensor(np.uint8(qmax))))
+    return op.DequantizeLinear(q, dq_scale, zp, axis=axis)
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """The ``custom_translation_table`` for ``torch.onnx.export``."""
+    return {torch.ops.qat_ste.quant_dequant.default: translate_quant_dequant}
+
+
+@dataclass(frozen=True)
+class RoutedSite:
+    """One QuantAct as the export sees it."""
+
+    index: int
+    name: str
+    module: QuantAct
+
+
+def float_activation(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
+    """The float activation a site replaced (the float baseline for latency comparisons)."""
+    if module.quantizes_input:
+        return torch.clamp(u, 0.0, module.kind.upper)
+    return u
+
+
+def _routing_hook(index: int) -> Callable[[QuantAct, torch.Tensor], torch.Tensor]:
+    def route(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
+        alpha = module.alpha.detach()
+        zero_point = module.zero_point.detach().to(alpha.dtype)
+        axis = module.channel_axis % u.dim() if alpha.dim() == 1 else 0
+        if module.rounding == "ceil":
+            integer = torch.ceil(u.float() / _per_channel_view(alpha, u, axis).float())
+            return torch.ops.qat_ste.quant_dequant(
+                integer, torch.ones_like(alpha), zero_point, alpha, 0, module.levels, axis, index).to(u.dtype)
+        return torch.ops.qat_ste.quant_dequant(u, alpha, zero_point, alpha, 0, module.levels, axis, index)
+
+    return route
+
+
+def quant_sites(model: nn.Module) -> list[RoutedSite]:
+    """Every QuantAct of ``model`` in module order, with the index the export gives it."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
+    return [RoutedSite(i, m.site or n, m) for i, (n, m) in enumerate(found)]
+
+
+@contextlib.contextmanager
+def export_routing(
+    model: nn.Module, sites: list[RoutedSite], hook: Callable[[RoutedSite], Callable] | None = None
+) -> Iterator[None]:
+    """Within the block, every site of ``sites`` runs ``hook(site)`` (default: the Q/DQ custom op)
+    and the model is in eval mode; both are restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    previous = {s.index: s.module._export_fn for s in sites}
+    model.eval()
+    try:
+        for s in sites:
+            s.module._export_fn = hook(s) if hook is not None else _routing_hook(s.index)
+        yield
+    finally:
+        for s in sites:
+            s.module._export_fn = previous[s.index]
+        for m, training in modes.items():
+            m.training = training
+
+
+def reference_codes(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
+    """The integer codes PyTorch gives ``u`` at this site (float32 holding integers)."""
+    alpha, zero_point = module._grid(u)
+    return quantize_codes(u, alpha, zero_point, module.levels, module.rounding)

@@ -1,0 +1,149 @@
+"""check_onnx(): figures, thresholds, report formats, and detection of a wrong file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+import qat_ste  # noqa: E402
+from qat_ste.errors import QatSteError  # noqa: E402
+from qat_ste.export import CheckReport, check_onnx, export_onnx  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SHAPE = (3, 12, 12)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.act3 = nn.Hardswish()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        return self.fc(self.act3(x.mean(dim=(2, 3))))
+
+
+@pytest.fixture(scope="module")
+def quantized() -> nn.Module:
+    torch.manual_seed(0)
+    model = Net().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    q = qat_ste.quantize(model, bits=4)
+    qat_ste.calibrate(q, [torch.randn(16, *SHAPE) for _ in range(2)])
+    return q.eval()
+
+
+@pytest.fixture(scope="module")
+def files(quantized, tmp_path_factory) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("check")
+    out = {}
+    for weights in ("float", "int8"):
+        out[weights] = str(export_onnx(quantized, directory / f"{weights}.onnx", torch.randn(1, *SHAPE),
+                                       weights=weights).path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(24, *SHAPE, generator=g), torch.randint(0, 4, (24,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def report_float(quantized, files, data) -> CheckReport:
+    x, y = data
+    return check_onnx(quantized, files["float"], [x[:12], x[12:]], [y[:12], y[12:]], latency=True,
+                      latency_runs=3, threads=1)
+
+
+def test_good_file_passes_with_every_figure(report_float, quantized) -> None:
+    r = report_float
+    assert r.ok and not r.failures, r.table()
+    assert r.samples == 24 and r.form == "deploy" and r.weights == "float"
+    assert [s.name for s in r.sites] == [n for n, _ in qat_ste.quant_modules(quantized)]
+    assert r.site_parity == 1.0 and all(s.dequant_exact for s in r.sites)
+    assert 0.99 <= r.code_agreement <= 1.0
+    assert r.max_logit_diff < 1e-3 and r.top1_agreement == 1.0
+    assert r.accuracy_torch == r.accuracy_onnx and 0.0 <= r.accuracy_torch <= 1.0
+    assert set(r.latency_ms) == {"quantized", "float", "speedup", "batch"} and r.latency_ms["quantized"] > 0
+    assert "disable_quant_qdq=1" in r.options["site_parity"]
+    assert {"site_parity", "end_to_end_codes", "logits", "integer_ops", "latency"} <= set(r.options)
+
+
+def test_table_and_dict(report_float) -> None:
+    text = report_float.table()
+    assert "OK" in text and "act1" in text and "per-site code parity" in text and "latency" in text
+    d = json.loads(json.dumps(report_float.to_dict()))
+    assert d["ok"] is True and d["sites"][0]["name"] == "act1" and d["thresholds"]["min_code_agreement"] == 0.9
+
+
+def test_int8_file_reports_integer_ops(quantized, files, data) -> None:
+    r = check_onnx(quantized, files["int8"], data[0], latency=False)
+    assert r.ok, r.table()
+    assert r.integer_ops.get("QLinearConv", 0) >= 1
+    assert r.integer_ops_default_options == r.integer_ops  # this file runs with ORT's defaults
+    assert "int8 weights" in r.reference and r.latency_ms is None
+    assert r.max_logit_diff > 0
+
+
+def test_float_weights_report_what_ort_defaults_would_do(report_float) -> None:
+    assert report_float.integer_ops == {}  # run as recommended: no re-quantized weights
+    assert isinstance(report_float.integer_ops_default_options, dict)
+
+
+@pytest.mark.parametrize("threshold, message", [
+    ({"min_code_agreement": 1.01}, "end-to-end code agreement"),
+    ({"max_logit_diff": 1e-12}, "logit difference"),
+    ({"min_top1_agreement": 1.01}, "top-1 agreement"),
+])
+def test_violated_thresholds_fail(quantized, files, data, threshold, message) -> None:
+    r = check_onnx(quantized, files["int8"], data[0], latency=False, **threshold)
+    assert not r.ok
+    assert any(message in f for f in r.failures), r.failures
+    assert "FAILED" in r.table()
+
+
+def test_a_wrong_scale_in_the_file_breaks_parity(quantized, files, data, tmp_path) -> None:
+    proto = onnx.load(files["float"])
+    for t in proto.graph.initializer:
+        if t.name == "act2/scale":
+            value = onnx.numpy_helper.to_array(t) * np.float32(1.01)
+            t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    r = check_onnx(quantized, bad, data[0], latency=False)
+    assert not r.ok
+    act2 = next(s for s in r.sites if s.name == "act2")
+    assert act2.parity < 1.0 and r.site_parity < 1.0
+    assert any("act2" in f and "same input" in f for f in r.failures)
+
+
+def test_bad_arguments(quantized, files, data, tmp_path) -> None:
+    with pytest.raises(QatSteError, match="no ONNX file"):
+        check_onnx(quantized, tmp_path / "missing.onnx", data[0])
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(plain))
+    with pytest.raises(QatSteError, match="no qat_ste metadata"):
+        check_onnx(quantized, plain, data[0])
+    other = qat_ste.quantize(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), bits=4, alpha="fixed")
+    with pytest.raises(QatSteError, match="has no quantized site"):
+        check_onnx(other, files["float"], data[0])
+    with pytest.raises(QatSteError, match="labels do not match"):
+        check_onnx(quantized, files["float"], data[0], data[1][:3])

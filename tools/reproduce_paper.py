@@ -680,6 +680,7 @@ def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     chosen.sort(key=lambda r: (r["bits"] != 4, r["role"] == "control", r["run_id"]))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
@@ -701,11 +702,12 @@ def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path 
         for b in sorted(boundaries):
             ax.axvline(b + 0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("epoch (0 = starting weights)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle("ResNet-20: retraining STE-trained quantized weights with another STE "
-                 "(dotted line: lr 1e-5 phase ends)", fontsize=10)
+                 "(dotted line: end of the lr 1e-5 phase)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -775,7 +777,7 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     lines += ["", "## Does clipped_relu >= relu > identity hold?", "",
               "Tested per row on the measured numbers (not forced): validation accuracy "
               "clipped_relu >= relu > identity, and training loss clipped_relu <= relu < identity.", "",
-              "| net | bits | measured order (val acc %) | verdict |", "|---|---|---|---|"]
+              "| net | bits | measured order (val acc %) | verdict | float start (val acc %) |", "|---|---|---|---|---|"]
     any_row = False
     for net in recipes.grid_nets:
         for bits in recipes.grid_bits:
@@ -783,13 +785,13 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
             if any(c is None for c in cells.values()):
                 continue
             if len({_scale_key(c) for c in cells.values()}) > 1:
-                lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | - | cells ran at different scales: not compared |")
+                lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | - | cells ran at different scales: not compared | - |")
                 continue
             order, verdict = ranking_verdict(cells)  # type: ignore[arg-type]
-            lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | {order} | {verdict} |")
+            lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | {order} | {verdict} | {_float_note(runs, net)} |")
             any_row = True
     if not any_row:
-        lines.append("| - | - | no row has all three STEs finished | - |")
+        lines.append("| - | - | no row has all three STEs finished | - | - |")
     lines += ["", "At reduced scale the differences between STEs can be within run-to-run noise (one seed per "
               "cell); a verdict here is about this run, not a refutation or confirmation of the paper.", ""]
 
@@ -797,21 +799,27 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     figure = plot_instability(runs, figures_dir / INSTABILITY_FIGURE)
     inst = [r for r in runs.values() if r.get("kind") == "instability"]
     if inst:
-        lines += ["| run | role | phases, epochs used | start val acc % | val acc % after phase 1 | "
-                  "final train loss | final val acc % | wall s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["Epoch 0 is the starting weights: their validation accuracy, and as training loss the last-epoch "
+                  "loss of the run they come from (the forward pass does not depend on the STE). BatchNorm running "
+                  "statistics keep updating in train mode, so validation numbers move a little even at lr 1e-5; "
+                  "compare with the control.", "",
+                  "| run | role | phases, epochs used | train loss: start / after phase 1 / final | "
+                  "val acc %: start / after phase 1 / final | wall s |", "|---|---|---|---|---|---|"]
         for record in sorted(inst, key=lambda r: r["run_id"]):
             if record.get("status") != "done":
-                lines.append(f"| {record['run_id']} | - | {record.get('status')} | - | - | - | - | - |")
+                lines.append(f"| {record['run_id']} | - | {record.get('status')} | - | - | - |")
                 continue
             phases = record["settings"]["phases"]
-            first = [h for h in record["history"] if h["phase"] == 0 and h.get("val_accuracy") is not None]
+            first = [h for h in record["history"] if h["phase"] == 0]
             start = record.get("start") or {}
+            after = first[-1] if first else {}
+            losses = (start.get("train_loss"), after.get("train_loss"), record["final_train_loss"])
+            accs = [None if v is None else 100.0 * v for v in (start.get("val_accuracy"), after.get("val_accuracy"))]
+            accs.append(record["final_val_accuracy_pct"])
             lines.append(
                 f"| {record['run_id'].split('/', 1)[1]} | {record['role']} | "
                 + " + ".join(f"{p['label']}: {p['epochs']} ep" for p in phases) + f" (paper {record['paper_epochs']}) | "
-                f"{_fmt_acc(100 * start['val_accuracy']) if start.get('val_accuracy') is not None else '-'} | "
-                f"{_fmt_acc(100 * first[-1]['val_accuracy']) if first else '-'} | "
-                f"{_fmt_loss(record['final_train_loss'])} | {_fmt_acc(record['final_val_accuracy_pct'])} | "
+                + " / ".join(_fmt_loss(v) for v in losses) + " | " + " / ".join(_fmt_acc(v) for v in accs) + " | "
                 f"{_fmt_wall(record['wall_time_s'])} |")
         claims = [c for c in (_claim(recipes, r) for r in sorted(inst, key=lambda r: r["run_id"])) if c]
         lines += ["", "What [P1] reports for these runs (the control is ours):", ""] + [f"- {c}" for c in claims] + [""]
@@ -832,6 +840,15 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     text = "\n".join(lines).rstrip() + "\n"
     atomic_write_text(report_path, text)
     return text
+
+
+def _float_note(runs: Mapping[str, Mapping[str, Any]], net: str) -> str:
+    """The float baseline's accuracy, flagged when it is too low for the row to say much."""
+    record = _done(runs, float_id(net))
+    if record is None or record.get("final_val_accuracy_pct") is None:
+        return "-"
+    accuracy = record["final_val_accuracy_pct"]
+    return _fmt_acc(accuracy) + (" (**uninformative**: the float model barely trained)" if accuracy < 50 else "")
 
 
 def _claim(recipes: Recipes, record: Mapping[str, Any]) -> str:

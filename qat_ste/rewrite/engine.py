@@ -84,15 +84,25 @@ class _Planned:
     method: str
     key: tuple            # matches census events: ("module", path) / ("call", owner, target, k)
     order: int | None = None
+    attr: str = ""        # attribute of the owner that will hold the QuantAct (fx rewrite / fallback)
 
 
-def _unique_attr(owner: nn.Module, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 1
-    while hasattr(owner, name):
-        i += 1
-        name = f"{base}{i}"
-    return name
+class _AttrNames:
+    """Hands out attribute names for new quantizers on one owner: relu_fn1, relu_fn2, act_call1..."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+        self.taken: set[str] = set()
+        self.counts: Counter = Counter()
+
+    def new(self, base: str) -> str:
+        base = base.replace(".", "_")
+        while True:
+            self.counts[base] += 1
+            name = f"{base}{self.counts[base]}"
+            if name not in self.taken and not hasattr(self.owner, name):
+                self.taken.add(name)
+                return name
 
 
 def _default_example_input(model: nn.Module) -> torch.Tensor | None:
@@ -194,22 +204,27 @@ def analyse_and_rewrite(
     planned: list[_Planned] = []
     rewrites: dict[str, list[tuple[fx.Node, _Planned]]] = {}
     fallbacks: dict[str, list[_Planned]] = {}
+    redirects: dict[str, list[fx.Node]] = {}
     for path, g in graphs.items():
         owner = modules[path]
         counts: Counter = Counter()
+        names = _AttrNames(owner)
         for node in g.nodes:
-            site = _plan_node(node, owner, path, shared, counts)
+            site = _plan_node(node, owner, path, shared, counts, names)
             if site is not None:
                 rewrites.setdefault(path, []).append((node, site))
                 planned.append(site)
+            elif _inplace_module_input_reused(node, owner):
+                redirects.setdefault(path, []).append(node)
     for path in untraced:
+        names = _AttrNames(modules[path])
         for e in events or ():
             if e.owner != path:
                 continue
             target_module = modules.get(e.target) if e.is_module else None
             if e.is_module and id(target_module) not in shared:
                 continue  # a plain swap covers it
-            site = _plan_event(e, path, modules)
+            site = _plan_event(e, path, modules, names)
             fallbacks.setdefault(path, []).append(site)
             planned.append(site)
     for p, m in modules.items():
@@ -253,8 +268,8 @@ def analyse_and_rewrite(
         sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, qa, "", site.order))
         return qa
 
-    for path, items in rewrites.items():
-        _apply_fx_rewrite(modules[path], graphs[path], items, make)
+    for path in set(rewrites) | set(redirects):
+        _apply_fx_rewrite(modules[path], graphs[path], rewrites.get(path, []), redirects.get(path, []), make)
     for path, items in fallbacks.items():
         _apply_fallback(modules[path], items, make, modules)
     swaps: dict[int, nn.Module] = {}
@@ -283,7 +298,29 @@ def _node_is_site(node: fx.Node, owner: nn.Module, shared: set[int]) -> bool:
     return False
 
 
-def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], counts: Counter) -> _Planned | None:
+def _inplace_module_input_reused(node: fx.Node, owner: nn.Module) -> bool:
+    """An in-place activation module (nn.ReLU(inplace=True)) whose input is used again later: the
+    float model relies on the mutation, which the out-of-place quantizer does not do."""
+    if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    sub = owner.get_submodule(node.target)
+    if module_kind(sub) is None or not getattr(sub, "inplace", False):
+        return False
+    later = [u for u in node.args[0].users if u is not node and _after(u, node)]
+    return bool(later)
+
+
+def _after(a: fx.Node, b: fx.Node) -> bool:
+    n = b.next
+    while n.op != "root":
+        if n is a:
+            return True
+        n = n.next
+    return False
+
+
+def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], counts: Counter,
+               names: _AttrNames) -> _Planned | None:
     prefix = f"{path}." if path else ""
     if node.op == "call_module":
         sub = owner.get_submodule(node.target)
@@ -292,9 +329,9 @@ def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], cou
             return None
         k = counts[node.target]
         counts[node.target] += 1
-        name = f"{prefix}{node.target.replace('.', '_')}_call{k + 1}"
-        return _Planned(name, path, _original_name(sub), kind, FX_REWRITE,
-                        ("call", path, f"{prefix}{node.target}", k))
+        attr = names.new(f"{node.target}_call")
+        return _Planned(f"{prefix}{attr}", path, _original_name(sub), kind, FX_REWRITE,
+                        ("call", path, f"{prefix}{node.target}", k), attr=attr)
     if node.op == "call_function":
         kind = function_kind(node.target, node.args, node.kwargs)
         fname = function_name(node.target)
@@ -307,20 +344,20 @@ def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], cou
         return None
     k = counts[fname]
     counts[fname] += 1
-    short = fname.split(".")[-1].rstrip("_")
-    return _Planned(f"{prefix}{short}_fn{k + 1}", path, fname, kind, FX_REWRITE, ("call", path, fname, k))
+    attr = names.new(f"{fname.split('.')[-1].rstrip('_')}_fn")
+    return _Planned(f"{prefix}{attr}", path, fname, kind, FX_REWRITE, ("call", path, fname, k), attr=attr)
 
 
-def _plan_event(e: CallEvent, path: str, modules: dict[str, nn.Module]) -> _Planned:
+def _plan_event(e: CallEvent, path: str, modules: dict[str, nn.Module], names: _AttrNames) -> _Planned:
     prefix = f"{path}." if path else ""
     if e.is_module:
         rel = e.target[len(prefix):] if e.target.startswith(prefix) else e.target
-        return _Planned(f"{prefix}{rel.replace('.', '_')}_call{e.index + 1}", path,
-                        _original_name(modules[e.target]), e.kind, RUNTIME_FALLBACK,
-                        ("call", path, e.target, e.index))
-    short = e.target.split(".")[-1].rstrip("_")
-    return _Planned(f"{prefix}{short}_fn{e.index + 1}", path, e.target, e.kind, RUNTIME_FALLBACK,
-                    ("call", path, e.target, e.index))
+        attr = names.new(f"{rel}_call")
+        return _Planned(f"{prefix}{attr}", path, _original_name(modules[e.target]), e.kind, RUNTIME_FALLBACK,
+                        ("call", path, e.target, e.index), attr=attr)
+    attr = names.new(f"{e.target.split('.')[-1].rstrip('_')}_fn")
+    return _Planned(f"{prefix}{attr}", path, e.target, e.kind, RUNTIME_FALLBACK,
+                    ("call", path, e.target, e.index), attr=attr)
 
 
 def _decide(planned: list[_Planned], cfg: QuantConfig) -> dict[int, tuple[bool, str]]:
@@ -341,18 +378,30 @@ def _decide(planned: list[_Planned], cfg: QuantConfig) -> dict[int, tuple[bool, 
     return out
 
 
-def _apply_fx_rewrite(owner: nn.Module, graph: fx.Graph, items: list, make) -> None:
+def _apply_fx_rewrite(owner: nn.Module, graph: fx.Graph, items: list, redirects: list[fx.Node], make) -> None:
     position = {n: i for i, n in enumerate(graph.nodes)}
-    changed = False
+
+    def redirect_later_uses(source: Any, result: fx.Node, call: fx.Node) -> None:
+        """Later readers of an in-place call's input read the call's result instead."""
+        if not isinstance(source, fx.Node):
+            return
+        for user in list(source.users):
+            if user is not result and user is not call and position.get(user, -1) > position[call]:
+                user.replace_input_with(source, result)
+
+    for node in redirects:
+        redirect_later_uses(node.args[0], node, node)
+    changed = bool(redirects)
     for node, site in items:
-        attr_base = site.name.rpartition(".")[2]
         if node.op == "call_module":
-            qa = make(site, owner.get_submodule(node.target))
+            sub = owner.get_submodule(node.target)
+            qa = make(site, sub)
             if qa is None:
                 continue
-            attr = _unique_attr(owner, attr_base)
-            owner.add_module(attr, qa)
-            node.target = attr
+            owner.add_module(site.attr, qa)
+            node.target = site.attr
+            if getattr(sub, "inplace", False):
+                redirect_later_uses(node.args[0], node, node)
             changed = True
             continue
         if node.op == "call_function":
@@ -365,16 +414,13 @@ def _apply_fx_rewrite(owner: nn.Module, graph: fx.Graph, items: list, make) -> N
         qa = make(site, fn)
         if qa is None:
             continue
-        attr = _unique_attr(owner, attr_base)
-        owner.add_module(attr, qa)
+        owner.add_module(site.attr, qa)
         with graph.inserting_after(node):
-            new = graph.call_module(attr, args, kwargs)
+            new = graph.call_module(site.attr, args, kwargs)
+        position[new] = position[node]
         node.replace_all_uses_with(new)
-        if inplace and isinstance(args[0], fx.Node):
-            source = args[0]
-            for user in list(source.users):
-                if user is not new and user is not node and position.get(user, -1) > position[node]:
-                    user.replace_input_with(source, new)
+        if inplace:
+            redirect_later_uses(args[0], new, node)
         graph.erase_node(node)
         changed = True
     if changed:
@@ -394,24 +440,22 @@ def _install_forward(owner: nn.Module, graph: fx.Graph) -> None:
 
 def _apply_fallback(owner: nn.Module, items: list[_Planned], make, modules: dict[str, nn.Module]) -> None:
     functional: dict[str, str] = {}
-    per_module: dict[str, list[nn.Module]] = {}
+    per_module: dict[str, list[str | None]] = {}
     for site in items:
         _, _, target, index = site.key
-        if target in modules and module_kind(modules[target]) is not None:
-            original = modules[target]
-            qa = make(site, original)
-            per_module.setdefault(target, []).append(qa if qa is not None else original)
-            continue
-        qa = make(site, _function_for(target))
+        is_module = target in modules and module_kind(modules[target]) is not None
+        qa = make(site, modules[target] if is_module else _function_for(target))
         if qa is not None:
-            attr = _unique_attr(owner, site.name.rpartition(".")[2])
-            owner.add_module(attr, qa)
-            functional[f"{target}@{index}"] = attr
-    for target, per_call in per_module.items():
+            owner.add_module(site.attr, qa)
+        if is_module:
+            per_module.setdefault(target, []).append(site.attr if qa is not None else None)
+        elif qa is not None:
+            functional[f"{target}@{index}"] = site.attr
+    for target, attrs in per_module.items():
         parent_path, _, attr = target.rpartition(".")
-        parent = modules[parent_path] if parent_path else None
-        if parent is not None and parent._modules.get(attr) is modules[target]:
-            parent._modules[attr] = CallOrderDispatch(target, per_call)
+        parent = modules[parent_path]
+        if parent._modules.get(attr) is modules[target]:
+            parent._modules[attr] = CallOrderDispatch(target, attrs, modules[target])
     install_runtime_dispatch(owner, functional)
 
 

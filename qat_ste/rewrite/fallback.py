@@ -79,17 +79,26 @@ def _runtime_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 class CallOrderDispatch(nn.Module):
-    """Stands for an activation module shared by call sites of a fallback owner."""
+    """Stands for an activation module shared by call sites of a fallback owner.
 
-    def __init__(self, key: str, per_call: list[nn.Module]) -> None:
+    The k-th call inside the owner's forward goes to the owner's quantizer ``per_call[k]`` (an
+    attribute name; None: that call stays float), any other call to the original module.
+    """
+
+    def __init__(self, key: str, per_call: list[str | None], original: nn.Module) -> None:
         super().__init__()
         self.key = key
-        self.per_call = nn.ModuleList(per_call)
+        self.per_call = list(per_call)
+        self.original = original
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         frame = _FRAME.get()
-        index = frame.next_index(self.key) if frame is not None else 0
-        return self.per_call[min(index, len(self.per_call) - 1)](x, *args, **kwargs)
+        if frame is not None and getattr(frame.owner, "_qat_runtime_sites", None) is not None:
+            index = frame.next_index(self.key)
+            if index < len(self.per_call) and self.per_call[index] is not None \
+                    and hasattr(frame.owner, self.per_call[index]):
+                return getattr(frame.owner, self.per_call[index])(x, *args, **kwargs)
+        return self.original(x, *args, **kwargs)
 
 
 def install_runtime_dispatch(owner: nn.Module, functional_sites: dict[str, str]) -> None:

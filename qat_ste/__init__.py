@@ -4,10 +4,12 @@
     qmodel = qat_ste.quantize(model, bits=4, ste="clipped_relu")
     qat_ste.calibrate(qmodel, batches)
     print(qat_ste.report(qmodel))
+    qat_ste.export_onnx(qmodel, "model.onnx", example_input)
 """
 
 from .config import QuantConfig
 from .errors import QatSteError
+from .export import CheckReport, ExportResult, check_onnx, export_onnx
 from .quantize import alpha_parameters, calibrate, project_alphas, quant_modules, quantize, report
 from .quantizer.module import QuantAct
 from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
@@ -15,6 +17,6 @@ from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
 __version__ = "0.1.0"
 
 __all__ = [
-    "QatSteError", "QuantAct", "QuantConfig", "STE", "alpha_parameters", "calibrate", "get_ste",
+    "CheckReport", "ExportResult", "QatSteError", "QuantAct", "check_onnx", "export_onnx", "QuantConfig", "STE", "alpha_parameters", "calibrate", "get_ste",
     "list_stes", "project_alphas", "quant_modules", "quantize", "register_ste", "report", "unregister_ste",
 ]

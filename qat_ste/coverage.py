@@ -46,6 +46,8 @@ class CoverageRow:
     sites_counted: int = 0     # activation calls counted at run time on the float model
     quantized_calls: int = 0   # QuantAct invocations in one quantized forward pass
     methods: str = ""
+    exported: str = ""         # ONNX export + ORT check: "" (not asked), "ok", or why not
+    site_parity: float | None = None  # fraction of quantized sites with 100 % code parity in ORT
     passed: bool = False
     reason: str = ""
     seconds: float = 0.0
@@ -88,7 +90,7 @@ def build_model(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tens
     return model, torch.randn(2, 3, size, size)
 
 
-def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu") -> CoverageRow:
+def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu", export: bool = False) -> CoverageRow:
     """Quantize one model and verify it (see the module docstring)."""
     import qat_ste
     from qat_ste.rewrite.verify import check_coverage
@@ -121,6 +123,9 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu") -> Coverage
             problems.append("no gradients")
         elif not finite:
             problems.append("non-finite gradients")
+        if export and not problems:
+            q.eval()
+            _export_and_check(q, x, row, problems)
         row.passed = not problems
         row.reason = "; ".join(problems)
     except Exception as e:  # noqa: BLE001 - the table records every failure
@@ -130,6 +135,27 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu") -> Coverage
         row.seconds = round(time.perf_counter() - start, 1)
         gc.collect()
     return row
+
+
+def _export_and_check(q: nn.Module, x: torch.Tensor, row: CoverageRow, problems: list[str]) -> None:
+    """Export the quantized model (deploy form) and check per-site code parity in ONNX Runtime."""
+    import tempfile
+
+    from qat_ste.export import check_onnx, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_onnx(q, f"{tmp}/model.onnx", x)
+            rep = check_onnx(q, f"{tmp}/model.onnx", x, latency=False, min_code_agreement=0.0,
+                             min_top1_agreement=0.0)
+        except Exception as e:  # noqa: BLE001 - recorded in the table
+            row.exported = f"export/check failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            problems.append(row.exported)
+            return
+    row.site_parity = rep.site_parity
+    row.exported = "ok" if rep.site_parity == 1.0 else f"site parity {rep.site_parity:.4f}"
+    if rep.site_parity != 1.0:
+        problems.append(row.exported)
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -143,10 +169,11 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def rows_to_markdown(rows: list[CoverageRow]) -> str:
-    head = "| model | sites found | sites counted | pass | methods | reason | s |\n|---|---:|---:|---|---|---|---:|\n"
+    head = ("| model | sites found | sites counted | pass | methods | ONNX export + ORT parity | reason | s |\n"
+            "|---|---:|---:|---|---|---|---|---:|\n")
     body = "".join(
         f"| {r.model} | {r.sites_found} | {r.sites_counted} | {'pass' if r.passed else 'FAIL'} | {r.methods} | "
-        f"{r.reason.replace('|', '/')} | {r.seconds} |\n" for r in rows)
+        f"{r.exported or '-'} | {r.reason.replace('|', '/')} | {r.seconds} |\n" for r in rows)
     passed = sum(r.passed for r in rows)
     return head + body + f"\n{passed}/{len(rows)} models pass.\n"
 

@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--models", nargs="*", help="explicit model specs (torchvision:NAME / timm:NAME)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--ste", default="clipped_relu")
+    p.add_argument("--export", action="store_true", help="also export each model to ONNX and check it in ORT")
     p.add_argument("--out", default="docs/coverage", help="writes OUT.md and OUT.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -36,7 +37,7 @@ def main() -> int:
     bar = tqdm(models, unit="model")
     for spec in bar:
         bar.set_description(spec)
-        row = check_model(spec, args.bits, args.ste)
+        row = check_model(spec, args.bits, args.ste, export=args.export)
         rows.append(row)
         tqdm.write(f"{'pass' if row.passed else 'FAIL'}  {spec:45s} found {row.sites_found:4d}  counted "
                    f"{row.sites_counted:4d}  {row.seconds:6.1f}s  {row.reason}")

@@ -23,13 +23,7 @@ TINY = ["--float-epochs", "1", "--epochs", "1", "--batch-size", "128", "--calib-
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from qat_ste.train.data import load_dataset
 EPOCHS, BATCH = 3, 32  # 256 images -> 8 steps per epoch, 24 in all
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread is fastest
 
 
 def make_model(seed: int = 0) -> nn.Module:

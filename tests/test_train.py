@@ -20,13 +20,7 @@ from qat_ste.train.engine import lr_factor
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread is fastest
 
 
 def small_cnn(in_channels: int = 3, num_classes: int = 10, width: int = 8) -> nn.Module:

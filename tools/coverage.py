@@ -17,7 +17,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qat_ste.coverage import CI_MODELS, all_models, check_model, rows_to_json, rows_to_markdown  # noqa: E402
-from qat_ste.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from qat_ste.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def main() -> int:

@@ -41,8 +41,6 @@ Usage: ``python tools/p2_experiment.py --out docs/figures`` (add ``--seeds 0 1 2
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from qat_ste import QatSteError, get_ste, list_stes
+from qat_ste.atomic import save_figure
 from qat_ste.ste import STE
 
 #: MSE-optimal fixed steps for N(0,1) inputs with nearest rounding (reference section 3).
@@ -231,25 +230,6 @@ def _train(
     }
 
 
-def save_png_atomically(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG via a temp file in the same folder and os.replace."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
-
-
 def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
     """Training accuracy and training error (symlog) against iteration, one color per STE."""
     import matplotlib
@@ -286,7 +266,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
         f"N={cfg['samples']}, margin {cfg['margin']}, full-batch GD lr {cfg['lr']}, momentum {cfg['momentum']}; seeds {seeds} "
         f"(seed {seeds[0]} bold)", fontsize=8)
     fig.tight_layout()
-    save_png_atomically(fig, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without in
     sys.path.insert(0, str(REPO_ROOT))
 
 import qat_ste  # noqa: E402
+from qat_ste.atomic import atomic_save, atomic_write_text  # noqa: E402
 from qat_ste.errors import QatSteError  # noqa: E402
 from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train  # noqa: E402
 from qat_ste.train.data import TensorImageDataset, load_dataset  # noqa: E402
@@ -262,21 +262,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, fsync, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 class ResultsStore:
     """The JSON file of finished runs: ``{"format", "invocations": [...], "runs": {run_id: record}}``.
     Every change is written at once, atomically."""
@@ -411,18 +396,6 @@ def is_finished(record: Mapping[str, Any] | None, digest: str, runs_dir: Path) -
             and weights_path(runs_dir, record["run_id"], digest).exists())
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _starting_model(spec: RunSpec, data: NetData, recipes: Recipes, parent_weights: Path | None) -> torch.nn.Module:
     if spec.kind == "float":
         return build_model(spec.net, data, recipes)
@@ -482,7 +455,7 @@ def execute_run(
         if result.stopped_early:
             raise KeyboardInterrupt(f"{spec.run_id} stopped ({result.stop_reason}); run again to resume")
     if status == "done":
-        _atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                            weights_path(options.runs_dir, spec.run_id, digest))
     wall = time.perf_counter() - started
     final = history[-1] if history else {}

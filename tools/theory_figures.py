@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +28,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from qat_ste import theory  # noqa: E402
+from qat_ste.atomic import save_figure  # noqa: E402
 
 STES = theory.CLOSED_FORM_STES
 COLORS = {"identity": "tab:red", "relu": "tab:blue", "clipped_relu": "tab:green"}
@@ -42,23 +41,6 @@ V_CHECK = np.array([1.0, 0.5, -0.2])
 W_CHECK = np.array([1.0, 1.0, 0.0])
 V_START = np.array([1.0, 0.2, -0.4])
 W_START = np.array([1.0, 1.5, 0.5])
-
-
-def save_png_atomically(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
-    """Save ``fig`` as PNG at ``path`` via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the figure is a normal readable file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
 
 
 def figure_algorithm1(out: Path, lr: float, iters: int) -> list[tuple[str, float, float, float]]:
@@ -80,7 +62,7 @@ def figure_algorithm1(out: Path, lr: float, iters: int) -> list[tuple[str, float
     fig.suptitle("m = n = 3, v* = (0.8, -0.3, 0.5), w* = e1, start v0 = (1, 0.2, -0.4), w0 = (1, 1.5, 0.5)",
                  fontsize=9)
     fig.tight_layout()
-    save_png_atomically(fig, out / "theory_algorithm1_loss.png")
+    save_figure(fig, out / "theory_algorithm1_loss.png")
     return rows
 
 
@@ -112,7 +94,7 @@ def figure_correlation(out: Path, w_norm: float) -> list[tuple[str, float, float
     fig.suptitle(f"v = (1, 0.5, -0.2), v* = (0.8, -0.3, 0.5), w = {w_norm:g} (cos theta e1 + sin theta e2), "
                  "w* = e1", fontsize=9)
     fig.tight_layout()
-    save_png_atomically(fig, out / "theory_correlation.png")
+    save_figure(fig, out / "theory_correlation.png")
     return rows
 
 
@@ -146,7 +128,7 @@ def figure_one_step(out: Path, seed: int, max_lr: float) -> list[tuple[int, str,
     fig.suptitle("One coarse-gradient step on w from the check point v = (1, 0.5, -0.2), w = (1, 1, 0)"
                  " (g_N and the empirical loss use the same N samples)", fontsize=9)
     fig.tight_layout()
-    save_png_atomically(fig, out / "theory_one_step_loss.png")
+    save_figure(fig, out / "theory_one_step_loss.png")
     return rows
 
 

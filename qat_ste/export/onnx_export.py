@@ -18,10 +18,8 @@ those sites cannot fuse into the preceding integer op.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
 from ..quantizer.module import QuantAct
 from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
@@ -243,22 +242,6 @@ def _site_infos(quants: list, site_graphs: list, sites: list[RoutedSite]) -> lis
     return infos
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``target`` and move it into place (no partial files)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -355,7 +338,7 @@ def export_onnx(
         raise RuntimeError(f"qat_ste produced an invalid ONNX graph (a bug, please report): {e}") from e
     data = proto.SerializeToString()
     try:
-        _atomic_write(target, data)
+        atomic_write_bytes(target, data)
     except OSError as e:
         raise QatSteError(f"cannot write {target}: {e}", "pass a path you can write to") from e
     return ExportResult(
@@ -387,7 +370,7 @@ def export_float_onnx(
 
     passes.clean_metadata(proto.graph)
     onnx.checker.check_model(proto)
-    _atomic_write(target, proto.SerializeToString())
+    atomic_write_bytes(target, proto.SerializeToString())
     return target
 
 

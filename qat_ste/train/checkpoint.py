@@ -8,19 +8,16 @@ so a crash while writing leaves the previous file intact.
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import pickle
 import random
-import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..errors import QatSteError
 
 __all__ = [
@@ -38,64 +35,6 @@ __all__ = [
 
 #: the "format" entry of every checkpoint the engine writes
 CHECKPOINT_FORMAT = "qat_ste.train/1"
-
-
-def _atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write ``path`` through ``write(handle)`` into a temporary file, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as for an ordinary file
-    handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file + os.replace)."""
-    return _atomic_write(path, lambda stream: stream.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, value: Any) -> Path:
-    """Write ``value`` as indented JSON to ``path`` atomically (non-finite floats become null)."""
-    return atomic_write_text(path, json.dumps(_json_safe(value), indent=2, sort_keys=False) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj, path)`` atomically: the old file stays intact if anything fails."""
-    return _atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qat_ste.coverage import CI_MODELS, all_models, check_model, rows_to_json, rows_to_markdown  # noqa: E402
+from qat_ste.coverage import CI_MODELS, CoverageRow, all_models, check_model, rows_to_json, rows_to_markdown  # noqa: E402
 from qat_ste.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -27,13 +29,21 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--ste", default="clipped_relu")
     p.add_argument("--export", action="store_true", help="also export each model to ONNX and check it in ORT")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for many runs)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT.json, run the rest")
     p.add_argument("--out", default="docs/coverage", help="writes OUT.md and OUT.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     models = args.models or {"all": all_models(), "ci": list(CI_MODELS),
                              "torchvision": [m for m in all_models() if m.startswith("torchvision:")],
                              "timm": [m for m in all_models() if m.startswith("timm:")]}[args.subset]
-    rows = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[CoverageRow] = []
+    if args.resume and Path(f"{args.out}.json").exists():
+        rows = [CoverageRow(**r) for r in json.loads(Path(f"{args.out}.json").read_text())]
+        done = {r.model for r in rows}
+        models = [m for m in models if m not in done]
     bar = tqdm(models, unit="model")
     for spec in bar:
         bar.set_description(spec)

@@ -45,9 +45,10 @@ def _alpha_derivative(
 ) -> torch.Tensor:
     """dy/dalpha per element for ``mode``; ``r = u/alpha`` and ``t`` its rounded value (unclamped)."""
     if mode == "lsq":
-        # Esser et al. eq. 3: -Q_N < u/alpha < Q_P with Q_N = z, Q_P = L - z, on the unrounded ratio
-        inside = (r + z > 0) & (r + z < levels)
-        return torch.where(inside, t - r, torch.where(r + z <= 0, -z, levels - z))
+        # Esser et al. eq. 3: t - r where -Q_N < u/alpha < Q_P (Q_N = z, Q_P = L - z, tested on the
+        # unrounded ratio), -Q_N below, Q_P above; clamp(t, -Q_N, Q_P) is t inside and the bound outside
+        inside = (r > -z) & (r < levels - z)
+        return torch.clamp(t, -z, levels - z).sub_(r * inside)
     if mode == "pact":
         return (u >= hi).to(u.dtype) * (levels - z)
     if mode == "bcgd":
@@ -59,11 +60,15 @@ def _alpha_derivative(
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, alpha, zero_point, levels, ste, alpha_mode, rounding, grad_scale):
-        q = quantize_codes(u, alpha, zero_point, levels, rounding)
+        a = alpha.float()
+        t = u.float() / a  # a fresh tensor: the rest runs in place (4 passes in all)
+        t = t.round_() if rounding == "nearest" else t.ceil_()
+        # clamp(t + z, 0, L) - z == clamp(t, -z, L - z) for an integer z
+        y = t.clamp_(-zero_point, levels - zero_point).mul_(a)
         ctx.save_for_backward(u, alpha, zero_point)
         ctx.levels, ctx.ste, ctx.alpha_mode, ctx.rounding, ctx.grad_scale = (
             levels, ste, alpha_mode, rounding, grad_scale)
-        return ((q - zero_point) * alpha).to(u.dtype)
+        return y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):

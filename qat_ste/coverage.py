@@ -8,6 +8,7 @@ forward and backward whose gradients must all be finite.
 from __future__ import annotations
 
 import gc
+import re
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -87,7 +88,53 @@ def build_model(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tens
         size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-1]
     else:
         raise ValueError(f"unknown model source in {spec!r}")
-    return model, torch.randn(2, 3, size, size)
+    x = torch.randn(2, 3, size, size)
+    _vary_norm_layers(model)
+    _match_norm_statistics(model, x)
+    return model, x
+
+
+@torch.no_grad()
+def _vary_norm_layers(model: nn.Module, seed: int = 0) -> None:
+    """Give every norm layer its own (seeded) affine parameters and running statistics.
+
+    Freshly built models have identical norm layers (weight 1, bias 0, mean 0, var 1); two branches
+    fed the same input are then the same function, and the ONNX exporter merges them, which says
+    nothing about a real, trained model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None)
+                if isinstance(p, torch.Tensor) and p.is_floating_point():
+                    p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+@torch.no_grad()
+def _match_norm_statistics(model: nn.Module, x: torch.Tensor) -> None:
+    """Set BatchNorm running statistics to the batch statistics of ``x``, as training would.
+
+    With random weights, eval-mode (running stats 0/1) and training-mode activations differ by
+    orders of magnitude; steps calibrated on the one are then useless for the other, and the
+    training step of the check degenerates (constant features, exploding BatchNorm gradients).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    saved = {m: m.momentum for m in norms}
+    modes = {m: m.training for m in model.modules()}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes below
+    model.train()
+    try:
+        for _ in range(2):
+            model(x)
+    finally:
+        for m, momentum in saved.items():
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.training = training
 
 
 def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu", export: bool = False) -> CoverageRow:
@@ -125,7 +172,7 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu", export: boo
             problems.append("non-finite gradients")
         if export and not problems:
             q.eval()
-            _export_and_check(q, x, row, problems)
+            _export_and_check(q, x, row, problems, float_model=model)
         row.passed = not problems
         row.reason = "; ".join(problems)
     except Exception as e:  # noqa: BLE001 - the table records every failure
@@ -137,7 +184,18 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu", export: boo
     return row
 
 
-def _export_and_check(q: nn.Module, x: torch.Tensor, row: CoverageRow, problems: list[str]) -> None:
+def _float_exports(model: nn.Module, x: torch.Tensor, folder: str) -> bool:
+    from qat_ste.export import export_float_onnx
+
+    try:
+        export_float_onnx(model.eval(), f"{folder}/float.onnx", x)
+        return True
+    except Exception:  # noqa: BLE001 - only the yes/no matters here
+        return False
+
+
+def _export_and_check(q: nn.Module, x: torch.Tensor, row: CoverageRow, problems: list[str],
+                      float_model: nn.Module | None = None) -> None:
     """Export the quantized model (deploy form) and check per-site code parity in ONNX Runtime."""
     import tempfile
 
@@ -149,7 +207,10 @@ def _export_and_check(q: nn.Module, x: torch.Tensor, row: CoverageRow, problems:
             rep = check_onnx(q, f"{tmp}/model.onnx", x, latency=False, min_code_agreement=0.0,
                              min_top1_agreement=0.0)
         except Exception as e:  # noqa: BLE001 - recorded in the table
-            row.exported = f"export/check failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0][:160] if str(e) else ""
+            row.exported = f"export/check failed: {type(e).__name__}: {text}"
+            if float_model is not None and not _float_exports(float_model, x, tmp):
+                row.exported += " (the float model fails the same torch.onnx export: not a qat_ste limit)"
             problems.append(row.exported)
             return
     row.site_parity = rep.site_parity

@@ -162,7 +162,7 @@ def analyse_and_rewrite(
         for node in g.nodes:
             if node.op == "call_module":
                 sub = modules[path].get_submodule(node.target)
-                if module_kind(sub) is not None:
+                if module_kind(sub) is not None and not _inlined_call(path, node.target, graphs, modules):
                     static_calls[id(sub)] += 1
 
     static_shared = {i for i, n in static_calls.items() if n > 1}
@@ -197,8 +197,9 @@ def analyse_and_rewrite(
     for e in events or ():
         if e.is_module:
             runtime_calls[e.target] += 1
+    # shared: called at several places; the census (when it ran) is authoritative for what it saw
     shared = {id(m) for p, m in modules.items() if module_kind(m) is not None
-              and (static_calls[id(m)] > 1 or runtime_calls[p] > 1)}
+              and (runtime_calls[p] > 1 or (static_calls[id(m)] > 1 and not runtime_calls[p]))}
 
     # 3. plan the sites -----------------------------------------------------------------------
     planned: list[_Planned] = []
@@ -296,6 +297,17 @@ def _node_is_site(node: fx.Node, owner: nn.Module, shared: set[int]) -> bool:
     if node.op == "call_method":
         return method_kind(node.target) is not None
     return False
+
+
+def _inlined_call(path: str, target: str, graphs: dict[str, fx.Graph], modules: dict[str, nn.Module]) -> bool:
+    """Whether a call of a grandchild (``target`` with a dot) is the parent's own forward traced
+    inline (``self.seq.forward(x)`` bypasses the leaf): the parent's graph already counts it."""
+    parent_rel, _, name = target.rpartition(".")
+    if not parent_rel:
+        return False
+    parent = f"{path}.{parent_rel}" if path else parent_rel
+    g = graphs.get(parent)
+    return g is not None and any(n.op == "call_module" and n.target == name for n in g.nodes)
 
 
 def _inplace_module_input_reused(node: fx.Node, owner: nn.Module) -> bool:

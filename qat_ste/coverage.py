@@ -72,8 +72,8 @@ def build_model(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tens
 
         kwargs: dict[str, Any] = {"num_classes": num_classes}
         size = 64
-        if name.startswith("vit_"):
-            kwargs["image_size"] = 64 if "_14" not in name else 56
+        if name.startswith("vit_"):  # the image size must be a multiple of the patch size
+            size = kwargs["image_size"] = 64 if "_14" not in name else 56
         elif name == "inception_v3":  # its auxiliary head needs the full 299x299 input
             size, kwargs["init_weights"] = 299, False
         elif name.startswith("maxvit"):  # partitions of 7 need 224x224

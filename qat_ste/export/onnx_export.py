@@ -242,6 +242,10 @@ def _site_infos(quants: list, site_graphs: list, sites: list[RoutedSite]) -> lis
     return infos
 
 
+#: protobuf's limit on one serialised ONNX model
+PROTOBUF_LIMIT = 2**31
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -278,6 +282,12 @@ def export_onnx(
                           "quantize it first: qmodel = qat_ste.quantize(model, bits=4); qat_ste.calibrate(qmodel, batches)")
     for s in sites:
         s.module.require_initialized()
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size >= PROTOBUF_LIMIT and weights != "int8":
+        raise QatSteError(
+            f"the model's weights take {size / 2**30:.1f} GiB; one ONNX file holds at most 2 GiB and "
+            "export_onnx does not write external data files",
+            "export with weights='int8' (4x smaller) if that fits, or a smaller model")
     bits = [s.module.bits for s in sites]
     opset = _resolve_opset(opset, _required_opset(bits, form), form, bits)
     target = _check_path(path)

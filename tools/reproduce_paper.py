@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without in
     sys.path.insert(0, str(REPO_ROOT))
 
 import qat_ste  # noqa: E402
-from qat_ste.atomic import atomic_save, atomic_write_text  # noqa: E402
+from qat_ste.atomic import atomic_save, atomic_write_text, json_safe  # noqa: E402
 from qat_ste.errors import QatSteError  # noqa: E402
 from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train  # noqa: E402
 from qat_ste.train.data import TensorImageDataset, load_dataset  # noqa: E402
@@ -251,17 +251,6 @@ def instability_spec(run: InstabilityRun, scale: float) -> RunSpec:
 # =============================================================================================
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None, tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 class ResultsStore:
     """The JSON file of finished runs: ``{"format", "invocations": [...], "runs": {run_id: record}}``.
     Every change is written at once, atomically."""
@@ -287,16 +276,16 @@ class ResultsStore:
 
     def save(self) -> None:
         """Write the file atomically."""
-        atomic_write_text(self.path, json.dumps(_clean(self.data), indent=1, allow_nan=False) + "\n")
+        atomic_write_text(self.path, json.dumps(json_safe(self.data), indent=1, allow_nan=False) + "\n")
 
     def put(self, record: dict[str, Any]) -> None:
         """Add or replace one run's record and save."""
-        self.runs[record["run_id"]] = _clean(record)
+        self.runs[record["run_id"]] = json_safe(record)
         self.save()
 
     def add_invocation(self, entry: dict[str, Any]) -> int:
         """Log one invocation of the tool; returns its index."""
-        self.data.setdefault("invocations", []).append(_clean(entry))
+        self.data.setdefault("invocations", []).append(json_safe(entry))
         self.save()
         return len(self.data["invocations"]) - 1
 
@@ -378,7 +367,7 @@ def run_settings(spec: RunSpec, data: NetData, recipes: Recipes, options: GridOp
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """A short stable hash of a settings dict."""
-    return hashlib.sha1(json.dumps(_clean(settings), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(json_safe(settings), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _safe(run_id: str) -> str:

@@ -54,8 +54,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
             AttributeError, TypeError, KeyError, IndexError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        unpickler = [line for line in lines if "WeightsUnpickler error" in line]
-        detail = (unpickler or lines or [type(error).__name__])[0]
+        unpickler = [line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
+                     if "WeightsUnpickler error:" in line]
+        detail = next((d for d in unpickler if d), None) or (
+            "not a torch checkpoint (unreadable contents)" if unpickler else (lines or [type(error).__name__])[0])
         raise QatSteError(f"cannot read checkpoint {path}: {detail[:300]}", fix_corrupt) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise QatSteError(

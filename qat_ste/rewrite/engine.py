@@ -7,9 +7,11 @@
    torch.relu, x.relu_(), ...) or calls one activation module at several places gets a rewritten
    forward from its traced graph, one QuantAct per call ("fx rewrite"); its class becomes a
    subclass of the original, so methods and isinstance checks still work.
-3. A module that FX cannot trace (control flow on values or shapes) or whose forward branches on
-   ``self.training`` is handled by runtime call-order dispatch ("runtime fallback"), with the sites
-   taken from a census run (one forward pass with an example input).
+3. A module that FX cannot trace (control flow on values or shapes), or whose trace would freeze a
+   Python branch (on ``self.training``, or on optional arguments), is handled by runtime
+   call-order dispatch ("runtime fallback"), with the sites taken from a census run (one forward
+   pass with an example input). When the census ran, it decides which activation modules are
+   shared; calls of a grandchild that are the parent's forward traced inline count once.
 """
 
 from __future__ import annotations

@@ -78,10 +78,31 @@ def alpha_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [m.alpha for _, m in quant_modules(model) if isinstance(m.alpha, nn.Parameter)]
 
 
+class AlphaProjector:
+    """Clamps a model's learned steps into their valid ranges, one fused call per range.
+
+    Build it once the steps exist (after calibration or loading, when the optimizer is built) and
+    call it after every optimizer step: unlike project_alphas() it walks the model only once.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+        for _, m in quant_modules(model):
+            valid = m.alpha_range()
+            if valid is not None:
+                self.groups.setdefault(valid, []).append(m.alpha)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for (lo, hi), alphas in self.groups.items():
+            torch._foreach_clamp_min_(alphas, lo)
+            if hi != float("inf"):
+                torch._foreach_clamp_max_(alphas, hi)
+
+
 def project_alphas(model: nn.Module) -> None:
     """Clamp learned steps to their valid range; call after each optimizer step."""
-    for _, m in quant_modules(model):
-        m.project_()
+    AlphaProjector(model)()
 
 
 @torch.no_grad()

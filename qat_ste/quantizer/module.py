@@ -147,13 +147,18 @@ class QuantAct(nn.Module):
         else:
             self.alpha = value.clone()
 
+    def alpha_range(self) -> tuple[float, float] | None:
+        """The valid range of a learned alpha (None when alpha is fixed)."""
+        if self.alpha_mode == "fixed":
+            return None
+        return BCGD_RANGE if self.alpha_mode == "bcgd" else (ALPHA_MIN, float("inf"))
+
     def project_(self) -> None:
         """Keep a learned alpha in its valid range (call after each optimizer step)."""
-        if self.alpha_mode == "fixed":
-            return
-        lo, hi = BCGD_RANGE if self.alpha_mode == "bcgd" else (ALPHA_MIN, float("inf"))
-        with torch.no_grad():
-            self.alpha.clamp_(lo, hi)
+        valid = self.alpha_range()
+        if valid is not None:
+            with torch.no_grad():
+                self.alpha.clamp_(*valid)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "alpha"

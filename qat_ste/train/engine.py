@@ -37,7 +37,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QatSteError
-from ..quantize import alpha_parameters, calibrate, project_alphas, quant_modules
+from ..quantize import AlphaProjector, alpha_parameters, calibrate, quant_modules
 from .checkpoint import (
     CHECKPOINT_FORMAT, atomic_save, atomic_write_bytes, capture_rng_state, load_checkpoint, load_model_state,
     restore_rng_state,
@@ -551,6 +551,7 @@ class _Run:
     train_time_s: float = 0.0
     compile_verified: bool = False
     input_dtype: torch.dtype | None = None
+    project_alphas: Callable[[], None] = lambda: None  # AlphaProjector of the model, after each step
 
     @property
     def files(self) -> bool:
@@ -773,7 +774,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _St
         run.scaler.update()
     else:
         run.optimizer.step()
-    project_alphas(run.model)
+    run.project_alphas()
     run.scheduler.step()
     run.step += 1
     return values[:3], values[3] > 0
@@ -1008,6 +1009,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
                out_dir=out_dir, metadata=_plain(metadata, "metadata"),
                criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
     run.input_dtype = _input_dtype(model, amp)
+    run.project_alphas = AlphaProjector(model)  # the same alpha tensors as the optimizer's
     if state is not None:
         _restore(run, state)
         run.last_checkpoint = resume_from

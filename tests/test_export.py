@@ -404,3 +404,19 @@ def test_model_over_the_protobuf_limit_is_refused_clearly(monkeypatch) -> None:
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 100)  # the toy model's weights exceed 100 bytes
     with pytest.raises(QatSteError, match="at most 2 GiB"):
         onnx_export.export_onnx(q, "unused.onnx", torch.randn(1, 1, 8, 8))
+
+
+def test_per_channel_token_steps_loaded_from_a_state_dict_export_on_the_channel_axis(tmp_path) -> None:
+    """A (B, N, C) site whose per-channel steps were loaded, not calibrated, exports along C."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(4, 5, 8)
+    calibrated = qat_ste.quantize(model, per_channel=True)
+    qat_ste.calibrate(calibrated, [x])
+    fresh = qat_ste.quantize(model, per_channel=True)
+    fresh.load_state_dict(calibrated.state_dict())
+    fresh.eval()
+    export_onnx(fresh, tmp_path / "tokens.onnx", x)
+    report = check_onnx(fresh, tmp_path / "tokens.onnx", x, latency=False)
+    assert report.site_parity == 1.0
+    assert torch.allclose(fresh(x), calibrated.eval()(x))

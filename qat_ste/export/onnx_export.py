@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
-from ..quantizer.module import QuantAct
+from ..quantizer.module import QuantAct, channel_axis_of
 from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
 
 FORMS = ("deploy", "spec")
@@ -157,7 +157,7 @@ def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor
     def hook_for(site: RoutedSite):
         def run(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
             per_channel = module.alpha.dim() == 1
-            seen[site.index] = (u.dim(), module.channel_axis % u.dim() if per_channel else None)
+            seen[site.index] = (u.dim(), channel_axis_of(u) % u.dim() if per_channel else None)
             alpha, zero_point = module._grid(u)
             return ((reference_codes(module, u) - zero_point) * alpha).to(u.dtype)
         return run

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..quantizer.functional import quantize_codes
-from ..quantizer.module import QuantAct
+from ..quantizer.module import QuantAct, channel_axis_of
 
 #: node metadata key on each QuantizeLinear: the index of its site in the export's site list
 SITE_INDEX_KEY = "qat_ste.site_index"
@@ -106,7 +106,7 @@ def _routing_hook(index: int) -> Callable[[QuantAct, torch.Tensor], torch.Tensor
     def route(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
         alpha = module.alpha.detach()
         zero_point = module.zero_point.detach().to(alpha.dtype)
-        axis = module.channel_axis % u.dim() if alpha.dim() == 1 else 0
+        axis = channel_axis_of(u) % u.dim() if alpha.dim() == 1 else 0
         if module.rounding == "ceil":
             integer = torch.ceil(u.float() / _per_channel_view(alpha, u, axis).float())
             return torch.ops.qat_ste.quant_dequant(

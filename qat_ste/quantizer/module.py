@@ -81,7 +81,6 @@ class QuantAct(nn.Module):
         self.alpha_mode = check_choice("alpha mode", alpha_mode, ALPHA_MODES)
         self.rounding = check_choice("rounding", rounding, ROUNDING_MODES)
         self.per_channel = bool(per_channel)
-        self.channel_axis = 1
         self.original = original
         self.site = ""  # its name in the model; set by quantize()
         if isinstance(fn, nn.Module):
@@ -232,8 +231,8 @@ class QuantAct(nn.Module):
         """A random subsample of ``u`` laid out ``channels x n`` (one channel unless per-channel)."""
         u = u.detach().float()
         if self.per_channel and u.dim() >= 2:
-            self.channel_axis = channel_axis_of(u)
-            flat = u.movedim(self.channel_axis, 0).reshape(u.shape[self.channel_axis], -1)
+            axis = channel_axis_of(u)
+            flat = u.movedim(axis, 0).reshape(u.shape[axis], -1)
         else:
             flat = u.reshape(1, -1)
         n = flat.shape[1]

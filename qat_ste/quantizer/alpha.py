@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QatSteError
+from .functional import quantize_codes
 
 #: MSE-optimal step of the nearest-rounding b-bit quantized ReLU for half-Gaussian N(0,1) input
 #: (bits 1-4 as given in the reference; 5-8 from the same 1-D fit, tools/../tests recompute them).
@@ -33,8 +34,8 @@ def fixed_step(bits: int, rounding: str = "nearest") -> float:
 def _quant_error(x: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, alpha: torch.Tensor, levels: int):
     """Mean squared quantization error per channel; ``x``, ``target``: ``channels x n``, ``lo``, ``alpha``: ``(channels,)``."""
     lo, alpha = lo[:, None], alpha[:, None]  # one value per row of x
-    z = torch.clamp(torch.round(-lo / alpha), 0, levels)
-    q = torch.clamp(torch.round(x / alpha) + z, 0, levels)
+    z = zero_point_for(lo, alpha, levels)
+    q = quantize_codes(x, alpha, z, levels)
     return ((q - z) * alpha - target).pow(2).mean(dim=-1)
 
 
@@ -92,5 +93,9 @@ def range_from_samples(
 def step_and_zero_point(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``alpha = (hi - lo)/L`` and the integer zero point ``round(-lo/alpha)`` clamped to [0, L]."""
     alpha = torch.clamp((hi - lo) / levels, min=ALPHA_MIN)
-    zero_point = torch.clamp(torch.round(-lo / alpha), 0, levels)
-    return alpha, zero_point
+    return alpha, zero_point_for(lo, alpha, levels)
+
+
+def zero_point_for(lo: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Tensor:
+    """The integer zero point that puts ``lo`` on the grid: ``round(-lo/alpha)`` clamped to [0, L]."""
+    return torch.clamp(torch.round(-lo / alpha), 0, levels)

@@ -195,9 +195,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (... x C x H x W) -> float32, scaled to [0, 1] then (x - mean) / std."""
-        mean = self._mean.to(images.device)
-        std = self._std.to(images.device)
-        return images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        if self._mean.device != images.device:  # move once, not a host-to-device copy per batch
+            self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
+        return images.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
 
     def get_batch(
         self,

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..quantizer.module import INSIDE_QUANT_ACT
 from .activations import strip_inplace
+from .census import classify_torch_function
 
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("qat_ste_depth", default=0)
 _FRAME: contextvars.ContextVar["_Frame | None"] = contextvars.ContextVar("qat_ste_frame", default=None)
@@ -53,8 +54,6 @@ class _DispatchMode(TorchFunctionMode):
         self.frame = frame
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from .census import classify_torch_function
-
         kwargs = kwargs or {}
         if not INSIDE_QUANT_ACT.get() and _DEPTH.get() == self.frame.depth:
             hit = classify_torch_function(func, args, kwargs)

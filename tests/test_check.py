@@ -56,7 +56,7 @@ def files(quantized, tmp_path_factory) -> dict[str, str]:
     out = {}
     for weights in ("float", "int8"):
         out[weights] = str(export_onnx(quantized, directory / f"{weights}.onnx", torch.randn(1, *SHAPE),
-                                       weights=weights).path)
+                                       weight_format=weights).path)
     return out
 
 
@@ -76,7 +76,7 @@ def report_float(quantized, files, data) -> CheckReport:
 def test_good_file_passes_with_every_figure(report_float, quantized) -> None:
     r = report_float
     assert r.ok and not r.failures, r.table()
-    assert r.samples == 24 and r.form == "deploy" and r.weights == "float"
+    assert r.samples == 24 and r.form == "deploy" and r.weight_format == "float"
     assert [s.name for s in r.sites] == [n for n, _ in qat_ste.quant_modules(quantized)]
     assert r.site_parity == 1.0 and all(s.dequant_exact for s in r.sites)
     assert 0.99 <= r.code_agreement <= 1.0

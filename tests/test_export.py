@@ -98,10 +98,10 @@ def input_shape(kind: str) -> tuple[int, ...]:
 # name -> (model kind, bits, quantize options, export options)
 CASES = {
     "relu4_deploy": ("relu", 4, {}, {}),
-    "relu4_int8": ("relu", 4, {}, {"weights": "int8"}),
+    "relu4_int8": ("relu", 4, {}, {"weight_format": "int8"}),
     "relu4_spec": ("relu", 4, {}, {"form": "spec"}),
-    "relu8_int8": ("relu", 8, {}, {"weights": "int8"}),
-    "relu4_ceil": ("relu", 4, {"rounding": "ceil"}, {"weights": "int8"}),
+    "relu8_int8": ("relu", 8, {}, {"weight_format": "int8"}),
+    "relu4_ceil": ("relu", 4, {"rounding": "ceil"}, {"weight_format": "int8"}),
     "smooth3_deploy": ("smooth", 3, {"per_channel": True}, {}),
     "smooth3_spec": ("smooth", 3, {"per_channel": True}, {"form": "spec"}),
     "lenet2_spec": ("lenet", 2, {}, {"form": "spec"}),
@@ -193,14 +193,14 @@ def test_dynamic_batch(exports, case) -> None:
 def test_metadata_holds_every_site_setting(exports) -> None:
     model, result = exports("smooth3_deploy")
     meta = read_metadata(onnx.load(str(result.path)))
-    assert meta["form"] == "deploy" and meta["weights"] == "float" and meta["opset"] == result.opset
+    assert meta["form"] == "deploy" and meta["weight_format"] == "float" and meta["opset"] == result.opset
     assert meta["session_config"] == {"session.disable_quant_qdq": "1"}
     modules = dict(qat_ste.quant_modules(model))
     assert [s["name"] for s in meta["sites"]] == list(modules)
     for s in meta["sites"]:
         m = modules[s["name"]]
         assert s["bits"] == 3 and s["axis"] == 1 and s["rounding"] == "nearest"
-        assert s["scale"] == pytest.approx(m.alpha.detach().tolist(), rel=0, abs=0)
+        assert s["step"] == pytest.approx(m.alpha.detach().tolist(), rel=0, abs=0)
         assert s["zero_point"] == [int(z) for z in m.zero_point.tolist()]
         assert any(z > 0 for z in s["zero_point"])  # GELU/SiLU go negative
     json.dumps(result.to_dict())
@@ -332,7 +332,7 @@ def test_spec_with_2_bits_needs_opset_25(exports, tmp_path) -> None:
         export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 28, 28), form="spec", opset=21)
 
 
-@pytest.mark.parametrize("option", [{"form": "tiny"}, {"weights": "int4"}])
+@pytest.mark.parametrize("option", [{"form": "tiny"}, {"weight_format": "int4"}])
 def test_unknown_form_or_weights_is_refused(exports, tmp_path, option) -> None:
     with pytest.raises(QatSteError):
         export_onnx(exports.model("relu", 4, {}), tmp_path / "m.onnx", torch.randn(1, *IMAGE), **option)
@@ -420,3 +420,53 @@ def test_per_channel_token_steps_loaded_from_a_state_dict_export_on_the_channel_
     report = check_onnx(fresh, tmp_path / "tokens.onnx", x, latency=False)
     assert report.site_parity == 1.0
     assert torch.allclose(fresh(x), calibrated.eval()(x))
+
+
+# ---- vocabulary: weight_format / step, with the old names as deprecated aliases -------------------
+
+
+def test_deprecated_weights_alias_still_exports_int8(exports, tmp_path) -> None:
+    model = exports.model("relu", 4, {})
+    with pytest.warns(DeprecationWarning, match="weight_format"):
+        result = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, *IMAGE), weights="int8")
+    assert result.weight_format == "int8" and result.weight_counts["weights"] == 4
+    with pytest.warns(DeprecationWarning, match="weight_format"):
+        assert result.weights == "int8"
+
+
+def test_first_format_metadata_reads_with_current_names(exports) -> None:
+    _, result = exports("relu4_deploy")
+    proto = onnx.load(str(result.path))
+    meta = read_metadata(proto)
+    old = dict(meta, format="qat_ste.onnx/1", weights=meta["weight_format"],
+               sites=[{**{k: v for k, v in s.items() if k != "step"}, "scale": s["step"]} for s in meta["sites"]])
+    del old["weight_format"]
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {onnx_export.METADATA_KEY: json.dumps(old)})
+    again = read_metadata(proto)
+    assert again["weight_format"] == meta["weight_format"] and "weights" not in again
+    assert [s["step"] for s in again["sites"]] == [s["step"] for s in meta["sites"]]
+    assert meta["format"] == "qat_ste.onnx/2"
+
+
+def test_int8_weights_in_the_file_equal_the_checks_rounding(exports) -> None:
+    """Export and check share one int8 rounding: the file's dequantized weights equal, bit for bit,
+    the weights of the PyTorch reference that check_onnx compares with."""
+    from qat_ste.export.check import int8_weight_reference
+    from qat_ste.export.weights import dequantize_per_channel
+
+    model, result = exports("relu4_int8")
+    proto = onnx.load(str(result.path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("/int8")]
+    file_weights = [dequantize_per_channel(inits[n.input[0]], inits[n.input[1]],
+                                           next(a.i for a in n.attribute if a.name == "axis")) for n in dequantize]
+    assert len(file_weights) == 4
+    for n in dequantize:
+        codes = inits[n.input[0]]
+        assert codes.dtype == np.int8 and codes.min() >= -127 and codes.max() <= 127
+    # fc2 has no BatchNorm after it (the others are folded and rescaled), so its weight in the file
+    # must equal the reference's exactly (stored as Gemm [out, in] or MatMul [in, out])
+    fc2 = int8_weight_reference(model).fc2.weight.detach().numpy()
+    assert not np.array_equal(fc2, model.fc2.weight.detach().numpy())  # the reference was rounded
+    assert sum(np.array_equal(w, fc2) or np.array_equal(w, fc2.T) for w in file_weights) == 1

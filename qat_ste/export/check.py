@@ -18,10 +18,9 @@ Figures (each names the ONNX Runtime options it used, see ``CheckReport.options`
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,9 +29,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..atomic import json_safe
 from ..errors import QatSteError
+from ..nn_utils import logits_of
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
 from .onnx_export import DISABLE_QDQ, export_float_onnx, read_metadata
+from .weights import dequantize_per_channel, int8_per_channel
 from .runtime import (
     FLOAT_COMPUTE_OPS, describe_options, is_integer_op, make_session, median_latency_ms, optimized_op_counts,
 )
@@ -48,7 +50,7 @@ class SiteCheck:
     occurrences: int
     values: int          # code values compared
     parity: float        # share of equal codes given the same input u (must be 1.0)
-    dequant_exact: bool  # DequantizeLinear's output equals (q - z) * alpha bit for bit
+    dequant_exact: bool  # DequantizeLinear's output equals (q - z) * step bit for bit
     end_to_end: float    # share of ORT codes equal to PyTorch's through the whole network
 
 
@@ -58,7 +60,7 @@ class CheckReport:
 
     onnx_path: str
     form: str
-    weights: str
+    weight_format: str                 # "float" or "int8"
     reference: str                     # what the PyTorch side of the comparison is
     samples: int                       # input samples compared
     ok: bool
@@ -80,22 +82,18 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (NaN becomes None)."""
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            return v
-        return clean(asdict(self))
+        return json_safe(asdict(self))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    @property
+    def weights(self) -> str:
+        """Deprecated alias of ``weight_format``."""
+        warnings.warn("CheckReport.weights is deprecated; use CheckReport.weight_format", DeprecationWarning,
+                      stacklevel=2)
+        return self.weight_format
 
     def table(self) -> str:
         """A readable text report."""
-        lines = [f"ONNX check of {self.onnx_path} (form={self.form}, weights={self.weights}, "
+        lines = [f"ONNX check of {self.onnx_path} (form={self.form}, weights={self.weight_format}, "
                  f"{self.samples} samples): {'OK' if self.ok else 'FAILED'}",
                  f"  compared with {self.reference}"]
         width = max([len("site")] + [len(s.name) for s in self.sites])
@@ -151,16 +149,6 @@ def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor 
     return list(zip(xs, ys))
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    raise QatSteError(f"the model returned {type(out).__name__}, not a tensor", "check a model that returns logits")
-
-
 def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]]:
     """The file with each site's u, codes (as uint8) and dequantized output as extra graph outputs."""
     import onnx
@@ -193,16 +181,15 @@ def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]
 
 def int8_weight_reference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose conv/linear weights are rounded to per-channel symmetric int8, as
-    export_onnx(weights="int8") stores them (quantizing before or after BatchNorm folding gives the
+    export_onnx(weight_format="int8") stores them (quantizing before or after BatchNorm folding gives the
     same integers: the fold scales each output channel, and so its step, by the same factor)."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for m in reference.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                w = m.weight
-                step = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127.0
-                step = torch.where(step > 0, step, torch.ones_like(step))
-                w.copy_(torch.clamp(torch.round(w / step), -127, 127) * step)
+                weight = m.weight.detach().cpu().float().numpy()
+                codes, step = int8_per_channel(weight, axis=0)
+                m.weight.copy_(torch.from_numpy(dequantize_per_channel(codes, step, axis=0)))
     return reference
 
 
@@ -210,8 +197,8 @@ def _capture_hook(store: dict[str, list[torch.Tensor]]):
     def for_site(site: RoutedSite):
         def run(module, u: torch.Tensor) -> torch.Tensor:
             store.setdefault(site.name, []).append(u.detach().float().cpu())
-            alpha, zero_point = module._grid(u)
-            return ((reference_codes(module, u) - zero_point) * alpha).to(u.dtype)
+            step, zero_point = module._grid(u)
+            return ((reference_codes(module, u) - zero_point) * step).to(u.dtype)
         return run
     return for_site
 
@@ -243,150 +230,213 @@ def check_onnx(
     exported to a temp dir) with ``threads`` intra-op threads (None: ORT's default), median of
     ``latency_runs`` runs on the first batch. See the module docstring for what each figure means.
     """
-    import onnx
-
-    from .passes import site_tensors
-
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise QatSteError(f"no ONNX file at {path}", "pass the path export_onnx() wrote")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise QatSteError(f"cannot read {path} as ONNX: {e}", "pass a file written by export_onnx()") from e
-    meta = read_metadata(proto)
-    if not meta.get("sites"):
-        raise QatSteError(f"{path} has no qat_ste metadata", "check a file written by qat_ste's export_onnx()")
-    sites = {s.name: s for s in quant_sites(model)}
-    missing = [s["name"] for s in meta["sites"] if s["name"] not in sites]
-    if missing:
-        raise QatSteError(f"the model has no quantized site(s) {', '.join(missing[:5])} that the file has",
-                          "check the file against the model it was exported from")
+    path, proto, meta = _read_exported(onnx_path, model)
     batches = _batches(inputs, labels)
-    notes: list[str] = []
     file_config: dict[str, str] = dict(meta.get("session_config", {}))
-    tensors = site_tensors(proto)
-    numerics_config = dict(DISABLE_QDQ)
     options = {
-        "site_parity": describe_options(numerics_config) + " (the file with each site's u/codes as extra outputs)",
-        "end_to_end_codes": describe_options(numerics_config) + " (same run)",
+        "site_parity": describe_options(DISABLE_QDQ) + " (the file with each site's u/codes as extra outputs)",
+        "end_to_end_codes": describe_options(DISABLE_QDQ) + " (same run)",
         "logits": describe_options(file_config) + " (the file as deployed)",
         "integer_ops": describe_options(file_config) + "; and ORT defaults",
     }
-    instrumented, codes_as = _instrumented(proto, tensors)
-    probe = make_session(instrumented, numerics_config)
-    deployed = make_session(path, file_config)
-    input_name = deployed.get_inputs()[0].name
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if meta.get("weights") == "int8":
-        reference_model = int8_weight_reference(model)
-        reference = "the PyTorch model with per-channel int8 weights, as in the file"
-        notes.append("the file has int8 weights: PyTorch figures use the model with its conv/linear weights "
-                     "rounded the same way")
-    else:
-        reference_model, reference = model, "the PyTorch model as given"
-    sites = {s.name: s for s in quant_sites(reference_model)}
-    routed = list(sites.values())
-    by_site: dict[str, list[Any]] = {}
-    for t in tensors:
-        by_site.setdefault(t.name, []).append(t)
-
-    counts = {name: dict(values=0, parity=0, e2e=0, dq_exact=True) for name in by_site}
-    failures: list[str] = []
-    max_diff, agree, total, correct_t, correct_o, samples = 0.0, 0, 0, 0, 0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            store: dict[str, list[torch.Tensor]] = {}
-            with export_routing(reference_model, routed, _capture_hook(store)):
-                logits_t = _first_tensor(reference_model(x.to(device))).float().cpu()
-            feeds = {input_name: x.detach().cpu().numpy()}
-            logits_o = torch.from_numpy(deployed.run(None, feeds)[0]).float()
-            probe_names = [o.name for o in probe.get_outputs()]
-            values = dict(zip(probe_names, probe.run(None, feeds)))
-            for name, occ in by_site.items():
-                module = sites[name].module
-                captured = store.get(name, [])
-                for k, t in enumerate(occ):
-                    u_o = torch.from_numpy(values[t.input])
-                    codes_o = torch.from_numpy(values[codes_as[t.codes]].astype(np.float32))
-                    ref = reference_codes(module, u_o)
-                    alpha, zero_point = module._grid(u_o)
-                    y_ref = ((ref - zero_point.cpu()) * alpha.detach().cpu()).float().numpy()
-                    c = counts[name]
-                    c["values"] += ref.numel()
-                    c["parity"] += int((ref == codes_o).sum())
-                    c["dq_exact"] = c["dq_exact"] and np.array_equal(y_ref, values[t.output])
-                    if k < len(captured) and captured[k].shape == u_o.shape:
-                        c["e2e"] += int((reference_codes(module, captured[k]) == codes_o).sum())
-                    else:
-                        failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart of the same shape")
-            diff = (logits_t - logits_o).abs()
-            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-            top_t, top_o = logits_t.argmax(-1), logits_o.argmax(-1)
-            agree += int((top_t == top_o).sum())
-            total += top_t.numel()
-            samples += len(x)
-            if y is not None:
-                correct_t += int((top_t == y.cpu().reshape(top_t.shape)).sum())
-                correct_o += int((top_o == y.cpu().reshape(top_o.shape)).sum())
-
-    meta_sites = {s["name"]: s for s in meta["sites"]}
-    site_checks = []
-    for name, c in counts.items():
-        n = max(c["values"], 1)
-        site_checks.append(SiteCheck(
-            name=name, bits=int(meta_sites.get(name, {}).get("bits", sites[name].module.bits)),
-            container=str(meta_sites.get(name, {}).get("container", "?")), occurrences=len(by_site[name]),
-            values=c["values"], parity=c["parity"] / n, dequant_exact=c["dq_exact"], end_to_end=c["e2e"] / n))
-    all_values = max(sum(c["values"] for c in counts.values()), 1)
-    site_parity = min((s.parity for s in site_checks), default=1.0)
-    code_agreement = sum(c["e2e"] for c in counts.values()) / all_values
-    top1 = agree / max(total, 1)
-
-    for s in site_checks:
-        if s.parity < 1.0:
-            failures.append(f"site {s.name}: {s.values - round(s.parity * s.values)} of {s.values} codes differ "
-                            "given the same input (the file's scale/zero point/rounding differ from the model's)")
-        if not s.dequant_exact:
-            failures.append(f"site {s.name}: dequantized values differ from (q - z) * alpha")
-    if code_agreement < min_code_agreement:
-        failures.append(f"end-to-end code agreement {code_agreement:.4%} < {min_code_agreement:.2%}")
-    if max_logit_diff is not None and max_diff > max_logit_diff:
-        failures.append(f"max |logit difference| {max_diff:.6g} > {max_logit_diff:g}")
-    if top1 < min_top1_agreement:
-        failures.append(f"top-1 agreement {top1:.2%} < {min_top1_agreement:.2%}")
-
-    deployed_ops = optimized_op_counts(path, file_config)
-    integer_ops = {k: v for k, v in deployed_ops.items() if is_integer_op(k)}
-    float_ops = {k: v for k, v in deployed_ops.items() if k in FLOAT_COMPUTE_OPS}
-    if file_config:
-        try:
-            default_ops: dict[str, int] | str = {
-                k: v for k, v in optimized_op_counts(path, {}).items() if is_integer_op(k)}
-        except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
-            default_ops = str(e).strip().splitlines()[-1][:200]
-    else:
-        default_ops = dict(integer_ops)
-
+    reference_model, reference, notes = _reference_for(model, meta)
+    tally = _compare(reference_model, proto, path, file_config, batches)
+    site_checks = _site_checks(tally, meta)
+    thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
+                  "min_top1_agreement": min_top1_agreement}
+    failures = tally.failures + _threshold_failures(site_checks, tally, thresholds)
+    integer_ops, float_ops, default_ops = _integer_ops(path, file_config)
     latency_ms = None
     if latency:
         latency_ms = _latency(model, path, batches[0][0], file_config, meta, latency_runs, threads,
                               float_onnx_path, notes)
         options["latency"] = (f"quantized: {describe_options(file_config, threads)}; "
                               f"float export: {describe_options({}, threads)}")
-
+    has_labels = labels is not None and tally.total > 0
     return CheckReport(
-        onnx_path=str(path), form=str(meta.get("form")), weights=str(meta.get("weights")), reference=reference,
-        samples=samples,
-        ok=not failures, failures=failures, sites=site_checks, site_parity=site_parity,
-        code_agreement=code_agreement, max_logit_diff=max_diff, top1_agreement=top1,
-        accuracy_torch=correct_t / total if labels is not None and total else None,
-        accuracy_onnx=correct_o / total if labels is not None and total else None,
+        onnx_path=str(path), form=str(meta.get("form")), weight_format=str(meta.get("weight_format")),
+        reference=reference, samples=tally.samples, ok=not failures, failures=failures, sites=site_checks,
+        site_parity=min((s.parity for s in site_checks), default=1.0), code_agreement=tally.code_agreement,
+        max_logit_diff=tally.max_diff, top1_agreement=tally.agree / max(tally.total, 1),
+        accuracy_torch=tally.correct_torch / tally.total if has_labels else None,
+        accuracy_onnx=tally.correct_onnx / tally.total if has_labels else None,
         integer_ops=integer_ops, float_ops=float_ops, integer_ops_default_options=default_ops,
-        latency_ms=latency_ms,
-        thresholds={"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
-                    "min_top1_agreement": min_top1_agreement},
-        options=options, notes=notes)
+        latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes)
+
+
+def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path, Any, dict[str, Any]]:
+    """(path, loaded proto, qat_ste metadata) of a file export_onnx() wrote for ``model``."""
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise QatSteError(f"no ONNX file at {path}", "pass the path export_onnx() wrote")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - onnx raises several types for a file that is not ONNX
+        raise QatSteError(f"cannot read {path} as ONNX: {e}", "pass a file written by export_onnx()") from e
+    meta = read_metadata(proto)
+    if not meta.get("sites"):
+        raise QatSteError(f"{path} has no qat_ste metadata", "check a file written by qat_ste's export_onnx()")
+    names = {s.name for s in quant_sites(model)}
+    missing = [s["name"] for s in meta["sites"] if s["name"] not in names]
+    if missing:
+        raise QatSteError(f"the model has no quantized site(s) {', '.join(missing[:5])} that the file has",
+                          "check the file against the model it was exported from")
+    return path, proto, meta
+
+
+def _reference_for(model: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, str, list[str]]:
+    """(the PyTorch model to compare with, how it is described, notes): with int8 weights in the file,
+    a copy of ``model`` whose weights are rounded the same way."""
+    if meta.get("weight_format") == "int8":
+        note = ("the file has int8 weights: PyTorch figures use the model with its conv/linear weights "
+                "rounded the same way")
+        return (int8_weight_reference(model), "the PyTorch model with per-channel int8 weights, as in the file",
+                [note])
+    return model, "the PyTorch model as given", []
+
+
+@dataclass
+class _SiteTally:
+    values: int = 0
+    parity: int = 0
+    end_to_end: int = 0
+    dequant_exact: bool = True
+    occurrences: int = 0
+
+
+@dataclass
+class _Tally:
+    """Counts gathered over the batches."""
+
+    sites: dict[str, _SiteTally]
+    failures: list[str] = field(default_factory=list)
+    max_diff: float = 0.0
+    agree: int = 0
+    total: int = 0
+    correct_torch: int = 0
+    correct_onnx: int = 0
+    samples: int = 0
+
+    @property
+    def code_agreement(self) -> float:
+        values = max(sum(c.values for c in self.sites.values()), 1)
+        return sum(c.end_to_end for c in self.sites.values()) / values
+
+
+def _compare(reference_model: nn.Module, proto: Any, path: Path, file_config: dict[str, str],
+             batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> _Tally:
+    """Run every batch through PyTorch, the file as deployed and the instrumented file; count."""
+    from .passes import site_tensors
+
+    tensors = site_tensors(proto)
+    instrumented, codes_as = _instrumented(proto, tensors)
+    probe = make_session(instrumented, DISABLE_QDQ)
+    deployed = make_session(path, file_config)
+    input_name = deployed.get_inputs()[0].name
+    probe_names = [o.name for o in probe.get_outputs()]
+    device = next((p.device for p in reference_model.parameters()), torch.device("cpu"))
+    sites = {s.name: s for s in quant_sites(reference_model)}
+    by_site: dict[str, list[Any]] = {}
+    for t in tensors:
+        by_site.setdefault(t.name, []).append(t)
+    tally = _Tally(sites={name: _SiteTally(occurrences=len(occ)) for name, occ in by_site.items()})
+    with torch.no_grad():
+        for x, y in batches:
+            store: dict[str, list[torch.Tensor]] = {}
+            with export_routing(reference_model, list(sites.values()), _capture_hook(store)):
+                logits_t = logits_of(reference_model(x.to(device))).float().cpu()
+            feeds = {input_name: x.detach().cpu().numpy()}
+            logits_o = torch.from_numpy(deployed.run(None, feeds)[0]).float()
+            values = dict(zip(probe_names, probe.run(None, feeds)))
+            for name, occurrences in by_site.items():
+                _count_site(tally, name, sites[name].module, occurrences, values, codes_as, store.get(name, []))
+            _count_logits(tally, logits_t, logits_o, y)
+            tally.samples += len(x)
+    return tally
+
+
+def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any], values: dict[str, np.ndarray],
+                codes_as: dict[str, str], captured: list[torch.Tensor]) -> None:
+    """Per-site parity (same u in both runtimes), dequantization and end-to-end codes of one batch."""
+    counts = tally.sites[name]
+    for k, t in enumerate(occurrences):
+        u_onnx = torch.from_numpy(values[t.input])
+        codes_onnx = torch.from_numpy(values[codes_as[t.codes]].astype(np.float32))
+        expected = reference_codes(module, u_onnx)
+        step, zero_point = module._grid(u_onnx)
+        y_expected = ((expected - zero_point.cpu()) * step.detach().cpu()).float().numpy()
+        counts.values += expected.numel()
+        counts.parity += int((expected == codes_onnx).sum())
+        counts.dequant_exact = counts.dequant_exact and np.array_equal(y_expected, values[t.output])
+        if k < len(captured) and captured[k].shape == u_onnx.shape:
+            counts.end_to_end += int((reference_codes(module, captured[k]) == codes_onnx).sum())
+        else:
+            tally.failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart of the same shape")
+
+
+def _count_logits(tally: _Tally, logits_torch: torch.Tensor, logits_onnx: torch.Tensor,
+                  labels: torch.Tensor | None) -> None:
+    diff = (logits_torch - logits_onnx).abs()
+    tally.max_diff = max(tally.max_diff, float(diff.max()) if diff.numel() else 0.0)
+    top_torch, top_onnx = logits_torch.argmax(-1), logits_onnx.argmax(-1)
+    tally.agree += int((top_torch == top_onnx).sum())
+    tally.total += top_torch.numel()
+    if labels is not None:
+        target = labels.cpu().reshape(top_torch.shape)
+        tally.correct_torch += int((top_torch == target).sum())
+        tally.correct_onnx += int((top_onnx == target).sum())
+
+
+def _site_checks(tally: _Tally, meta: dict[str, Any]) -> list[SiteCheck]:
+    meta_sites = {s["name"]: s for s in meta["sites"]}
+    checks = []
+    for name, c in tally.sites.items():
+        n = max(c.values, 1)
+        checks.append(SiteCheck(
+            name=name, bits=int(meta_sites[name]["bits"]), container=str(meta_sites[name].get("container", "?")),
+            occurrences=c.occurrences, values=c.values, parity=c.parity / n, dequant_exact=c.dequant_exact,
+            end_to_end=c.end_to_end / n))
+    return checks
+
+
+def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds: dict[str, float | None]
+                        ) -> list[str]:
+    failures = []
+    for s in site_checks:
+        if s.parity < 1.0:
+            failures.append(f"site {s.name}: {s.values - round(s.parity * s.values)} of {s.values} codes differ "
+                            "given the same input (the file's step/zero point/rounding differ from the model's)")
+        if not s.dequant_exact:
+            failures.append(f"site {s.name}: dequantized values differ from (q - z) * step")
+    min_codes, max_diff, min_top1 = (thresholds["min_code_agreement"], thresholds["max_logit_diff"],
+                                     thresholds["min_top1_agreement"])
+    top1 = tally.agree / max(tally.total, 1)
+    if min_codes is not None and tally.code_agreement < min_codes:
+        failures.append(f"end-to-end code agreement {tally.code_agreement:.4%} < {min_codes:.2%}")
+    if max_diff is not None and tally.max_diff > max_diff:
+        failures.append(f"max |logit difference| {tally.max_diff:.6g} > {max_diff:g}")
+    if min_top1 is not None and top1 < min_top1:
+        failures.append(f"top-1 agreement {top1:.2%} < {min_top1:.2%}")
+    return failures
+
+
+def _integer_ops(path: Path, file_config: dict[str, str]
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, int] | str]:
+    """(integer kernels, float conv/matmul kernels) in ORT's optimized graph under the file's options,
+    and the integer kernels under ORT's defaults (a string: why the file does not load that way)."""
+    deployed_ops = optimized_op_counts(path, file_config)
+    integer_ops = {k: v for k, v in deployed_ops.items() if is_integer_op(k)}
+    float_ops = {k: v for k, v in deployed_ops.items() if k in FLOAT_COMPUTE_OPS}
+    if not file_config:
+        return integer_ops, float_ops, dict(integer_ops)
+    try:
+        default_ops: dict[str, int] | str = {
+            k: v for k, v in optimized_op_counts(path, {}).items() if is_integer_op(k)}
+    except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
+        default_ops = str(e).strip().splitlines()[-1][:200]
+    return integer_ops, float_ops, default_ops
 
 
 def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, str], meta: dict[str, Any],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,11 +30,11 @@ import torch.nn as nn
 
 from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
-from ..quantizer.module import QuantAct, channel_axis_of
+from ..quantizer.module import QuantAct, channel_axis_of, check_choice
 from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
 
 FORMS = ("deploy", "spec")
-WEIGHT_MODES = ("float", "int8")
+WEIGHT_FORMATS = ("float", "int8")
 #: opsets the export supports: the torch exporter implements >= 18 (lower ones go through a converter
 #: that drops the node metadata the site search needs); 25 is the newest ORT 1.31 runs (UINT2)
 SUPPORTED_OPSETS = tuple(range(18, 26))
@@ -41,6 +42,8 @@ DEFAULT_OPSET = 21
 #: ONNX Runtime 1.31 refuses newer IR versions
 MAX_IR_VERSION = 13
 METADATA_KEY = "qat_ste"
+#: the format of that metadata; /2 renamed "weights" to "weight_format" and a site's "scale" to "step"
+METADATA_FORMAT = "qat_ste.onnx/2"
 #: session config entry that stops ONNX Runtime from re-quantizing float weights next to Q/DQ and
 #: from trying (and failing) to fuse 4-bit Q/DQ
 DISABLE_QDQ = {"session.disable_quant_qdq": "1"}
@@ -56,7 +59,7 @@ class SiteInfo:
     bits: int
     container: str              # "uint8", "uint4" or "uint2"
     range_limit: str            # "none", "integer_clip" (Clip on uint8 codes) or "float_limit" (before Q)
-    scale: tuple[float, ...]    # alpha (one value, or one per channel)
+    step: tuple[float, ...]     # the step alpha (one value, or one per channel): Q/DQ's scale
     zero_point: tuple[int, ...]
     axis: int | None            # the channel axis when per-channel
     rounding: str
@@ -76,7 +79,7 @@ class ExportResult:
 
     path: Path
     form: str
-    weights: str
+    weight_format: str              # "float" or "int8"
     opset: int
     ir_version: int
     file_size: int
@@ -93,6 +96,13 @@ class ExportResult:
         d["path"] = str(self.path)
         return d
 
+    @property
+    def weights(self) -> str:
+        """Deprecated alias of ``weight_format``."""
+        warnings.warn("ExportResult.weights is deprecated; use ExportResult.weight_format", DeprecationWarning,
+                      stacklevel=2)
+        return self.weight_format
+
 
 # ---- validation ------------------------------------------------------------------------------------
 
@@ -104,12 +114,6 @@ def _as_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
             f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}",
             "pass e.g. torch.randn(1, 3, 224, 224)")
     return inputs
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise QatSteError(f"{name}={value!r} is not supported; choose one of: {', '.join(choices)}",
-                          f"pass {name}= one of those")
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -235,7 +239,7 @@ def _site_infos(quants: list, site_graphs: list, sites: list[RoutedSite]) -> lis
         sg, m = first[q.index], sites[q.index].module
         infos.append(SiteInfo(
             name=q.name, index=q.index, kind=m.kind.name, bits=q.bits, container=q.container,
-            range_limit=q.range_limit, scale=tuple(float(v) for v in q.scale.reshape(-1)),
+            range_limit=q.range_limit, step=tuple(float(v) for v in q.scale.reshape(-1)),
             zero_point=tuple(int(v) for v in q.zero_point.reshape(-1)), axis=q.axis, rounding=q.rounding,
             quantizes_input=m.quantizes_input, input=sg.input, codes=sg.codes, output=sg.output,
             occurrences=occurrences[q.index]))
@@ -252,48 +256,32 @@ def export_onnx(
     example_input: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     form: str = "deploy",
-    weights: str = "float",
+    weight_format: str = "float",
     opset: int | None = None,
     dynamic_batch: bool = True,
+    weights: str | None = None,
 ) -> ExportResult:
     """Export a quantized model (from ``qat_ste.quantize``) to ONNX at ``path``.
 
     Every quantized activation becomes QuantizeLinear -> integer codes -> DequantizeLinear with its
-    alpha and zero point; the codes equal PyTorch's. ``form``: ``"deploy"`` (uint8 codes, fusable
-    by ONNX Runtime) or ``"spec"`` (UINT4/UINT2 codes where they fit). ``weights``: ``"float"`` or
-    ``"int8"`` (per-channel int8 weights + int32 biases, for integer kernels). ``opset``: 18..25,
-    default 21 (25 when ``spec`` has 1-2 bit sites). ``dynamic_batch``: the first axis of every
-    input is dynamic. The model is not changed. The file is checked with
-    ``onnx.checker.check_model(full_check=True)`` and written atomically; its metadata_props
-    ``"qat_ste"`` holds the settings of every site as JSON. Raises QatSteError on bad input.
+    step and zero point; the codes equal PyTorch's. ``form``: ``"deploy"`` (uint8 codes, fusable
+    by ONNX Runtime) or ``"spec"`` (UINT4/UINT2 codes where they fit). ``weight_format``: ``"float"``
+    or ``"int8"`` (per-channel int8 weights + int32 biases, for integer kernels; ``weights=`` is its
+    deprecated alias). ``opset``: 18..25, default 21 (25 when ``spec`` has 1-2 bit sites).
+    ``dynamic_batch``: the first axis of every input is dynamic. The model is not changed. The file
+    is checked with ``onnx.checker.check_model(full_check=True)`` and written atomically; its
+    metadata_props ``"qat_ste"`` holds the settings of every site as JSON. Raises QatSteError on bad input.
     """
-    import onnx
-
-    from . import passes
-
-    if not isinstance(model, nn.Module):
-        raise QatSteError(f"export_onnx() takes a torch.nn.Module, got {type(model).__name__}",
-                          "pass the model returned by qat_ste.quantize()")
-    _check_choice("form", form, FORMS)
-    _check_choice("weights", weights, WEIGHT_MODES)
-    sites = quant_sites(model)
-    if not sites:
-        raise QatSteError("the model has no quantized activations (no QuantAct modules)",
-                          "quantize it first: qmodel = qat_ste.quantize(model, bits=4); qat_ste.calibrate(qmodel, batches)")
-    for s in sites:
-        s.module.require_initialized()
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if size >= PROTOBUF_LIMIT and weights != "int8":
-        raise QatSteError(
-            f"the model's weights take {size / 2**30:.1f} GiB; one ONNX file holds at most 2 GiB and "
-            "export_onnx does not write external data files",
-            "export with weights='int8' (4x smaller) if that fits, or a smaller model")
+    if weights is not None:
+        warnings.warn("export_onnx(weights=...) is deprecated; use weight_format=...", DeprecationWarning,
+                      stacklevel=2)
+        weight_format = weights
+    sites = _exportable_sites(model, form, weight_format)
     bits = [s.module.bits for s in sites]
     opset = _resolve_opset(opset, _required_opset(bits, form), form, bits)
     target = _check_path(path)
-    inputs = _as_inputs(example_input)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    inputs = tuple(t.to(device) for t in inputs)
+    inputs = tuple(t.to(device) for t in _as_inputs(example_input))
     seen = _probe(model, sites, inputs)
     if not seen:
         raise QatSteError("no quantized activation ran on the example input", "check the model's forward and input")
@@ -301,14 +289,56 @@ def export_onnx(
     skipped = [s.name for s in sites if s.index not in seen]
     if skipped:
         notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: {', '.join(skipped[:5])}")
-
     proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch)
-    graph = proto.graph
-    passes.clean_metadata(graph)
     quants = _site_quants(sites, seen, form)
+    site_graphs, weight_counts = _rewrite_graph(proto.graph, quants, form, weight_format, notes)
+    opset = _settle_opset(proto, opset, _required_opset(bits, form), form, notes)
+    session_config = {} if (form == "deploy" and weight_format == "int8") else dict(DISABLE_QDQ)
+    infos = _site_infos(quants, site_graphs, sites)
+    metadata = {
+        "format": METADATA_FORMAT, "form": form, "weight_format": weight_format, "opset": opset,
+        "session_config": session_config, "sites": [i.to_dict() for i in infos],
+    }
+    data = _finish_and_write(proto, metadata, target)
+    graph = proto.graph
+    return ExportResult(
+        path=target, form=form, weight_format=weight_format, opset=opset, ir_version=proto.ir_version,
+        file_size=len(data), sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
+        output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
+        session_config=session_config, weight_counts=weight_counts, notes=tuple(notes))
+
+
+def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[RoutedSite]:
+    """The model's quantized sites, after checking the arguments and that the model fits one file."""
+    if not isinstance(model, nn.Module):
+        raise QatSteError(f"export_onnx() takes a torch.nn.Module, got {type(model).__name__}",
+                          "pass the model returned by qat_ste.quantize()")
+    check_choice("form", form, FORMS)
+    check_choice("weight_format", weight_format, WEIGHT_FORMATS)
+    sites = quant_sites(model)
+    if not sites:
+        raise QatSteError("the model has no quantized activations (no QuantAct modules)",
+                          "quantize it first: qmodel = qat_ste.quantize(model, bits=4); qat_ste.calibrate(qmodel, batches)")
+    for s in sites:
+        s.module.require_initialized()
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size >= PROTOBUF_LIMIT and weight_format != "int8":
+        raise QatSteError(
+            f"the model's weights take {size / 2**30:.1f} GiB; one ONNX file holds at most 2 GiB and "
+            "export_onnx does not write external data files",
+            "export with weight_format='int8' (4x smaller) if that fits, or a smaller model")
+    return sites
+
+
+def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, notes: list[str]
+                   ) -> tuple[list, dict[str, int]]:
+    """The post-passes: tag the sites, int8 weights, narrow containers, prune; notes on what cannot fuse."""
+    from . import passes
+
+    passes.clean_metadata(graph)
     site_graphs = passes.tag_sites(graph, quants)
     weight_counts: dict[str, int] = {}
-    if weights == "int8":
+    if weight_format == "int8":
         weight_counts = passes.quantize_weights_int8(graph, site_graphs)
     if form == "spec":
         passes.narrow_containers(graph, site_graphs)
@@ -320,11 +350,17 @@ def export_onnx(
     if any(q.rounding == "ceil" for q in quants):
         notes.append("ceil-rounding sites are exported as Div -> Ceil -> QuantizeLinear(scale 1); "
                      "the op before them cannot fuse into an integer kernel")
+    return site_graphs, weight_counts
+
+
+def _settle_opset(proto: Any, opset: int, required: int, form: str, notes: list[str]) -> int:
+    """The opset the exporter produced (noted when it differs) and an IR version ORT reads."""
+    import onnx
 
     produced = next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), opset)
     if produced != opset:  # defensive: the torch exporter may change the opset it was asked for
         notes.append(f"the exporter produced opset {produced} for the requested opset {opset}")
-        if produced < _required_opset(bits, form):
+        if produced < required:
             raise RuntimeError(f"the exporter produced opset {produced}, below what form={form!r} needs")
         opset = produced
     ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
@@ -332,30 +368,26 @@ def export_onnx(
         raise QatSteError(f"opset {opset} needs ONNX IR version {ir_version}; ONNX Runtime 1.31 reads <= {MAX_IR_VERSION}",
                           "pass a lower opset")
     proto.ir_version = ir_version
-    session_config = {} if (form == "deploy" and weights == "int8") else dict(DISABLE_QDQ)
+    return opset
 
-    infos = _site_infos(quants, site_graphs, sites)
-    metadata = {
-        "format": "qat_ste.onnx/1", "form": form, "weights": weights, "opset": opset,
-        "session_config": session_config, "sites": [i.to_dict() for i in infos],
-    }
+
+def _finish_and_write(proto: Any, metadata: dict[str, Any], target: Path) -> bytes:
+    """Attach the metadata, check the model, write it atomically; returns the bytes written."""
+    import onnx
+
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     proto.producer_name = "qat_ste"
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the checker raises several types
         raise RuntimeError(f"qat_ste produced an invalid ONNX graph (a bug, please report): {e}") from e
     data = proto.SerializeToString()
     try:
         atomic_write_bytes(target, data)
     except OSError as e:
         raise QatSteError(f"cannot write {target}: {e}", "pass a path you can write to") from e
-    return ExportResult(
-        path=target, form=form, weights=weights, opset=opset, ir_version=ir_version, file_size=len(data),
-        sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
-        output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
-        session_config=session_config, weight_counts=weight_counts, notes=tuple(notes))
+    return data
 
 
 def export_float_onnx(
@@ -385,8 +417,18 @@ def export_float_onnx(
 
 
 def read_metadata(onnx_model: Any) -> dict[str, Any]:
-    """The ``qat_ste`` metadata of a loaded ONNX model (``onnx.ModelProto``); {} if absent."""
+    """The ``qat_ste`` metadata of a loaded ONNX model (``onnx.ModelProto``); {} if absent. Files of
+    the first format (``weights``, per-site ``scale``) are read with today's names."""
     for p in onnx_model.metadata_props:
         if p.key == METADATA_KEY:
-            return json.loads(p.value)
+            return _current_names(json.loads(p.value))
     return {}
+
+
+def _current_names(metadata: dict[str, Any]) -> dict[str, Any]:
+    if "weights" in metadata and "weight_format" not in metadata:
+        metadata["weight_format"] = metadata.pop("weights")
+    for site in metadata.get("sites", []):
+        if "scale" in site and "step" not in site:
+            site["step"] = site.pop("scale")
+    return metadata

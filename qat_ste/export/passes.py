@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .ops import SITE_INDEX_KEY
+from .weights import int8_per_channel
 
 SITE_KEY = "qat_ste.site"
 #: node metadata the torch exporter adds that a deployment file does not need (stack traces
@@ -274,12 +275,7 @@ def quantize_weights_int8(graph: onnx.GraphProto, sites: list[SiteGraph]) -> dic
             axis = _weight_axis(node, weight)
             if axis is None:
                 continue
-            reduce = tuple(i for i in range(weight.ndim) if i != axis)
-            scale = (np.abs(weight).max(axis=reduce) / 127.0).astype(np.float32)
-            scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-            shape = [1] * weight.ndim
-            shape[axis] = -1
-            q = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+            q, scale = int8_per_channel(weight, axis)
             _add_initializer(graph, f"{name}/int8", q)
             _add_initializer(graph, f"{name}/scale", scale)
             _add_initializer(graph, f"{name}/zero_point", np.zeros(scale.shape, np.int8))

@@ -1,4 +1,4 @@
-"""The fast CI subset of tools/coverage.py: real torchvision/timm models, random weights.
+"""The fast CI subset of tools.coverage: real torchvision/timm models, random weights.
 
 Each model is quantized, calibrated, trained one step (finite gradients), and its quantized sites
 are compared with an independent run-time census of the float model, in eval and training mode.
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("timm")
 
-from qat_ste.coverage import CI_MODELS, check_model, rows_to_markdown  # noqa: E402
+from tools.coverage_lib import CI_MODELS, check_model, rows_to_markdown  # noqa: E402
 
 EXPORTED = {"torchvision:resnet18", "timm:mobilenetv3_small_050", "timm:levit_128s"}
 

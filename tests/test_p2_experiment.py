@@ -1,28 +1,12 @@
-"""Tests for tools/p2_experiment.py: coarse gradient descent on a quantized two-layer net ([P2])."""
+"""Tests for tools.p2_experiment: coarse gradient descent on a quantized two-layer net ([P2])."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import tools.p2_experiment as P2
 from qat_ste import QatSteError, get_ste
-
-_TOOL = Path(__file__).resolve().parents[1] / "tools" / "p2_experiment.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("p2_experiment", _TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("p2_experiment", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-P2 = _load_tool()
 
 # A tiny configuration: 300 samples, 5-d input, teacher width 8, student width 32, 3 classes.
 TINY = dict(input_dim=5, teacher_hidden=8, student_hidden=32, classes=3, samples=300, margin=0.5)

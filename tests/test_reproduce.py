@@ -5,33 +5,18 @@ present."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+import tools.reproduce_paper as tool
 from qat_ste.errors import QatSteError
 from qat_ste.train.data import make_synthetic
 from qat_ste.zoo.recipes import InstabilityRun, Phase, Schedule, load_recipes, parse_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-
-
-def _load_tool():
-    name = "reproduce_paper_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +95,7 @@ def test_schedule_scaling(recipes):
 def test_bad_recipes_file_is_reported(tmp_path):
     with pytest.raises(QatSteError, match="cannot read the recipes file"):
         load_recipes(tmp_path / "absent.json")
-    data = json.loads((REPO / "model_zoo" / "recipes.json").read_text())
+    data = json.loads((REPO / "qat_ste" / "zoo" / "recipes.json").read_text())
     data["nets"]["lenet5"]["quant"]["epochs"] = 0
     with pytest.raises(QatSteError, match="epochs"):
         parse_recipes(data)
@@ -234,4 +219,4 @@ def test_tiny_mnist_run_from_the_command_line(tmp_path):
     assert cell["data"] == "MNIST 28x28" and (cell["train_images"], cell["train_images_full"]) == (256, 60000)
     assert data["invocations"][0]["wall_time_s"] > 0
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "256/60000 train img" in text and "99.23" in text and "tools/reproduce_paper.py --nets lenet5" in text
+    assert "256/60000 train img" in text and "99.23" in text and "python -m tools.reproduce_paper --nets lenet5" in text

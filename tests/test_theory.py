@@ -1,4 +1,4 @@
-"""Tests for qat_ste.theory: the [P1] two-linear-layer model (reference ste-math.md section 4)."""
+"""Tests for tools.theory: the [P1] two-linear-layer model (reference ste-math.md section 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qat_ste import QatSteError, register_ste, unregister_ste
-from qat_ste import theory as T
+from tools import theory as T
 
 # Check-value model of the reference (m = n = 3, theta = pi/4).
 V = np.array([1.0, 0.5, -0.2])

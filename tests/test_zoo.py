@@ -1,11 +1,22 @@
-"""Model zoo: shapes, parameter counts, BatchNorm options, one ReLU instance per call site."""
+"""Model zoo: shapes, parameter counts, BatchNorm options, one ReLU instance per call site; the recipes
+as package data (importlib.resources, the built wheel)."""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+import qat_ste
 from qat_ste.errors import QatSteError
 from qat_ste.zoo import (
     ZOO_MODELS,
@@ -17,6 +28,7 @@ from qat_ste.zoo import (
     resnet20,
     vgg11,
 )
+from qat_ste.zoo.recipes import default_recipes_path, load_recipes, parse_recipes
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -169,3 +181,73 @@ def test_vgg11_structure() -> None:
     assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
     assert model.classifier.in_features == 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes as package data (issue 13): found through importlib.resources, shipped in the wheel
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_load_through_importlib_resources() -> None:
+    resource = files("qat_ste.zoo").joinpath("recipes.json")
+    assert resource.is_file()
+    assert default_recipes_path() == resource
+    assert load_recipes() == parse_recipes(json.loads(resource.read_text(encoding="utf-8")))
+    assert load_recipes().grid_nets == ("lenet5", "vgg11", "resnet20")
+    assert not (REPO / "model_zoo" / "recipes.json").exists(), "one copy of the recipes: qat_ste/zoo/recipes.json"
+
+
+def test_missing_recipes_file_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(QatSteError, match="cannot read the recipes file .*absent.json") as info:
+        load_recipes(tmp_path / "absent.json")
+    assert "pass the path of an existing, readable recipes file" in str(info.value)
+
+
+def _setuptools_can_build() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 77
+
+
+@pytest.fixture(scope="module")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built offline (no build isolation) from a copy of the sources, so the checkout
+    gets no build/ or egg-info folders."""
+    if not _setuptools_can_build():
+        pytest.skip("building a wheel offline needs setuptools >= 77 in this environment")
+    root = tmp_path_factory.mktemp("wheel")
+    src, out = root / "src", root / "dist"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    shutil.copytree(REPO / "qat_ste", src / "qat_ste", ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(out)], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = out.glob("qat_ste-*.whl")
+    return wheel
+
+
+def test_wheel_ships_the_recipes_and_not_the_tools(built_wheel: Path) -> None:
+    names = zipfile.ZipFile(built_wheel).namelist()
+    assert "qat_ste/zoo/recipes.json" in names and "qat_ste/zoo/recipes.py" in names
+    assert not [n for n in names if n.startswith(("tools/", "tests/", "examples/"))]
+    assert "qat_ste/coverage.py" not in names and "qat_ste/theory.py" not in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = zipfile.ZipFile(built_wheel).read(metadata).decode()
+    assert f"\nVersion: {qat_ste.__version__}\n" in text  # the version comes from qat_ste.__version__
+
+
+def test_recipes_load_from_the_wheel_away_from_the_checkout(built_wheel: Path, tmp_path: Path) -> None:
+    code = ("import qat_ste.zoo.recipes as r; print(r.__file__); "
+            "print(len(r.load_recipes().grid_cells()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(built_wheel)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    module_file, cells = done.stdout.split()
+    assert module_file.startswith(str(built_wheel)) and cells == "18"

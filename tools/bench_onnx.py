@@ -10,7 +10,7 @@ biases), quantize the activations, calibrate on random data, export
 then time each at batch 1 and 8 with a fixed intra-op thread count (median of ``--runs`` runs,
 one process, one run of the whole table) and count the integer kernels in ORT's optimized graph.
 
-    .venv/bin/python tools/bench_onnx.py --threads 2 --runs 10
+    python -m tools.bench_onnx --threads 2 --runs 10
 """
 
 from __future__ import annotations

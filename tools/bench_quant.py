@@ -1,7 +1,7 @@
 """Cost of quantized activations: a training step of the quantized model against the float one.
 
-    .venv/bin/python tools/bench_quant.py                         # CPU: batch 8, 224x224
-    .venv/bin/python tools/bench_quant.py --device cuda --batch 256 --compile   # GPU (bf16, channels_last)
+    python -m tools.bench_quant                         # CPU: batch 8, 224x224
+    python -m tools.bench_quant --device cuda --batch 256 --compile   # GPU (bf16, channels_last)
 
 Prints, per model, the median time of a full training step (forward, backward, SGD step) for the
 float model, the 4-bit quantized model (eager), and optionally both under torch.compile, with the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,9 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qat_ste  # noqa: E402
+import qat_ste
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool):

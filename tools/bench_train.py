@@ -6,8 +6,8 @@ the images/s of the measured steps are printed side by side with their ratio. Ea
 starts with warm-up steps (allocator, cuDNN autotuning, torch.compile) run through the same
 engine call and discarded.
 
-    python tools/bench_train.py                               # CPU: small sizes, a few steps
-    python tools/bench_train.py --models torchvision:resnet18 zoo:resnet20 --steps 50 --json out.json
+    python -m tools.bench_train                               # CPU: small sizes, a few steps
+    python -m tools.bench_train --models torchvision:resnet18 zoo:resnet20 --steps 50 --json out.json
 
 Defaults on CPU: resnet18 at 64x64, batch 16; zoo resnet20 at 32x32, batch 64; 5 steps after 1
 warm-up step (on a busy machine try ``--threads 1``). On CUDA: resnet18 at 224x224, batch 128; resnet20 at 32x32, batch 256; 50 steps
@@ -28,13 +28,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qat_ste  # noqa: E402
-from qat_ste.train import TrainConfig, train  # noqa: E402
-from qat_ste.train.build import build_model, parse_model_spec  # noqa: E402
-from qat_ste.train.data import make_synthetic  # noqa: E402
-from qat_ste.train.distributed import resolve_device  # noqa: E402
+import qat_ste
+from qat_ste.train import TrainConfig, train
+from qat_ste.train.build import build_model, parse_model_spec
+from qat_ste.train.data import make_synthetic
+from qat_ste.train.distributed import resolve_device
 
 DEFAULT_MODELS = ("torchvision:resnet18", "zoo:resnet20")
 

@@ -1,25 +1,22 @@
 """Quantize every torchvision classification model and 40+ timm models; write the coverage table.
 
-    .venv/bin/python tools/coverage.py                     # all models (~30+ min on 2 cores)
-    .venv/bin/python tools/coverage.py --subset ci         # the fast CI subset
-    .venv/bin/python tools/coverage.py --models timm:resnet18 torchvision:googlenet
+    python -m tools.coverage                     # all models (~30+ min on 2 cores)
+    python -m tools.coverage --subset ci         # the fast CI subset
+    python -m tools.coverage --models timm:resnet18 torchvision:googlenet
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qat_ste.coverage import CI_MODELS, CoverageRow, all_models, check_model, rows_to_json, rows_to_markdown  # noqa: E402
-from qat_ste.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from qat_ste.atomic import atomic_write_json, atomic_write_text
+from tools.coverage_lib import CI_MODELS, CoverageRow, all_models, check_model, rows_to_json, rows_to_markdown
 
 
 def main() -> int:

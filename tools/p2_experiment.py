@@ -35,7 +35,7 @@ but flicker between 100 % and one misclassified sample until iterations 1780-198
 lr 0.5 and 4000 iterations, clipped_relu reaches 100 % on 2 of 3 seeds (99.75 % on the third),
 relu peaks at 97.4-99.65 % and identity at 85-89 %.
 
-Usage: ``python tools/p2_experiment.py --out docs/figures`` (add ``--seeds 0 1 2`` etc.).
+Usage: ``python -m tools.p2_experiment --out docs/figures`` (add ``--seeds 0 1 2`` etc.).
 """
 
 from __future__ import annotations

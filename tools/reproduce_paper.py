@@ -2,7 +2,7 @@
 """Reproduce [P1]'s Table 1 grid and its instability runs, and write model_zoo/RESULTS.md.
 
 [P1] = Yin et al., "Understanding Straight-Through Estimator in Training Activation Quantized Neural
-Nets", ICLR 2019. Recipes: model_zoo/recipes.json (loaded by qat_ste.zoo.recipes).
+Nets", ICLR 2019. Recipes: qat_ste/zoo/recipes.json (loaded by qat_ste.zoo.recipes).
 
 What runs, per network: float pre-training (affine-free BatchNorm before each ReLU), then for each
 bit width and STE the quantized network trained from the float weights (alpha fixed), then the
@@ -10,10 +10,10 @@ instability runs (ResNet-20: retrain quantized weights with another STE). Data: 
 VGG-11 and ResNet-20 run on CIFAR-10 with ``--cifar10 FOLDER`` (the paper's setting), otherwise on
 MNIST zero-padded to 32x32 with one input channel (a substitute, clearly labelled in the report).
 
-    .venv/bin/python tools/reproduce_paper.py                                  # the full paper scale
-    .venv/bin/python tools/reproduce_paper.py --nets lenet5 --epochs-scale 0.1 --train-subset 10000
-    .venv/bin/python tools/reproduce_paper.py --cifar10 ~/data/cifar-10-batches-py --device cuda
-    .venv/bin/python tools/reproduce_paper.py --report-only                    # rewrite RESULTS.md
+    python -m tools.reproduce_paper                                  # the full paper scale
+    python -m tools.reproduce_paper --nets lenet5 --epochs-scale 0.1 --train-subset 10000
+    python -m tools.reproduce_paper --cifar10 ~/data/cifar-10-batches-py --device cuda
+    python -m tools.reproduce_paper --report-only                    # rewrite RESULTS.md
 
 Every finished run is appended to a JSON file (written atomically); running the same command again
 skips finished runs with the same settings and resumes an interrupted one from its last epoch.
@@ -37,17 +37,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
+import qat_ste
+from qat_ste.atomic import atomic_save, atomic_write_text, json_safe
+from qat_ste.errors import QatSteError
+from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train
+from qat_ste.train.data import TensorImageDataset, load_dataset
+from qat_ste.zoo import create_zoo_model
+from qat_ste.zoo.recipes import InstabilityRun, PaperResult, Recipes, Schedule, load_recipes
 
-import qat_ste  # noqa: E402
-from qat_ste.atomic import atomic_save, atomic_write_text, json_safe  # noqa: E402
-from qat_ste.errors import QatSteError  # noqa: E402
-from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train  # noqa: E402
-from qat_ste.train.data import TensorImageDataset, load_dataset  # noqa: E402
-from qat_ste.zoo import create_zoo_model  # noqa: E402
-from qat_ste.zoo.recipes import InstabilityRun, PaperResult, Recipes, Schedule, load_recipes  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS_FORMAT = "qat_ste.reproduce_paper/1"
 DEFAULT_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -682,9 +680,9 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     runs = store.runs
     done = [r for r in runs.values() if r.get("status") == "done"]
     lines = ["# Reproducing [P1] Table 1 and the instability runs", ""]
-    lines += [f"Written by `tools/reproduce_paper.py` on {_now()} from `{_rel(store.path)}` "
+    lines += [f"Written by `python -m tools.reproduce_paper` on {_now()} from `{_rel(store.path)}` "
               f"({len(done)} finished run(s)). [P1] = Yin et al., *Understanding Straight-Through Estimator in "
-              "Training Activation Quantized Neural Nets*, ICLR 2019. Recipes: `model_zoo/recipes.json` "
+              "Training Activation Quantized Neural Nets*, ICLR 2019. Recipes: `qat_ste/zoo/recipes.json` "
               "(see `model_zoo/README.md` for the choices the paper leaves open).", ""]
     reduced_any = any(is_reduced(r) for r in done)
     substitute_any = any(r.get("substitute_data") for r in done)
@@ -885,7 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=None, help="results JSON (default RUNS_DIR/results.json)")
     p.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="the RESULTS.md to write")
     p.add_argument("--figures", type=Path, default=DEFAULT_FIGURES, help="folder of the report's PNGs")
-    p.add_argument("--recipes", type=Path, default=None, help="recipes JSON (default model_zoo/recipes.json)")
+    p.add_argument("--recipes", type=Path, default=None,
+                   help="recipes JSON (default: the package's qat_ste/zoo/recipes.json)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -931,7 +930,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return loaded[net]
 
     started, clock = _now(), time.perf_counter()
-    index = store.add_invocation({"command": "tools/reproduce_paper.py " + " ".join(argv), "started": started,
+    index = store.add_invocation({"command": "python -m tools.reproduce_paper " + " ".join(argv), "started": started,
                                   "wall_time_s": None, "machine": machine_info(_device_of(args.device))})
     try:
         run_grid(plan, recipes, store, data_for, options)

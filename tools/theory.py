@@ -35,8 +35,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import QatSteError
-from .ste import STE, get_ste
+from qat_ste.errors import QatSteError
+from qat_ste.ste import STE, get_ste
 
 #: STEs whose expected coarse gradient has a closed form here.
 CLOSED_FORM_STES: tuple[str, ...] = ("identity", "relu", "clipped_relu")

@@ -1,4 +1,4 @@
-"""Figures for the two-linear-layer theory model of [P1] (qat_ste.theory).
+"""Figures for the two-linear-layer theory model of [P1] (tools.theory).
 
 Writes three PNGs (each written to a temp file in the output folder, then renamed into place):
 
@@ -11,7 +11,7 @@ Writes three PNGs (each written to a temp file in the output folder, then rename
   samples, v held fixed) against the step size eta, for N = 10, 50 and 1000; dashed lines show
   the population loss f along the same step.
 
-Usage: ``python tools/theory_figures.py --out docs/figures``
+Usage: ``python -m tools.theory_figures --out docs/figures``
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from qat_ste import theory  # noqa: E402
 from qat_ste.atomic import save_figure  # noqa: E402
+from tools import theory  # noqa: E402
 
 STES = theory.CLOSED_FORM_STES
 COLORS = {"identity": "tab:red", "relu": "tab:blue", "clipped_relu": "tab:green"}

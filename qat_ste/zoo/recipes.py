@@ -1,7 +1,7 @@
 """The training recipes of the STE paper's experiments ([P1] section 5), loaded from JSON.
 
-The numbers live in ``model_zoo/recipes.json`` at the repository root (one place to read and
-edit them); this module turns that file into typed, validated objects:
+The numbers live in ``recipes.json`` next to this module (package data, installed with qat_ste;
+one place to read and edit them); this module turns that file into typed, validated objects:
 
     from qat_ste.zoo.recipes import load_recipes
     recipes = load_recipes()
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import QatSteError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "RECIPES_FORMAT",
@@ -40,9 +44,10 @@ _OPTIMIZERS = ("sgd", "adamw")
 _DATASETS = ("mnist", "cifar10")
 
 
-def default_recipes_path() -> Path:
-    """``model_zoo/recipes.json`` in the repository this package is checked out in."""
-    return Path(__file__).resolve().parents[2] / "model_zoo" / "recipes.json"
+def default_recipes_path() -> Traversable:
+    """The recipes shipped with the package (``qat_ste/zoo/recipes.json``, found through
+    ``importlib.resources``, so it works from a checkout, an installed wheel or a zip)."""
+    return files(__package__).joinpath("recipes.json")
 
 
 @dataclass(frozen=True)
@@ -183,13 +188,13 @@ class Recipes:
 
 def _need(mapping: Mapping[str, Any], key: str, where: str) -> Any:
     if not isinstance(mapping, Mapping) or key not in mapping:
-        raise QatSteError(f"recipes: {where} lacks {key!r}", "compare with model_zoo/recipes.json in the repository")
+        raise QatSteError(f"recipes: {where} lacks {key!r}", "compare with the recipes.json shipped in qat_ste/zoo")
     return mapping[key]
 
 
 def _schedule(values: Any, where: str) -> Schedule:
     if not isinstance(values, Mapping):
-        raise QatSteError(f"recipes: {where} must be an object of schedule fields", "see model_zoo/recipes.json")
+        raise QatSteError(f"recipes: {where} must be an object of schedule fields", "see the recipes.json shipped in qat_ste/zoo")
     known = set(Schedule.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -267,17 +272,16 @@ def parse_recipes(data: Mapping[str, Any]) -> Recipes:
 
 
 def load_recipes(path: str | Path | None = None) -> Recipes:
-    """Read and validate a recipes file (default: ``model_zoo/recipes.json`` of this checkout)."""
-    path = default_recipes_path() if path is None else Path(path).expanduser()
+    """Read and validate a recipes file (default: the package's ``qat_ste/zoo/recipes.json``)."""
+    source: Traversable | Path = default_recipes_path() if path is None else Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = source.read_text(encoding="utf-8")
     except OSError as error:
-        raise QatSteError(
-            f"cannot read the recipes file {path}: {error.strerror or error}",
-            "run from a checkout of the repository (it has model_zoo/recipes.json), or pass its path",
-        ) from None
+        fix = ("pass the path of an existing, readable recipes file" if path is not None
+               else "reinstall qat_ste: its package data qat_ste/zoo/recipes.json is missing")
+        raise QatSteError(f"cannot read the recipes file {source}: {error.strerror or error}", fix) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise QatSteError(f"{path} is not valid JSON: {error}", "fix the file (or check it out again)") from None
+        raise QatSteError(f"{source} is not valid JSON: {error}", "fix the file (or check it out again)") from None
     return parse_recipes(data)

@@ -76,10 +76,10 @@ def bench_model(name: str, bits: int, threads: int, runs: int, batches: tuple[in
     log(f"{name}: exporting float")
     files.append(("float", export_float_onnx(qmodel, directory / f"{name}-float.onnx", example), {}, "float32"))
     log(f"{name}: exporting deploy-int8")
-    r = export_onnx(qmodel, directory / f"{name}-deploy-int8.onnx", example, weights="int8")
+    r = export_onnx(qmodel, directory / f"{name}-deploy-int8.onnx", example, weight_format="int8")
     files.append(("deploy-int8", r.path, r.session_config, "/".join(sorted({s.container for s in r.sites}))))
     log(f"{name}: exporting spec (int8 weights)")
-    r = export_onnx(qmodel, directory / f"{name}-spec.onnx", example, form="spec", weights="int8")
+    r = export_onnx(qmodel, directory / f"{name}-spec.onnx", example, form="spec", weight_format="int8")
     files.append(("spec", r.path, r.session_config, "/".join(sorted({s.container for s in r.sites}))))
     rows = []
     for variant, path, config, codes in files:

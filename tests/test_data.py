@@ -293,6 +293,65 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_dataset(f"imagefolder:{tmp_path / 'bad'}")
 
 
+@pytest.mark.parametrize("limit, pil_behaviour", [(50, "error"), (100, "warning")])
+def test_decompression_bomb_images_get_the_corrupt_file_error(tmp_path: Path, monkeypatch, limit: int,
+                                                               pil_behaviour: str) -> None:
+    """10 x 12 = 120 pixels against a lowered limit: over 2x it PIL raises DecompressionBombError,
+    between 1x and 2x it only warns; both are refused alike, naming the file, pixels and limit."""
+    from PIL import Image
+
+    write_png_folder(tmp_path / "imgs", {"a": 2, "b": 2})  # 10 x 12 images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(QatSteError) as info:
+        load_dataset(f"imagefolder:{tmp_path / 'imgs'}", val_fraction=0.0)
+    message = str(info.value)
+    assert "cannot read image" in message and "img0.png" in message
+    assert f"it has 120 pixels, more than PIL's decompression-bomb limit of {limit} pixels" in message
+    assert f"fix: remove the file, or resize it to at most {limit} pixels" in message
+
+
+def test_other_undecodable_images_get_the_corrupt_file_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_png_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    pixels = (np.arange(10 * 12 * 3) % 256).astype(np.uint8).reshape(10, 12, 3)
+    Image.fromarray(pixels).save(tmp_path / "ok.tif")
+    damaged = bytearray((tmp_path / "ok.tif").read_bytes())
+    damaged[72] ^= 1  # a TIFF tag type PIL's decoder chokes on with a TypeError (not an OSError)
+    (tmp_path / "imgs" / "b" / "damaged.tif").write_bytes(bytes(damaged))
+    with pytest.raises(QatSteError, match="cannot read image .*damaged.tif") as info:
+        load_dataset(f"imagefolder:{tmp_path / 'imgs'}", val_fraction=0.0)
+    assert "fix: replace or delete the file" in str(info.value)
+
+
+def test_a_single_class_is_refused(tmp_path: Path) -> None:
+    write_png_folder(tmp_path / "flat", {"only": 4})
+    with pytest.raises(QatSteError) as info:
+        load_dataset(f"imagefolder:{tmp_path / 'flat'}")
+    assert str(info.value).startswith(f"1 class found in {tmp_path / 'flat'}: a classifier needs at least 2 "
+                                      "class folders")
+    write_png_folder(tmp_path / "split" / "train", {"only": 3})
+    write_png_folder(tmp_path / "split" / "val", {"only": 1})
+    with pytest.raises(QatSteError, match="1 class found in .*split.train: a classifier needs at least 2"):
+        load_dataset(f"imagefolder:{tmp_path / 'split'}", "val")
+    # MNIST / CIFAR-10 files whose labels are all one class
+    arrays = write_tiny_mnist(tmp_path / "mnist", gz=False)
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte", np.full(20, 3, np.uint8), gz=False)
+    with pytest.raises(QatSteError, match="1 class found in .*train-labels-idx1-ubyte: a classifier needs"):
+        load_dataset(f"mnist:{tmp_path / 'mnist'}", "train")
+    assert load_dataset(f"mnist:{tmp_path / 'mnist'}", "test").labels.tolist() == \
+        arrays["t10k-labels-idx1-ubyte"].tolist()  # the other split is untouched
+    write_tiny_cifar(tmp_path / "cifar")
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    with open(batches / "test_batch", "rb") as handle:
+        content = pickle.load(handle, encoding="bytes")
+    content[b"labels"] = [7] * len(content[b"labels"])
+    with open(batches / "test_batch", "wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+    with pytest.raises(QatSteError, match="1 class found in .*test_batch.*a classifier needs at least 2"):
+        load_dataset(f"cifar10:{tmp_path / 'cifar'}", "test")
+
+
 # ------------------------------------------------------------------------------------------
 # digits, synthetic, specs
 # ------------------------------------------------------------------------------------------

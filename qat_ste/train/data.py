@@ -30,8 +30,10 @@ import gzip
 import inspect
 import math
 import pickle
+import re
 import struct
 import types
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -553,6 +555,8 @@ def load_mnist(
             f"{label_path} has label {int(labels.max())}; MNIST labels are 0..9",
             "check that this is an MNIST label file and that it is not corrupt",
         )
+    _require_two_classes(len(np.unique(labels)), str(label_path), "classes (MNIST has the digits 0..9)",
+                         "use the complete MNIST label file of this split")
     tensor = torch.from_numpy(images).unsqueeze(1)  # N x 1 x H x W
     height, width = tensor.shape[2:]
     if pad_to is not None:
@@ -678,6 +682,8 @@ def load_cifar10(folder: str | Path, split: str = "train", augment: bool | None 
             raise QatSteError(f"{path} has labels outside 0..9", "extract cifar-10-python.tar.gz again")
         image_parts.append(data.reshape(-1, 3, 32, 32))
         label_parts.append(labels)
+    _require_two_classes(len(np.unique(np.concatenate(label_parts))), f"{folder} ({', '.join(names)})",
+                         "classes (CIFAR-10 has 10)", "extract cifar-10-python.tar.gz again")
     class_names = CIFAR10_CLASSES
     meta_path = folder / "batches.meta"
     if meta_path.is_file():
@@ -746,17 +752,46 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One image as a uint8 C x H x W array; any file PIL cannot decode (damaged, not an image, or a
+    decompression bomb, whether PIL warns or refuses) raises QatSteError naming it."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise QatSteError(f"cannot read image {path} ({error})", "replace or delete the file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL warns at 1-2x its limit
+            with Image.open(path) as image:
+                image = image.convert(mode)
+                if image.size != (size[1], size[0]):
+                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise _decompression_bomb(path, error) from None
+    except Exception as error:  # PIL's decoders raise many types (OSError, SyntaxError, TypeError, ...)
+        detail = str(error).strip() or type(error).__name__
+        raise QatSteError(f"cannot read image {path} ({detail[:300]})", "replace or delete the file") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _decompression_bomb(path: Path, error: Exception) -> QatSteError:
+    """The error for an image with more pixels than PIL's decompression-bomb limit."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    limit_text = f"{int(limit):,} pixels" if limit else "its limit"
+    return QatSteError(
+        f"cannot read image {path}: it has {pixels}, more than PIL's decompression-bomb limit of {limit_text} "
+        "(PIL.Image.MAX_IMAGE_PIXELS)",
+        f"remove the file, or resize it to at most {limit_text}",
+    )
+
+
+def _require_two_classes(found: int, where: str, what: str, fix: str) -> None:
+    """Refuse a data set with fewer than 2 classes: a classifier learns nothing from one (it scores 100 %)."""
+    if found < 2:
+        raise QatSteError(f"{found} class{'' if found == 1 else 'es'} found in {where}: a classifier needs at "
+                          f"least 2 {what}", fix)
 
 
 def load_imagefolder(
@@ -807,6 +842,8 @@ def load_imagefolder(
         source, split_by_fraction = root, True
     if not classes:
         raise QatSteError(f"{source} has no class subfolders", _IMAGEFOLDER_FIX)
+    _require_two_classes(len(classes), str(root / "train" if not split_by_fraction else root), "class folders",
+                         "add a subfolder of images for each further class")
 
     files: list[Path] = []
     labels: list[int] = []

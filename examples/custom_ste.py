@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = input_gradient(site, u), input_gradient(clipped, u)
     print(f"{'u':>8}  {'quantized':>9}  {'grad ' + name:>18}  {'grad clipped_relu':>17}")
     with torch.no_grad():
-        for ui, qi, gi, ci in zip(u.tolist(), site(u).tolist(), ours.tolist(), theirs.tolist()):
+        for ui, qi, gi, ci in zip(u.tolist(), site(u).tolist(), ours.tolist(), theirs.tolist(), strict=True):
             print(f"{ui:8.4f}  {qi + 0.0:9.4f}  {gi:18.4f}  {ci:17.4f}")  # + 0.0: no "-0.0"
     qat_ste.unregister_ste(name)
     return 0

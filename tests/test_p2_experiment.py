@@ -9,7 +9,7 @@ import tools.p2_experiment as P2
 from qat_ste import QatSteError, get_ste
 
 # A tiny configuration: 300 samples, 5-d input, teacher width 8, student width 32, 3 classes.
-TINY = dict(input_dim=5, teacher_hidden=8, student_hidden=32, classes=3, samples=300, margin=0.5)
+TINY = {"input_dim": 5, "teacher_hidden": 8, "student_hidden": 32, "classes": 3, "samples": 300, "margin": 0.5}
 TINY_ITERS = 300
 
 

@@ -14,7 +14,6 @@ import argparse
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -10,8 +10,9 @@ engine call and discarded.
     python -m tools.bench_train --models torchvision:resnet18 zoo:resnet20 --steps 50 --json out.json
 
 Defaults on CPU: resnet18 at 64x64, batch 16; zoo resnet20 at 32x32, batch 64; 5 steps after 1
-warm-up step (on a busy machine try ``--threads 1``). On CUDA: resnet18 at 224x224, batch 128; resnet20 at 32x32, batch 256; 50 steps
-after 10 warm-up steps, bf16 autocast and torch.compile (the engine's CUDA defaults).
+warm-up step (on a busy machine try ``--threads 1``). On CUDA: resnet18 at 224x224, batch 128;
+resnet20 at 32x32, batch 256; 50 steps after 10 warm-up steps, bf16 autocast and torch.compile
+(the engine's CUDA defaults).
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def format_rows(rows: list[dict[str, Any]], device: str, amp: str, compiled: str
               f"{r['float_images_per_s']:.1f}", f"{r['quantized_images_per_s']:.1f}", f"{r['ratio']:.2f}x")
              for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))  # noqa: E731
+
+    def line(values: tuple[str, ...]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True)))
+
     out = [f"training throughput on {device} (amp {amp}, compile {compiled})", line(head),
            line(tuple("-" * w for w in widths))]
     return "\n".join(out + [line(c) for c in cells])
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     steps = args.steps or (50 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
-    base = TrainConfig(device=str(device), amp=args.amp, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+    compile_mode: bool | str = {"auto": "auto", "on": True, "off": False}[args.compile]
+    base = TrainConfig(device=str(device), amp=args.amp, compile=compile_mode,
                        lr=0.01, progress=False, verbose=False, print_summary=False, plot=False, log_format="none",
                        calibrate_batches=1, calibrate_method="percentile")
     rows = []

@@ -243,7 +243,7 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
     fig, (ax_acc, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:
         first = r["seed"] == seeds[0]
-        style = dict(color=colors[r["ste"]], lw=1.4 if first else 0.8, alpha=1.0 if first else 0.45)
+        style = {"color": colors[r["ste"]], "lw": 1.4 if first else 0.8, "alpha": 1.0 if first else 0.45}
         label = r["ste"] if first else None
         steps = range(len(r["accuracy"]))
         ax_acc.plot(steps, r["accuracy"], label=label, **style)
@@ -263,7 +263,8 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(
         f"[P2] {r0['bits']}-bit quantized ReLU (alpha={r0['alpha']}), d={cfg['input_dim']}, teacher "
         f"hidden {cfg['teacher_hidden']}, student hidden {cfg['student_hidden']}, {cfg['classes']} classes, "
-        f"N={cfg['samples']}, margin {cfg['margin']}, full-batch GD lr {cfg['lr']}, momentum {cfg['momentum']}; seeds {seeds} "
+        f"N={cfg['samples']}, margin {cfg['margin']}, full-batch GD lr {cfg['lr']}, momentum {cfg['momentum']}; "
+        f"seeds {seeds} "
         f"(seed {seeds[0]} bold)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

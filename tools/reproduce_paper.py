@@ -31,9 +31,10 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -658,7 +659,7 @@ def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path 
         for phase in record["settings"]["phases"][:-1]:
             offset += phase["epochs"]
             boundaries.add(offset)
-    for ax, title in zip(axes, ("training loss (mean over the epoch)", "validation error (%)")):
+    for ax, title in zip(axes, ("training loss (mean over the epoch)", "validation error (%)"), strict=True):
         for b in sorted(boundaries):
             ax.axvline(b + 0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("epoch (0 = starting weights)")
@@ -708,14 +709,16 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     lines += [f"Total training wall time of the finished runs: {total / 60:.1f} min.", ""]
 
     lines += ["## Float baselines (pre-training)", "",
-              "| net | data | epochs used / paper-scale | train images | val images | train loss | val acc % | wall s |",
+              "| net | data | epochs used / paper-scale | train images | val images | train loss | val acc % "
+              "| wall s |",
               "|---|---|---|---|---|---|---|---|"]
     for net in recipes.grid_nets:
         record = _done(runs, float_id(net))
         if record is None:
             lines.append(f"| {NET_TITLES.get(net, net)} | - | not run | - | - | - | - | - |")
             continue
-        lines.append(f"| {NET_TITLES.get(net, net)} | {record['data']} | {record['epochs']} / {record['paper_epochs']} | "
+        lines.append(f"| {NET_TITLES.get(net, net)} | {record['data']} | "
+                     f"{record['epochs']} / {record['paper_epochs']} | "
                      f"{record['train_images']} / {record['train_images_full']} | "
                      f"{record['val_images']} / {record['val_images_full']} | "
                      f"{_fmt_loss(record['final_train_loss'])} | {_fmt_acc(record['final_val_accuracy_pct'])} | "
@@ -737,7 +740,8 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     lines += ["", "## Does clipped_relu >= relu > identity hold?", "",
               "Tested per row on the measured numbers (not forced): validation accuracy "
               "clipped_relu >= relu > identity, and training loss clipped_relu <= relu < identity.", "",
-              "| net | bits | measured order (val acc %) | verdict | float start (val acc %) |", "|---|---|---|---|---|"]
+              "| net | bits | measured order (val acc %) | verdict | float start (val acc %) |",
+              "|---|---|---|---|---|"]
     any_row = False
     for net in recipes.grid_nets:
         for bits in recipes.grid_bits:
@@ -745,7 +749,8 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
             if any(c is None for c in cells.values()):
                 continue
             if len({_scale_key(c) for c in cells.values()}) > 1:
-                lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | - | cells ran at different scales: not compared | - |")
+                lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | - "
+                             "| cells ran at different scales: not compared | - |")
                 continue
             order, verdict = ranking_verdict(cells)  # type: ignore[arg-type]
             lines.append(f"| {NET_TITLES.get(net, net)} | {bits} | {order} | {verdict} | {_float_note(runs, net)} |")
@@ -778,7 +783,8 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
             accs.append(record["final_val_accuracy_pct"])
             lines.append(
                 f"| {record['run_id'].split('/', 1)[1]} | {record['role']} | "
-                + " + ".join(f"{p['label']}: {p['epochs']} ep" for p in phases) + f" (paper {record['paper_epochs']}) | "
+                + " + ".join(f"{p['label']}: {p['epochs']} ep" for p in phases)
+                + f" (paper {record['paper_epochs']}) | "
                 + " / ".join(_fmt_loss(v) for v in losses) + " | " + " / ".join(_fmt_acc(v) for v in accs) + " | "
                 f"{_fmt_wall(record['wall_time_s'])} |")
         claims = [c for c in (_claim(recipes, r) for r in sorted(inst, key=lambda r: r["run_id"])) if c]

@@ -360,7 +360,7 @@ def monte_carlo(
     means = [s / n_samples for s in sums]
     ses = [
         np.sqrt(np.maximum(sq / n_samples - mu**2, 0.0) * n_samples / (n_samples - 1) / n_samples)
-        for sq, mu in zip(squares, means)
+        for sq, mu in zip(squares, means, strict=True)
     ]
     return MonteCarloEstimate(
         loss=float(means[0]),
@@ -593,7 +593,7 @@ def run_algorithm1(
         ste=name,
         gradients=gradients,
         lr=float(lr),
-        loss=np.array([population_loss(a, b, v_star, w_star) for a, b in zip(v_hist, w_hist)]),
+        loss=np.array([population_loss(a, b, v_star, w_star) for a, b in zip(v_hist, w_hist, strict=True)]),
         theta=np.array([_angle_parts(b, w_star)[0] for b in w_hist]),
         v=v_hist,
         w=w_hist,

@@ -108,7 +108,7 @@ def figure_one_step(out: Path, seed: int, max_lr: float) -> list[tuple[int, str,
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(1, len(sizes), figsize=(13, 4), sharey=True)
     rows = []
-    for ax, size in zip(axes, tqdm(sizes, desc="(c) one step")):
+    for ax, size in zip(axes, tqdm(sizes, desc="(c) one step"), strict=True):
         z = rng.standard_normal((size, V_CHECK.size, W_CHECK.size))
         for ste in STES:
             _, g = theory.empirical_gradients(ste, V_CHECK, W_CHECK, V_STAR, W_STAR, z)

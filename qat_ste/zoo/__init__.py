@@ -1,9 +1,9 @@
 """Model zoo: the networks of the STE paper's experiments (LeNet-5, VGG-11, ResNet-20)."""
 
 from .models import (
+    VGG11,
     VGG11_CONFIG,
     ZOO_MODELS,
-    VGG11,
     BasicBlock,
     LeNet5,
     ResNet20,

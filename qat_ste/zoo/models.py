@@ -10,7 +10,7 @@ quantization rewrite can swap each one independently. Layers followed by a Batch
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

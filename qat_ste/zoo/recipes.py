@@ -15,10 +15,11 @@ one place to read and edit them); this module turns that file into typed, valida
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import QatSteError
 
@@ -87,7 +88,7 @@ class Schedule:
             )
         object.__setattr__(self, "milestones", milestones)
 
-    def scaled(self, factor: float) -> "Schedule":
+    def scaled(self, factor: float) -> Schedule:
         """The same schedule with every epoch count multiplied by ``factor`` (rounded, at least one
         epoch); milestones scale alike and those that leave no epoch after them are dropped."""
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
@@ -194,7 +195,8 @@ def _need(mapping: Mapping[str, Any], key: str, where: str) -> Any:
 
 def _schedule(values: Any, where: str) -> Schedule:
     if not isinstance(values, Mapping):
-        raise QatSteError(f"recipes: {where} must be an object of schedule fields", "see the recipes.json shipped in qat_ste/zoo")
+        raise QatSteError(f"recipes: {where} must be an object of schedule fields",
+                          "see the recipes.json shipped in qat_ste/zoo")
     known = set(Schedule.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -215,7 +217,8 @@ def parse_recipes(data: Mapping[str, Any]) -> Recipes:
     for name, entry in _need(data, "nets", "the file").items():
         dataset = _need(entry, "dataset", f"nets.{name}")
         if dataset not in _DATASETS:
-            raise QatSteError(f"recipes: nets.{name}.dataset {dataset!r} is unknown", f"use one of {', '.join(_DATASETS)}")
+            raise QatSteError(f"recipes: nets.{name}.dataset {dataset!r} is unknown",
+                              f"use one of {', '.join(_DATASETS)}")
         nets[name] = NetRecipe(
             net=name,
             dataset=dataset,

@@ -680,6 +680,19 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     """Write RESULTS.md (and the instability PNG) from every run in ``store``; returns the text."""
     runs = store.runs
     done = [r for r in runs.values() if r.get("status") == "done"]
+    lines = _report_header(store, done)
+    lines += _float_section(runs, recipes)
+    lines += _table1_section(runs, done, recipes)
+    lines += _ranking_section(runs, recipes)
+    lines += _instability_section(runs, recipes, figures_dir)
+    lines += _missing_section(runs, recipes)
+    text = "\n".join(lines).rstrip() + "\n"
+    atomic_write_text(report_path, text)
+    return text
+
+
+def _report_header(store: ResultsStore, done: list[dict[str, Any]]) -> list[str]:
+    """Title, provenance, the reduced-scale warning, machines, commands and total wall time."""
     lines = ["# Reproducing [P1] Table 1 and the instability runs", ""]
     lines += [f"Written by `python -m tools.reproduce_paper` on {_now()} from `{_rel(store.path)}` "
               f"({len(done)} finished run(s)). [P1] = Yin et al., *Understanding Straight-Through Estimator in "
@@ -707,8 +720,12 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
         lines.append("")
     total = sum(r.get("wall_time_s", 0.0) for r in done)
     lines += [f"Total training wall time of the finished runs: {total / 60:.1f} min.", ""]
+    return lines
 
-    lines += ["## Float baselines (pre-training)", "",
+
+def _float_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) -> list[str]:
+    """The float pre-training baselines."""
+    lines = ["## Float baselines (pre-training)", "",
               "| net | data | epochs used / paper-scale | train images | val images | train loss | val acc % "
               "| wall s |",
               "|---|---|---|---|---|---|---|---|"]
@@ -723,7 +740,13 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
                      f"{record['val_images']} / {record['val_images_full']} | "
                      f"{_fmt_loss(record['final_train_loss'])} | {_fmt_acc(record['final_val_accuracy_pct'])} | "
                      f"{_fmt_wall(record['wall_time_s'])} |")
-    lines += ["", "## Table 1: training loss / validation accuracy, measured beside [P1]", "",
+    return lines
+
+
+def _table1_section(runs: Mapping[str, Mapping[str, Any]], done: list[dict[str, Any]],
+                    recipes: Recipes) -> list[str]:
+    """[P1] Table 1 beside the measured cells, and the schedules actually used."""
+    lines = ["", "## Table 1: training loss / validation accuracy, measured beside [P1]", "",
               "Measured: mean training cross-entropy over the last epoch (train mode) and validation accuracy "
               "after the last epoch. [P1]'s numbers are for the full schedules on MNIST (LeNet-5) and CIFAR-10 "
               "(VGG-11, ResNet-20).", ""]
@@ -737,7 +760,12 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
                          f"batch {phase['batch_size']}, lr {phase['lr']:g}, x{phase['gamma']:g} at "
                          f"{phase['milestones'] or 'no milestone'}, SGD momentum {phase['momentum']:g}, "
                          f"wd {phase['weight_decay']:g}; {record['train_images']} training images")
-    lines += ["", "## Does clipped_relu >= relu > identity hold?", "",
+    return lines
+
+
+def _ranking_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) -> list[str]:
+    """Whether clipped_relu >= relu > identity holds, per (net, bits) row."""
+    lines = ["", "## Does clipped_relu >= relu > identity hold?", "",
               "Tested per row on the measured numbers (not forced): validation accuracy "
               "clipped_relu >= relu > identity, and training loss clipped_relu <= relu < identity.", "",
               "| net | bits | measured order (val acc %) | verdict | float start (val acc %) |",
@@ -759,8 +787,13 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
         lines.append("| - | - | no row has all three STEs finished | - | - |")
     lines += ["", "At reduced scale the differences between STEs can be within run-to-run noise (one seed per "
               "cell); a verdict here is about this run, not a refutation or confirmation of the paper.", ""]
+    return lines
 
-    lines += ["## Instability runs (ResNet-20)", ""]
+
+def _instability_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes,
+                         figures_dir: Path) -> list[str]:
+    """The instability runs (table, [P1]'s claims, the figure)."""
+    lines = ["## Instability runs (ResNet-20)", ""]
     figure = plot_instability(runs, figures_dir / INSTABILITY_FIGURE)
     inst = [r for r in runs.values() if r.get("kind") == "instability"]
     if inst:
@@ -793,9 +826,13 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
         lines += ["No instability run has been made yet.", ""]
     if figure is not None:
         lines += [f"![instability runs](figures/{figure.name})", ""]
+    return lines
 
+
+def _missing_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) -> list[str]:
+    """The runs not finished, or finished only at reduced scale."""
     absent, reduced = missing_runs(runs, recipes)
-    lines += ["## Missing", ""]
+    lines = ["## Missing", ""]
     if absent:
         lines += [f"Not run (or not finished) at any scale ({len(absent)}):", ""] + [f"- `{r}`" for r in absent] + [""]
     if reduced:
@@ -803,9 +840,7 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
                   f"({len(reduced)}):", ""] + [f"- `{r}`" for r in reduced] + [""]
     if not absent and not reduced:
         lines += ["Nothing: every run of the reproduction finished at the paper's scale.", ""]
-    text = "\n".join(lines).rstrip() + "\n"
-    atomic_write_text(report_path, text)
-    return text
+    return lines
 
 
 def _float_note(runs: Mapping[str, Mapping[str, Any]], net: str) -> str:

@@ -203,3 +203,263 @@ def test_resume_with_a_different_batch_size_is_refused(data, tmp_path):
     train(make_model(), *data, config(tmp_path, stop_after_steps=3))
     with pytest.raises(QatSteError, match="batch_size"), pytest.warns(UserWarning, match="differ"):
         train(make_model(), *data, config(tmp_path, resume=True, batch_size=16))
+
+
+# ---- integrity: damaged and hostile checkpoints ---------------------------------------------------
+
+
+def flip(data: bytes, offset: int, count: int = 64) -> bytes:
+    """``data`` with ``count`` bytes from ``offset`` inverted."""
+    out = bytearray(data)
+    for index in range(offset, min(offset + count, len(out))):
+        out[index] ^= 0xFF
+    return bytes(out)
+
+
+def header_offsets(path: Path) -> list[int]:
+    """Where a zip's headers are: the first local header, a data member's local header, the central
+    directory, the end record and the last bytes (the stored digest)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        directory = archive.start_dir
+    data_member = next(i for i in infos if "/data/" in i.filename)
+    size = path.stat().st_size
+    return [0, data_member.header_offset, data_member.header_offset + 30, directory, directory + 46,
+            size - 120, size - 64, size - 22, size - 1]
+
+
+def largest_member_data(path: Path) -> int:
+    """The offset of the first byte of the largest tensor member's data."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    return info.header_offset + 30 + name_length + extra_length
+
+
+@pytest.mark.filterwarnings("ignore:resuming with settings that differ")
+def test_flipped_bytes_anywhere_are_refused_naming_the_intact_alternative(data, tmp_path):
+    import random
+
+    train(make_model(), *data, config(tmp_path, epochs=1))
+    good = (tmp_path / "last.pt").read_bytes()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 8  # intact: loads
+    rng = random.Random(8)
+    offsets = sorted(rng.sample(range(len(good) - 64), 12)) + header_offsets(tmp_path / "last.pt")
+    damaged = tmp_path / "last.pt"
+    for offset in offsets:
+        damaged.write_bytes(flip(good, offset))
+        with pytest.raises(QatSteError) as refused:
+            load_checkpoint(damaged)
+        text = str(refused.value)
+        assert f"cannot read checkpoint {damaged}: the file is damaged" in text, (offset, text)
+        assert f"intact checkpoint beside it, {tmp_path / 'best.pt'}" in text, (offset, text)
+    damaged.write_bytes(flip(good, largest_member_data(tmp_path / "best.pt") + 16))
+    with pytest.raises(QatSteError, match="CRC mismatch in member archive/data/"):
+        load_checkpoint(damaged)
+    with pytest.raises(QatSteError, match="the file is damaged"):  # resuming from it is refused too
+        train(make_model(), *data, config(tmp_path, resume=True))
+
+
+def test_a_damaged_checkpoint_alone_says_to_start_afresh(data, tmp_path):
+    train(make_model(), *data, config(tmp_path / "run", epochs=1))
+    lone = tmp_path / "lone" / "last.pt"
+    lone.parent.mkdir()
+    source = tmp_path / "run" / "last.pt"
+    lone.write_bytes(flip(source.read_bytes(), largest_member_data(source)))
+    with pytest.raises(QatSteError, match="CRC mismatch") as refused:
+        load_checkpoint(lone)
+    assert "no intact checkpoint is beside it: start afresh" in str(refused.value)
+
+
+class Hostile:
+    """Pickles to a call of ``function(*arguments)`` when unpickled without weights_only."""
+
+    def __init__(self, function, *arguments) -> None:
+        self.call = (function, arguments)
+
+    def __reduce__(self):
+        return self.call
+
+
+class Plain:
+    pass
+
+
+@pytest.mark.parametrize("payload, name", [
+    (lambda marker: Hostile(__import__("os").system, f"touch {marker}"), r"global (posix|nt|os)\.system"),
+    (lambda marker: Hostile(exec, f"open({str(marker)!r}, 'w')"), r"global exec"),
+    (lambda marker: Plain(), r"global tests\.test_resume\.Plain|global test_resume\.Plain"),
+], ids=["os.system", "exec", "a class"])
+def test_hostile_checkpoint_is_refused_as_unsafe_not_damaged(tmp_path, payload, name):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "last.pt"
+    torch.save({"format": checkpoint_module.CHECKPOINT_FORMAT, "model": {"w": payload(marker)}}, path)
+    with pytest.raises(QatSteError) as refused:
+        load_checkpoint(path)
+    text = str(refused.value)
+    assert f"refused: checkpoint {path} contains code/objects that are not plain tensors (" in text
+    import re
+
+    assert re.search(name, text), text
+    assert "weights_only" not in text and "damaged" not in text and "truncated" not in text
+    assert not marker.exists()
+
+
+# ---- full disk, stale temporary files ---------------------------------------------------------------
+
+
+class FullDisk:
+    """A file object that takes ``room`` bytes, then fails as a full device does."""
+
+    def __init__(self, stream, room: int) -> None:
+        self.stream, self.room = stream, room
+
+    def write(self, data) -> int:
+        size = len(memoryview(data).cast("B"))
+        if size > self.room:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+@pytest.mark.parametrize("room", [0, 300, 4000])
+def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_file(tmp_path, monkeypatch, room):
+    import os
+
+    from qat_ste import atomic
+
+    target = tmp_path / "last.pt"
+    atomic.atomic_save({"format": checkpoint_module.CHECKPOINT_FORMAT, "model": {}, "v": 1}, target)
+    original = target.read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(atomic.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k), room))
+    with pytest.raises(QatSteError) as full:
+        atomic.atomic_save({"model": {"w": torch.zeros(5000)}}, target)
+    text = str(full.value)
+    assert f"no space left on device while writing {target} (" in text and " bytes free); the previous last.pt " \
+           "is intact" in text, text
+    assert "inline_container" not in text and "--out" in full.value.fix
+    assert target.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the temporary file is removed
+    with pytest.raises(QatSteError, match=f"writing {tmp_path / 'new.json'} .*no new.json was written"):
+        atomic.atomic_write_json(tmp_path / "new.json", {"a": "b" * 5000})
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from qat_ste.atomic import remove_stale_temp_files
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid is free
+    names = {
+        "dead": f".last.pt.{gone.pid}.0123abcd.tmp", "own": f".model.onnx.{os.getpid()}.89abcdef.tmp",
+        "live": f".best.pt.{os.getppid()}.fedcba98.tmp", "other": ".notes.tmp", "kept": "last.pt",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["dead"], names["own"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other"], names["kept"]])
+    (tmp_path / names["dead"]).write_bytes(b"partial")  # left by a killed run: the next run removes it
+    (tmp_path / "last.pt").unlink()
+    train(make_model(), *data, config(tmp_path, epochs=1))
+    assert not (tmp_path / names["dead"]).exists() and (tmp_path / names["live"]).exists()
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------------------
+
+
+class Signal(Crash):
+    """Sends ``signum`` to this process at training-mode forward call ``at``."""
+
+    def __init__(self, inner: nn.Module, at: int, signum: int) -> None:
+        super().__init__(inner, at, RuntimeError("unused"))
+        self.signum = signum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(self.signum)
+        return self.inner(x)
+
+
+def test_sigterm_stops_after_the_step_saves_and_resume_is_exact(data, reference, tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stopped = train(Signal(make_model(), 13, signal.SIGTERM), *data, config(tmp_path))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    assert stopped.stopped_early and stopped.stop_reason == "SIGTERM" and stopped.steps == 13
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 13
+    printed = capsys.readouterr().out
+    assert f"stopped (SIGTERM) at step 13; saved {tmp_path / 'last.pt'}: to continue, run again with " \
+           "resume=True (qat-ste convert --resume)" in printed
+    model = make_model(seed=4)
+    train(Signal(model, -1, signal.SIGTERM), *data, config(tmp_path, resume=True))
+    assert_same_weights(model.state_dict(), reference[0])
+
+
+def test_a_signal_after_the_last_step_is_delivered_once_the_handlers_are_back():
+    from qat_ste.train.engine import _StopRequest
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with _StopRequest() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.signal == "SIGTERM" and received == []  # held until the run can stop
+        assert received == [signal.SIGTERM]  # never swallowed
+        with _StopRequest() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            stop.handled = True  # the run stopped for it: not raised again
+        assert received == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt), _StopRequest():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # a second signal interrupts at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---- resume with another model, data or quantization ----------------------------------------------
+
+
+def test_resume_with_changed_quantization_or_model_is_refused_unless_forced(data, tmp_path):
+    meta = {"model": "zoo:x", "data": "synthetic", "quant": {"bits": 3, "ste": "clipped_relu", "alpha": "lsq"},
+            "num_classes": 10, "in_channels": 3, "image_size": (16, 16), "stage": "qat", "title": "t"}
+    train(make_model(), *data, config(tmp_path, stop_after_steps=3), metadata=meta)
+    changed = {**meta, "quant": {**meta["quant"], "bits": 2}, "model": "zoo:y", "title": "other"}
+    with pytest.raises(QatSteError) as refused:
+        train(make_model(), *data, config(tmp_path, resume=True), metadata=changed)
+    text = str(refused.value)
+    assert f"checkpoint {tmp_path / 'last.pt'} was written for a different run: model: 'zoo:x' -> 'zoo:y'; " \
+           "quant.bits: 3 -> 2" in text, text
+    assert "pass --force-resume (TrainConfig.force_resume=True) to resume anyway, or use another --out" in text
+    assert "title" not in text  # only what defines the model, data and quantization counts
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # nothing was written
+    train(make_model(), *data, config(tmp_path / "same", stop_after_steps=3), metadata=meta)
+    same = train(make_model(), *data, config(tmp_path / "same", resume=True), metadata={**meta, "title": "x"})
+    assert same.steps == EPOCHS * 8  # the same run resumes without a word
+    with pytest.warns(UserWarning, match="quant.bits: 3 -> 2; resuming anyway"):
+        forced = train(make_model(), *data, config(tmp_path, resume=True, force_resume=True), metadata=changed)
+    assert forced.steps == EPOCHS * 8

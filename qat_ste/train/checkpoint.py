@@ -1,15 +1,17 @@
 """Training checkpoints: atomic writes, safe loading, and the random-number-generator states.
 
 A checkpoint is one ``torch.save`` dict holding only plain Python values and tensors, so it loads
-with ``torch.load(weights_only=True)`` (no code runs while loading a file from elsewhere). Every
-file is written to a temporary name in the same folder and moved into place with ``os.replace``,
-so a crash while writing leaves the previous file intact.
+with ``torch.load(weights_only=True)`` (no code runs while loading a file from elsewhere; a file
+that references code is refused). Every file is written to a temporary name in the same folder and
+moved into place with ``os.replace``, so a crash while writing leaves the previous file intact; it
+carries a sha256 digest, checked (with the zip CRCs) before loading, so a damaged file is refused.
 """
 
 from __future__ import annotations
 
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..atomic import (
+    atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, check_integrity,
+    remove_stale_temp_files,
+)
 from ..errors import QatSteError
 
 __all__ = [
@@ -27,6 +32,10 @@ __all__ = [
     "atomic_write_json",
     "atomic_save",
     "load_checkpoint",
+    "read_torch_file",
+    "intact_alternative",
+    "check_integrity",
+    "remove_stale_temp_files",
     "capture_rng_state",
     "restore_rng_state",
     "describe_state_mismatch",
@@ -38,33 +47,113 @@ CHECKPOINT_FORMAT = "qat_ste.train/1"
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by the engine; a missing, corrupt or foreign file raises QatSteError."""
+    """Load a checkpoint written by the engine; a missing, damaged, unsafe or foreign file raises QatSteError."""
     path = Path(path).expanduser()
-    fix_missing = "check the path, or start afresh without resume"
-    if not path.exists():
-        raise QatSteError(f"checkpoint {path} does not exist", fix_missing)
-    if not path.is_file():
-        raise QatSteError(f"checkpoint {path} is not a file", fix_missing)
-    fix_corrupt = (
-        "the file is truncated or damaged: resume from another checkpoint (e.g. best.pt or an older "
-        "copy), or start afresh without resume"
-    )
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, TypeError, KeyError, IndexError) as error:
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        unpickler = [line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
-                     if "WeightsUnpickler error:" in line]
-        detail = next((d for d in unpickler if d), None) or (
-            "not a torch checkpoint (unreadable contents)" if unpickler else (lines or [type(error).__name__])[0])
-        raise QatSteError(f"cannot read checkpoint {path}: {detail[:300]}", fix_corrupt) from None
+    state = read_torch_file(path, "checkpoint", map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise QatSteError(
             f"{path} is not a qat_ste training checkpoint (no '{CHECKPOINT_FORMAT}' format entry)",
             "pass a last.pt / best.pt written by qat_ste.train.train or `qat-ste convert`",
         )
     return state
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint", *,
+                    map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` after checking the file's integrity (zip CRCs and the
+    sha256 digest atomic_save stores). Raises QatSteError when the file is missing, damaged (naming an
+    intact checkpoint beside it, if any), or holds code/objects that are not plain tensors."""
+    path = Path(path).expanduser()
+    fix_missing = "check the path, or start afresh without resume"
+    if not path.exists():
+        raise QatSteError(f"{what} {path} does not exist", fix_missing)
+    if not path.is_file():
+        raise QatSteError(f"{what} {path} is not a file", fix_missing)
+    try:
+        damage = check_integrity(path)
+    except OSError as error:
+        raise QatSteError(f"cannot read {what} {path}: {error.strerror or error}", fix_missing) from None
+    if damage is not None:
+        raise QatSteError(f"cannot read {what} {path}: the file is damaged: {damage}", _damaged_fix(path))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+            AttributeError, TypeError, KeyError, IndexError) as error:
+        raise _load_error(path, what, error) from None
+
+
+# torch's weights-only unpickler names the object it refuses in these forms (torch 2.11-2.14)
+_REFUSED_PATTERNS = (
+    re.compile(r"GLOBAL (\S+?) (?:was not an allowed global|whose module \S+ is blocked)"),
+    re.compile(r"unsupported GLOBAL (\S+)"),
+    re.compile(r"reduce for unrecognized function (.+?)(?: which belongs to|$)", re.MULTILINE),
+    re.compile(r"Can only create new object for .*? but got (.+?)$", re.MULTILINE),
+    re.compile(r"(\S+) must be imported to load", re.MULTILINE),
+)
+# lines of torch's message that give advice rather than say what is wrong
+_ADVICE = re.compile(r"weights_only|Weights only load failed|documentation|file an issue|add_safe_globals|"
+                     r"safe_globals|trust", re.IGNORECASE)
+
+
+def _load_error(path: Path, what: str, error: BaseException) -> QatSteError:
+    """The QatSteError for a torch.load failure: an unsafe file is refused, anything else is damaged."""
+    text = str(error)
+    for pattern in _REFUSED_PATTERNS:
+        found = pattern.search(text)
+        if found:
+            name = found.group(1).strip().strip("`")[:200]
+            return QatSteError(
+                f"refused: {what} {path} contains code/objects that are not plain tensors (global {name})",
+                f"load only files written by qat_ste (qat-ste convert, qat_ste.train.train); a file that "
+                f"references code is never loaded: ask its author for a plain state dict of tensors")
+    return QatSteError(f"cannot read {what} {path}: {_core_message(error)}", _damaged_fix(path))
+
+
+def _core_message(error: BaseException) -> str:
+    """The line of a torch.load error that says what is wrong, without torch's advice."""
+    lines = []
+    for line in str(error).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and not _ADVICE.search(line):
+            lines.append(line)
+    detail = lines[0] if lines else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        detail = f"not a torch checkpoint (unreadable contents: {detail})"
+    return detail[:300]
+
+
+def _damaged_fix(path: Path) -> str:
+    alternative = intact_alternative(path)
+    if alternative is not None:
+        return (f"resume from the intact checkpoint beside it, {alternative} (e.g. copy it over {path.name}), "
+                "or start afresh without resume")
+    return "no intact checkpoint is beside it: start afresh without resume (or restore the file from a backup)"
+
+
+def intact_alternative(path: str | Path, limit: int = 5) -> Path | None:
+    """The most recently written intact qat_ste checkpoint beside ``path`` (best.pt, last.pt, a
+    periodic checkpoint; ``*.pt``), not ``path`` itself; None if there is none."""
+    path = Path(path)
+    try:
+        siblings = [p for p in path.parent.glob("*.pt") if p.is_file() and not p.is_symlink()]
+        siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    candidates = [p for p in siblings if p.resolve() != path.resolve()]
+    for candidate in candidates[:limit]:
+        if _is_intact_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def _is_intact_checkpoint(path: Path) -> bool:
+    try:
+        if not zipfile.is_zipfile(path) or check_integrity(path) is not None:
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any failure means: not a usable alternative
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
 # ---- random number generators ---------------------------------------------------------------

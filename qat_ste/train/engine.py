@@ -10,7 +10,9 @@ What a run does, in order (in the spirit of torchvision's references/classificat
    every epoch through :class:`~qat_ste.train.data.TensorLoader`, so the global batch is
    ``batch_size x world_size``.
 2. On resume, load model, optimizer, scheduler, grad scaler, loader position, RNG states, history
-   and best metric from ``last.pt``; the run then continues exactly as if never stopped.
+   and best metric from ``last.pt``; the run then continues exactly as if never stopped. A checkpoint
+   whose ``metadata`` (model, data, quantization) differs from this run's is refused unless
+   ``force_resume``.
 3. Quantized sites whose step alpha is not initialised yet are calibrated on a few training batches
    (``qat_ste.calibrate`` averages the ranges over ranks, so all ranks start identical).
 4. Optimizer groups: weights with ``weight_decay``; normalisation parameters and the learned steps
@@ -20,9 +22,11 @@ What a run does, in order (in the spirit of torchvision's references/classificat
    multistep / cosine / constant). A non-finite loss stops the run before the update, keeping the
    last good checkpoint.
 6. Per epoch: evaluation, a history row (CSV or JSON lines, TensorBoard if installed), ``last.pt``
-   and ``best.pt`` (atomic). ``last.pt`` is also written every ``checkpoint_every_steps`` steps and
-   when the run is stopped by Ctrl-C (the first Ctrl-C stops after the current step) or by
-   ``stop_after_steps``.
+   and ``best.pt`` (atomic, with a digest checked on load). ``last.pt`` is also written every
+   ``checkpoint_every_steps`` steps and when the run is stopped by Ctrl-C or SIGTERM (the first
+   signal stops after the current step; ``TrainResult.stop_reason`` says which) or by
+   ``stop_after_steps``. Temporary files that an interrupted write left in ``out_dir`` are removed
+   when a run starts there.
 7. At the end: a PNG of the curves and a summary table. Only rank 0 writes files and prints.
 """
 
@@ -44,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import remove_stale_temp_files
 from ..errors import QatSteError
 from ..quantize import AlphaProjector, alpha_parameters, calibrate, quant_modules
 from .checkpoint import (
@@ -100,8 +105,10 @@ class TrainConfig:
     - ``progress`` (tqdm bar), ``verbose`` (one line per epoch and notes such as calibration or
       resume), ``log_format`` (``csv``/``jsonl``/``none``), ``tensorboard`` (used if installed),
       ``plot``, ``print_summary`` (the table at the end).
-    - ``resume``: a checkpoint path, or True for ``out_dir/last.pt``. ``stop_after_steps``: stop
-      (saving ``last.pt``) once this many optimizer steps are done in total, as if interrupted.
+    - ``resume``: a checkpoint path, or True for ``out_dir/last.pt``. ``force_resume``: resume even
+      when the checkpoint's metadata (model, data, quantization) differs from this run's (a warning
+      instead of an error). ``stop_after_steps``: stop (saving ``last.pt``) once this many optimizer
+      steps are done in total, as if interrupted.
     - ``calibrate_batches``/``calibrate_method``: calibration of still-uninitialised quantizers.
     - ``sync_bn`` (SyncBatchNorm under DDP), ``find_unused_parameters`` (DDP).
     """
@@ -140,6 +147,7 @@ class TrainConfig:
     plot: bool = True
     print_summary: bool = True
     resume: str | bool | None = None
+    force_resume: bool = False
     stop_after_steps: int | None = None
     calibrate_batches: int = 4
     calibrate_method: str = "mse"
@@ -166,6 +174,8 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("amp", self.amp, AMP_MODES)
         _check_choice("log_format", self.log_format, LOG_FORMATS)
+        if not isinstance(self.force_resume, bool):
+            raise QatSteError(f"force_resume={self.force_resume!r} must be True or False", "pass force_resume=True")
         for name in ("compile", "channels_last"):
             if getattr(self, name) not in (True, False, AUTO):
                 raise QatSteError(f"{name}={getattr(self, name)!r} is not valid", f"use True, False or '{AUTO}'")
@@ -212,7 +222,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``history`` has one dict per epoch (see metrics.HISTORY_COLUMNS)."""
+    """What a run produced. ``history`` has one dict per epoch (see metrics.HISTORY_COLUMNS).
+
+    ``stop_reason`` (when ``stopped_early``): ``"interrupted (Ctrl-C)"`` for SIGINT, ``"SIGTERM"``
+    for SIGTERM, ``"stop_after_steps=N"``."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_accuracy: float | None = None
@@ -471,34 +484,47 @@ def evaluate(
 
 
 # =============================================================================================
-# Ctrl-C: stop after the current step
+# Ctrl-C and SIGTERM: stop after the current step
 # =============================================================================================
+
+#: the signals that stop a run after the current step, and the stop_reason each gives
+STOP_SIGNALS = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "SIGTERM"}
 
 
 class _StopRequest:
-    """While active (main thread only), the first SIGINT asks the loop to stop after the current
-    step (it then saves last.pt); a second SIGINT interrupts at once."""
+    """While active (main thread only), the first SIGINT or SIGTERM asks the loop to stop after the
+    current step (it then saves last.pt); a second one interrupts at once (KeyboardInterrupt). The
+    previous handlers are restored on exit; a signal that came after the last step (so did not stop
+    the run) is then raised again, so it is never lost."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signal = ""  # the name of the first signal received
+        self.handled = False  # set once the loop has stopped for it
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signal)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.signal:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signal.Signals(signum).name
 
     def __enter__(self) -> "_StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
+            for name in STOP_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handler)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+        installed, self._previous = self._previous, {}
+        if installed and exc_type is None and self.signal and not self.handled:
+            signal.raise_signal(getattr(signal, self.signal))
 
 
 # =============================================================================================
@@ -633,6 +659,47 @@ def _check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
                       "uninterrupted one: " + "; ".join(changed), stacklevel=4)
 
 
+#: metadata entries that must match on resume: what the model, its data and its quantization are
+RESUME_METADATA_KEYS = ("model", "data", "quant", "num_classes", "in_channels", "image_size", "stage")
+
+
+def _check_resume_metadata(saved: dict[str, Any], current: dict[str, Any], config: TrainConfig,
+                           path: Path | None) -> None:
+    """Refuse (or, with force_resume, warn) when the checkpoint was written for another model, data
+    or quantization than this run's: the weights would be trained and saved under the wrong labels."""
+    differences: list[str] = []
+    saved = saved if isinstance(saved, dict) else {}
+    for key in RESUME_METADATA_KEYS:
+        if key in saved and key in current:
+            differences += _differences(key, saved[key], current[key])
+    if not differences:
+        return
+    text = f"checkpoint {path} was written for a different run: " + "; ".join(differences)
+    if config.force_resume:
+        warnings.warn(f"{text}; resuming anyway (force_resume)", stacklevel=4)
+        return
+    raise QatSteError(text, "pass --force-resume (TrainConfig.force_resume=True) to resume anyway, or use "
+                            "another --out (out_dir) to start afresh")
+
+
+def _differences(key: str, saved: Any, now: Any) -> list[str]:
+    """``key: saved -> now`` for each difference; dicts compare their common entries one by one."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for sub in [k for k in saved if k in now]:
+            out += _differences(f"{key}.{sub}", saved[sub], now[sub])
+        return out
+    return [] if saved == now else [f"{key}: {saved!r} -> {now!r}"]
+
+
+def _stop_message(run: _Run, reason: str) -> str:
+    """What a stopped run prints: why, where, and how to continue."""
+    if run.last_checkpoint is None:
+        return f"stopped ({reason}) at step {run.step}; no checkpoint was written (no out_dir)"
+    return (f"stopped ({reason}) at step {run.step}; saved {run.last_checkpoint}: to continue, run again "
+            "with resume=True (qat-ste convert --resume)")
+
+
 def _resume_path(config: TrainConfig) -> Path | None:
     if config.resume is None or config.resume is False:
         return None
@@ -736,10 +803,11 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
 
 
 def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
-                ) -> tuple[list[float], bool]:
-    """One optimizer step. Returns the global (loss sum, correct, count) and whether any rank asked
-    to stop (read after the backward pass, so a Ctrl-C during this step stops after it). Raises
-    TrainingDiverged (before updating the weights) on a non-finite loss or gradient norm."""
+                ) -> tuple[list[float], str]:
+    """One optimizer step. Returns the global (loss sum, correct, count) and the signal ("SIGINT",
+    "SIGTERM", or "" for none) with which any rank asked to stop (read after the backward pass, so a
+    signal during this step stops after it; SIGTERM wins, so every rank stops the same way at the same
+    step). Raises TrainingDiverged (before updating the weights) on a non-finite loss or gradient norm."""
     images, labels = _prepare_inputs(images, labels, run.device, run.channels_last, run.input_dtype)
     run.optimizer.zero_grad(set_to_none=True)
     with _autocast(run.device, run.amp):
@@ -763,6 +831,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _St
         zero + n,
         zero + (1.0 if stop.requested else 0.0),
         grad_norm.detach().to(exact) if grad_norm is not None and run.scaler is None else zero,
+        zero + (1.0 if stop.signal == "SIGTERM" else 0.0),
     ])
     values = all_reduce_sum(stats).tolist()
     if not math.isfinite(values[0]):
@@ -777,7 +846,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _St
     run.project_alphas()
     run.scheduler.step()
     run.step += 1
-    return values[:3], values[3] > 0
+    return values[:3], "SIGTERM" if values[5] > 0 else "SIGINT" if values[3] > 0 else ""
 
 
 def _is_compile_error(error: BaseException) -> bool:
@@ -786,7 +855,7 @@ def _is_compile_error(error: BaseException) -> bool:
 
 
 def _checked_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
-                  ) -> tuple[list[float], bool]:
+                  ) -> tuple[list[float], str]:
     """A training step; if torch.compile fails on the very first one, warn and continue eagerly."""
     if not run.compiled or run.compile_verified:
         return _train_step(run, images, labels, stop)
@@ -839,7 +908,8 @@ def _train_one_epoch(run: _Run, stop: _StopRequest) -> str:
                                 img_s=f"{run.meter.count / max(run.meter.time_s, 1e-9):.0f}", refresh=False)
             reason = ""
             if stop_now:
-                reason = "interrupted (Ctrl-C)"
+                reason = STOP_SIGNALS[stop_now]
+                stop.handled = True
             elif run.config.stop_after_steps is not None and run.step >= run.config.stop_after_steps:
                 reason = f"stop_after_steps={run.config.stop_after_steps}"
             if reason:
@@ -982,6 +1052,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
                           "load it with qat_ste.train.data.load_dataset(spec, 'val')")
     model.to(device)
     if state is not None:
+        _check_resume_metadata(state.get("metadata") or {}, _plain(metadata, "metadata"), config, resume_from)
         _check_resume_config(state.get("config", {}), config)
         load_model_state(model, state["model"], f"checkpoint {resume_from}",
                          "resume with the same model (and quantization settings) as the interrupted run")
@@ -1018,6 +1089,10 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     log = None
     if run.files:
         out_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temp_files(out_dir)
+        if removed:
+            say(f"removed {len(removed)} temporary file(s) that an interrupted write left in {out_dir}: "
+                + ", ".join(p.name for p in removed[:5]))
         log = MetricsLog(out_dir, config.log_format, tensorboard=config.tensorboard)
         log.restart(run.history)
     stop_reason = ""
@@ -1026,9 +1101,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
             while run.epoch < config.epochs:
                 stop_reason = _train_one_epoch(run, stop)
                 if stop_reason:
-                    where = (f"resume from {run.last_checkpoint}" if run.last_checkpoint is not None
-                             else "no checkpoint was written (no out_dir)")
-                    say(f"stopped ({stop_reason}) at step {run.step}; {where}")
+                    say(_stop_message(run, stop_reason))
                     break
                 _finish_epoch(run, log, say)
     finally:

@@ -2,13 +2,15 @@
 
     qat-ste convert --out runs/quickstart                 # digits + zoo:lenet5, about a minute on a CPU
     qat-ste convert --model torchvision:resnet18 --data cifar10:~/data/cifar --weights r18.pt --out runs/r18
-    qat-ste export --checkpoint runs/r18/qat/best.pt --out r18_int8.onnx --weights int8
+    qat-ste export --checkpoint runs/r18/qat/best.pt --out r18_int8.onnx --weight-format int8
     qat-ste check --onnx runs/r18/model.onnx --checkpoint runs/r18/qat/last.pt --json
     qat-ste list-stes | list-models
 
 Every bad input ends with a one-paragraph message on stderr (the problem and the fix) and exit
 code 2; ``check`` exits 1 when the file fails its parity thresholds, ``convert`` exits 1 when
-training diverges. Set ``QAT_STE_DEBUG=1`` to see tracebacks.
+training diverges, 130 when stopped by Ctrl-C (SIGINT) and 143 when stopped by SIGTERM (both
+save a checkpoint to ``--resume`` from). Nothing is written over a run in ``--out`` or an existing
+export file without ``--resume``/``--overwrite``. Set ``QAT_STE_DEBUG=1`` to see tracebacks.
 """
 
 from __future__ import annotations
@@ -41,25 +43,84 @@ class _Parser(argparse.ArgumentParser):
         raise QatSteError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest and prints a one-line note."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"qat-ste: note: {option_string} is deprecated; use {self.replacement}", file=sys.stderr, flush=True)
+        setattr(namespace, self.dest, values)
+
+
+def _train_default(name: str) -> Any:
+    """The default of a TrainConfig field (defaults shared by the CLI are defined there, once)."""
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, weights_flag: str) -> None:
     parser.add_argument("--model", default=None,
                         help=f"zoo:NAME, torchvision:NAME or timm:NAME (default {DEFAULT_MODEL}); random init")
     parser.add_argument(weights_flag, dest="model_weights", metavar="FILE", default=None,
                         help="local state dict file to start from (nothing is ever downloaded)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help=f"load the tensors of {weights_flag} that fit and keep the rest at random init "
+                             "(default: refuse a file that does not fit the model exactly)")
     parser.add_argument("--data", default=None,
                         help="digits (default, bundled), synthetic, mnist:FOLDER, cifar10:FOLDER, imagefolder:FOLDER")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input side the data is served at (default: MNIST 28, CIFAR-10 32; else 28 for "
                              "lenet5, 32 for other models)")
-    parser.add_argument("--bits", type=int, default=4, help="activation bits, 1..8 (default 4)")
-    parser.add_argument("--ste", default="clipped_relu", help="straight-through estimator (qat-ste list-stes)")
-    parser.add_argument("--alpha", default="lsq", help="step mode: lsq (default), fixed, pact or bcgd")
-    parser.add_argument("--calib-method", default="mse", help="calibration: mse (default), percentile, gaussian, lsq, max")
-    parser.add_argument("--calib-batches", type=int, default=2, help="calibration batches (default 2)")
+    _add_quant_arguments(parser)
+    calib_method, calib_batches = _train_default("calibrate_method"), _train_default("calibrate_batches")
+    parser.add_argument("--calib-method", default=calib_method,
+                        help=f"calibration: mse, percentile, gaussian, lsq, max (default {calib_method})")
+    parser.add_argument("--calib-batches", type=int, default=calib_batches,
+                        help=f"calibration batches (default {calib_batches})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is often fastest for small models)")
+
+
+def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every QuantConfig field as an option (default None: not given, so --quant-config or the
+    QuantConfig default applies)."""
+    group = parser.add_argument_group("quantization (QuantConfig; explicit options override --quant-config)")
+    group.add_argument("--quant-config", metavar="FILE.json", default=None,
+                       help="a JSON object of QuantConfig fields, e.g. {\"bits\": 4, \"exclude\": [\"fc*\"]}")
+    group.add_argument("--bits", type=int, default=None, help="activation bits, 1..8 (default 4)")
+    group.add_argument("--ste", default=None, help="straight-through estimator (default clipped_relu; qat-ste list-stes)")
+    group.add_argument("--alpha-mode", dest="alpha_mode", default=None,
+                       help="step mode: lsq (default), fixed, pact or bcgd")
+    group.add_argument("--alpha", dest="alpha_mode", action=_DeprecatedAlias, replacement="--alpha-mode",
+                       help=argparse.SUPPRESS)
+    group.add_argument("--step-init", type=float, default=None,
+                       help="initial step (default: calibrated; fixed mode: a table by bits)")
+    group.add_argument("--rounding", default=None, help="nearest (default) or ceil")
+    group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                       help="one step per channel (default off)")
+    group.add_argument("--include", action="append", metavar="PATTERN", default=None,
+                       help="quantize only sites matching this glob (repeatable; default all)")
+    group.add_argument("--exclude", action="append", metavar="PATTERN", default=None,
+                       help="leave sites matching this glob float (repeatable)")
+    group.add_argument("--override", action="append", metavar="PATTERN:KEY=VALUE[,KEY=VALUE]", default=None,
+                       help="per-site settings, e.g. 'layer4.*:bits=8,ste=identity' (repeatable; later wins)")
+    group.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
+                       help="leave the first activation float")
+    group.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="leave the last activation float")
+    group.add_argument("--kinds", default=None, metavar="KIND[,KIND]",
+                       help="activation kinds to quantize (default: all but the gates)")
+    group.add_argument("--quantize-gates", action=argparse.BooleanOptionalAction, default=None,
+                       help="also quantize Sigmoid/Hardsigmoid/Softmax gates")
 
 
 def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="torch.compile (auto: on CUDA only)")
     convert.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps")
     convert.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    convert.add_argument("--force-resume", action="store_true",
+                         help="resume even though the model, data, quantization or calibration settings differ "
+                              "from the checkpoint's (implies --resume)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace the files of a run already in --out (each as the new run writes it)")
     convert.add_argument("--form", default="deploy", help="ONNX form: deploy (default) or spec")
-    convert.add_argument("--export-weights", default="float", help="ONNX weights: float (default) or int8")
+    convert.add_argument("--weight-format", default="float", help="ONNX weights: float (default) or int8")
+    convert.add_argument("--export-weights", dest="weight_format", action=_DeprecatedAlias,
+                         replacement="--weight-format", help=argparse.SUPPRESS)
     convert.add_argument("--opset", type=int, default=None)
     convert.add_argument("--no-export", action="store_true", help="stop after training (no ONNX, no check)")
     convert.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", default=None, help="last.pt/best.pt of qat-ste convert (OUT/qat/...)")
     _add_model_arguments(export, "--model-weights")
     export.add_argument("--out", required=True, help="ONNX file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     export.add_argument("--form", default="deploy", help="deploy (default) or spec")
-    export.add_argument("--weights", dest="export_weights", default="float", help="float (default) or int8")
+    export.add_argument("--weight-format", default="float", help="ONNX weights: float (default) or int8")
+    export.add_argument("--weights", dest="weight_format", action=_DeprecatedAlias, replacement="--weight-format",
+                        help=argparse.SUPPRESS)
     export.add_argument("--opset", type=int, default=None)
 
     check = commands.add_parser("check", help="check an ONNX file against its PyTorch model in ONNX Runtime",
@@ -180,10 +251,122 @@ def _check_thresholds(args: argparse.Namespace) -> None:
     _check_positive("--check-samples", args.check_samples)
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
+# ---- QuantConfig from options, a JSON file and checkpoint metadata ----------------------------
+
+#: agreed names (issue 13) of QuantConfig fields -> their older names (deprecated aliases)
+QUANT_RENAMES = {"alpha_mode": "alpha", "step_init": "alpha_init"}
+#: QuantConfig fields the options of _add_quant_arguments set (dest names, in agreed vocabulary)
+QUANT_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "include", "exclude",
+                 "overrides", "keep_first", "keep_last", "kinds", "quantize_gates")
+
+
+def quant_field_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (QuantConfig fields, or per-site override options, under the agreed or the old
+    names, ``-`` or ``_``) with the names the installed QuantConfig has. The one place that maps
+    the vocabulary; per-site ``overrides`` are mapped too."""
+    from dataclasses import fields
+
     from .config import QuantConfig
 
-    return QuantConfig(bits=args.bits, ste=args.ste, alpha=args.alpha)
+    present = {f.name for f in fields(QuantConfig)}
+    old_to_new = {old: new for new, old in QUANT_RENAMES.items()}
+    mapped: dict[str, Any] = {}
+    for key, value in values.items():
+        agreed = old_to_new.get(key.replace("-", "_"), key.replace("-", "_"))
+        name = agreed if agreed in present or QUANT_RENAMES.get(agreed) not in present else QUANT_RENAMES[agreed]
+        if name == "overrides" and isinstance(value, dict):
+            value = {pattern: quant_field_names(opts) if isinstance(opts, dict) else opts
+                     for pattern, opts in value.items()}
+        mapped[name] = value
+    return mapped
+
+
+def quant_plain(quant: Any) -> dict[str, Any]:
+    """Every field of a QuantConfig as plain JSON values under the agreed names (tuples as lists):
+    what checkpoints and report.json store."""
+    from dataclasses import fields
+
+    old_to_new = {old: new for new, old in QUANT_RENAMES.items()}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    document = {old_to_new.get(f.name, f.name): plain(getattr(quant, f.name)) for f in fields(quant)}
+    document["overrides"] = {pattern: {old_to_new.get(k, k): v for k, v in opts.items()}
+                             for pattern, opts in document.get("overrides", {}).items()}
+    return document
+
+
+def quant_from_plain(values: dict[str, Any]) -> Any:
+    """The QuantConfig of a plain dict (checkpoint metadata, --quant-config; either vocabulary)."""
+    from .config import QuantConfig
+
+    return QuantConfig.from_kwargs(**quant_field_names(values))
+
+
+def _parse_scalar(text: str) -> Any:
+    """An override value: true/false, none, an int, a float, else the text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """--override 'PATTERN:key=value[,key=value]' (repeatable) as QuantConfig.overrides."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        pattern, _, assignments = item.partition(":")
+        options = {}
+        for assignment in assignments.split(","):
+            key, equals, value = assignment.partition("=")
+            if not equals or not key.strip():
+                options = {}
+                break
+            options[key.strip()] = _parse_scalar(value)
+        if not pattern.strip() or not options:
+            raise QatSteError(f"--override {item!r} is not PATTERN:KEY=VALUE[,KEY=VALUE]",
+                              "write e.g. --override 'layer4.*:bits=8,ste=identity'")
+        overrides.setdefault(pattern.strip(), {}).update(options)
+    return overrides
+
+
+def _read_quant_file(path: str) -> dict[str, Any]:
+    """The JSON object of --quant-config FILE."""
+    file = Path(path).expanduser()
+    fix = "pass a JSON object of QuantConfig fields, e.g. {\"bits\": 4, \"alpha_mode\": \"lsq\"}"
+    if not file.is_file():
+        raise QatSteError(f"--quant-config {file} does not exist", fix)
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QatSteError(f"cannot read --quant-config {file}: {error}", fix) from None
+    if not isinstance(values, dict):
+        raise QatSteError(f"--quant-config {file} holds a {type(values).__name__}, not a JSON object", fix)
+    return values
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    """The QuantConfig of the options: QuantConfig's defaults, then --quant-config, then the options given."""
+    values = _read_quant_file(args.quant_config) if getattr(args, "quant_config", None) else {}
+    given = {name: getattr(args, name, None) for name in QUANT_OPTIONS if name != "overrides"}
+    if getattr(args, "override", None):
+        given["overrides"] = _parse_overrides(args.override)
+    if given.get("kinds") is not None:
+        given["kinds"] = [k.strip() for k in given["kinds"].split(",") if k.strip()]
+    values = {**quant_field_names(values), **quant_field_names({k: v for k, v in given.items() if v is not None})}
+    return quant_from_plain(values)
 
 
 def _load_data(spec: str, image_size: int, seed: int) -> tuple[Any, Any]:
@@ -228,11 +411,14 @@ def _val_batches(dataset: Any, samples: int, batch_size: int = 128) -> tuple[lis
     return inputs, labels
 
 
-def _metadata(spec: Any, data: str, info: Any, stage: str, quant: Any | None) -> dict[str, Any]:
+def _metadata(spec: Any, data: str, info: Any, stage: str, quant: Any | None,
+              calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint records about the run: the model, the data, the whole QuantConfig (plain
+    values) and the calibration; resume refuses a change to any of it (unless --force-resume)."""
     return {
         "kind": CONVERT_FORMAT, "stage": stage, "model": str(spec), "data": data,
         "num_classes": info.num_classes, "in_channels": info.channels, "image_size": list(info.image_size),
-        "quant": None if quant is None else {"bits": quant.bits, "ste": quant.ste, "alpha": quant.alpha},
+        "quant": None if quant is None else quant_plain(quant), "calibration": calibration,
         "title": f"{spec} on {data} ({stage})",
     }
 
@@ -275,7 +461,7 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
                           f"channel(s); the checkpoint's model expects {meta['num_classes']} and {meta['in_channels']}",
                           f"use data like the checkpoint's ({meta['data']})")
     model = build_model(spec, meta["num_classes"], meta["in_channels"], image_size)
-    qmodel = _quantize(model, QuantConfig(**meta["quant"]), _example_input(val_set))
+    qmodel = _quantize(model, quant_from_plain(meta["quant"]), _example_input(val_set))
     load_model_state(qmodel, state["model"], f"checkpoint {path}", "pass a checkpoint written by qat-ste convert")
     qmodel.eval()
     return qmodel, meta, train_set, val_set
@@ -293,7 +479,8 @@ def _model_from_arguments(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     torch.manual_seed(args.seed)
     model = build_model(spec, train_set.info.num_classes, train_set.info.channels, image_size)
     if args.model_weights:
-        load_weights_file(model, args.model_weights)
+        load_weights_file(model, args.model_weights, allow_partial=args.allow_partial,
+                          on_partial=lambda message: print(f"qat-ste: warning: {message}", file=sys.stderr))
     qmodel = _quantize(model, quant, _example_input(val_set))
     _calibrate(qmodel, train_set, args.calib_method, args.calib_batches, 64, args.seed)
     qmodel.eval()
@@ -321,33 +508,148 @@ def _run_check(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse.Namesp
 # =============================================================================================
 
 
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as shells report a stop by a signal
+
+
+def _check_convert_numbers(args: argparse.Namespace) -> None:
+    _check_thresholds(args)
+    for name in ("epochs", "batch_size", "calib_batches"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=name == "epochs")
+    _check_positive("--float-epochs", args.float_epochs, allow_zero=True)
+
+
+def _check_out_is_a_folder(out: Path) -> None:
+    """--out (or a folder above it) that is a file is refused before anything is written."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise QatSteError(f"--out {out}: {path} is a file, not a folder",
+                                  "pass a folder for --out (it is created when missing), e.g. runs/NAME")
+            return
+
+
+def _is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # qat_ste.atomic's temporary files
+
+
+def _describe_run_folder(out: Path, limit: int = 10000) -> str | None:
+    """What a non-empty --out holds (a finished run with its accuracy, an interrupted run, N files),
+    or None when it holds no files (leftover temporary files aside)."""
+    files = []
+    for path in out.rglob("*"):
+        if path.is_file() and not _is_temp_name(path.name):
+            files.append(path.relative_to(out).as_posix())
+            if len(files) >= limit:
+                break
+    if not files:
+        return None
+    count = f"{len(files)}{'+' if len(files) >= limit else ''} file(s)"
+    if (out / "report.json").is_file():
+        try:
+            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            summary, model = report.get("summary") or {}, (report.get("model") or {}).get("spec")
+            what = (f"{model} on {(report.get('data') or {}).get('spec')}, quantized accuracy "
+                    f"{_pct(summary.get('quantized_accuracy'))}")
+        except (OSError, ValueError, AttributeError):
+            what = "unreadable"
+        return f"a finished run (report.json: {what}; {count} in all)"
+    checkpoints = [name for name in ("qat/last.pt", "float/last.pt") if name in files]
+    if checkpoints:
+        return f"an interrupted run ({', '.join(checkpoints)}; {count} in all)"
+    return f"{count} ({', '.join(sorted(files)[:3])}{', ...' if len(files) > 3 else ''})"
+
+
+def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a --out that holds files unless --resume or --overwrite says what to do."""
+    _check_out_is_a_folder(out)
+    if resume and overwrite:
+        raise QatSteError("--resume and --overwrite contradict each other",
+                          "pass --resume to continue the run in --out, or --overwrite to replace it")
+    if resume:
+        if not ((out / "float" / "last.pt").exists() or (out / "qat" / "last.pt").exists()):
+            raise QatSteError(f"--resume: nothing to resume in {out} (no float/last.pt or qat/last.pt)",
+                              "drop --resume to start afresh, or pass the --out of the interrupted run")
+        return
+    contents = None if overwrite or not out.is_dir() else _describe_run_folder(out)
+    if contents:
+        raise QatSteError(f"--out {out} already holds {contents}",
+                          "pass --resume to continue that run, --overwrite to replace its files, or another --out")
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temporary files a killed run left in --out (and its float/ and qat/ folders)."""
+    from .atomic import remove_stale_temp_files
+
+    for folder in (out, out / "float", out / "qat"):
+        if folder.is_dir():
+            remove_stale_temp_files(folder)
+
+
+def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
+    """Load --weights (refused unless it fits, or --allow-partial); the names left at random init."""
+    from .train.build import load_weights_file
+
+    if not args.model_weights:
+        return []
+    skipped = load_weights_file(model, args.model_weights, allow_partial=args.allow_partial,
+                                on_partial=lambda message: say(f"warning: {message}"))
+    say(f"weights: {args.model_weights}" + (f" ({len(skipped)} tensor(s) kept their random init: "
+                                            f"{', '.join(skipped[:4])})" if skipped else ""))
+    return skipped
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig settings both stages share."""
+    return dict(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
+                compile={"auto": "auto", "on": True, "off": False}[args.compile], device=args.device,
+                seed=args.seed, progress=not args.no_progress, print_summary=False,
+                checkpoint_every_steps=args.checkpoint_every, force_resume=args.force_resume)
+
+
+def _stop_exit_code(reason: str) -> int:
+    """130 for a run stopped by SIGINT (Ctrl-C), 143 for SIGTERM, else 1."""
+    if "SIGTERM" in reason:
+        return EXIT_SIGTERM
+    if "SIGINT" in reason or "Ctrl-C" in reason:
+        return EXIT_SIGINT
+    return EXIT_FAILED
+
+
+def _stopped(result: Any, out: Path, say: Callable[[str], None]) -> int:
+    """Say where a stopped stage saved its state and how to resume; the exit code."""
+    where = f"{result.last_checkpoint} is saved" if result.last_checkpoint else "no checkpoint was saved"
+    say(f"stopped ({result.stop_reason}); {where}. Resume with the same options plus: --out {out} --resume")
+    return _stop_exit_code(result.stop_reason)
+
+
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
     import qat_ste
     from .train import TrainConfig, evaluate, train
-    from .train.build import build_model, load_weights_file
+    from .train.build import build_model
     from .train.checkpoint import atomic_write_json, atomic_write_text
     from .train.distributed import barrier, env_world, resolve_device, setup_distributed, teardown_distributed
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
     quant = _quant_config(args)
-    _check_thresholds(args)
-    for name in ("epochs", "batch_size", "calib_batches"):
-        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=name == "epochs")
-    _check_positive("--float-epochs", args.float_epochs, allow_zero=True)
+    plain_quant = quant_plain(quant)
+    calibration = {"method": args.calib_method, "batches": args.calib_batches}
+    _check_convert_numbers(args)
     spec, data, image_size = _resolve_model_and_data(args)
     out = Path(args.out).expanduser()
     float_dir, qat_dir = out / "float", out / "qat"
-    if args.resume and not ((float_dir / "last.pt").exists() or (qat_dir / "last.pt").exists()):
-        raise QatSteError(f"--resume: nothing to resume in {out} (no float/last.pt or qat/last.pt)",
-                          "drop --resume to start afresh, or pass the --out of the interrupted run")
+    args.resume = args.resume or args.force_resume
+    _check_out_folder(out, args.resume, args.overwrite)
     device = resolve_device(args.device, env_world()[2])
     dist_info = setup_distributed(device)
     main = dist_info.is_main
     say: Callable[[str], None] = _out if main else (lambda message="": None)
     try:
+        if main:
+            _remove_stale_temp_files(out)
         tick = time.perf_counter()
         train_set, val_set = _load_data(data, image_size, args.seed)
         info = train_set.info
@@ -357,20 +659,12 @@ def _convert(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
         model = build_model(spec, info.num_classes, info.channels, image_size)
-        skipped: list[str] = []
-        if args.model_weights:
-            skipped = load_weights_file(model, args.model_weights)
-            say(f"weights: {args.model_weights}" + (f" ({len(skipped)} tensor(s) kept their random init: "
-                                                    f"{', '.join(skipped[:4])})" if skipped else ""))
+        skipped = _load_start_weights(model, args, say)
         parameters = sum(p.numel() for p in model.parameters())
         say(f"model: {spec} ({type(model).__name__}, {parameters / 1e3:.1f}k parameters)")
         float_epochs = args.float_epochs if args.float_epochs is not None else (0 if args.model_weights else 3)
 
-        common = dict(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                      schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
-                      compile={"auto": "auto", "on": True, "off": False}[args.compile], device=args.device,
-                      seed=args.seed, progress=not args.no_progress, print_summary=False,
-                      checkpoint_every_steps=args.checkpoint_every)
+        common = _train_settings(args)
         # ---- float ---------------------------------------------------------------------------
         tick = time.perf_counter()
         float_result = None
@@ -382,8 +676,7 @@ def _convert(args: argparse.Namespace) -> int:
                                              resume=resume, **common),
                                  metadata=_metadata(spec, data, info, "float", None))
             if float_result.stopped_early:
-                say(f"stopped ({float_result.stop_reason}); run again with --resume to continue")
-                return EXIT_FAILED
+                return _stopped(float_result, out, say)
         model.to(device)
         float_eval = evaluate(model, val_set, 256, device)
         timings["float_s"] = time.perf_counter() - tick
@@ -394,7 +687,7 @@ def _convert(args: argparse.Namespace) -> int:
         qmodel = _quantize(model, quant, _example_input(val_set).to(device))
         report = qat_ste.report(qmodel)
         say(f"\n== quantized: {len(report.quantized)} site(s) at {quant.bits} bits, STE {quant.ste}, "
-            f"alpha {quant.alpha} ({len(report.skipped)} left float) ==")
+            f"alpha mode {plain_quant['alpha_mode']} ({len(report.skipped)} left float) ==")
         resume_qat = str(qat_dir / "last.pt") if args.resume and (qat_dir / "last.pt").exists() else None
         calibrated_eval = None
         if resume_qat is None:
@@ -412,10 +705,9 @@ def _convert(args: argparse.Namespace) -> int:
             qat_result = train(qmodel, train_set, val_set,
                                TrainConfig(epochs=args.epochs, lr=args.lr, out_dir=str(qat_dir), resume=resume_qat,
                                            **common),
-                               metadata=_metadata(spec, data, info, "qat", quant))
+                               metadata=_metadata(spec, data, info, "qat", quant, calibration))
             if qat_result.stopped_early:
-                say(f"stopped ({qat_result.stop_reason}); run again with --resume to continue")
-                return EXIT_FAILED
+                return _stopped(qat_result, out, say)
         quant_eval = evaluate(qmodel, val_set, 256, device)
         timings["finetune_s"] = time.perf_counter() - tick
         say(f"quantized accuracy: {_pct(quant_eval['accuracy'])} (loss {quant_eval['loss']:.4f})")
@@ -437,7 +729,7 @@ def _convert(args: argparse.Namespace) -> int:
             tick = time.perf_counter()
             say("\n== ONNX export and ONNX Runtime check ==")
             export_result = export_onnx(qmodel, onnx_path, _example_input(val_set), form=args.form,
-                                        weights=args.export_weights, opset=args.opset)
+                                        weight_format=args.weight_format, opset=args.opset)
             timings["export_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
             check = _run_check(qmodel, onnx_path, val_set, args)
@@ -453,8 +745,8 @@ def _convert(args: argparse.Namespace) -> int:
                       "weights_file": args.model_weights, "tensors_left_random": skipped},
             "data": {"spec": data, "train_images": len(train_set), "val_images": len(val_set),
                      **{k: v for k, v in info.to_dict().items() if k != "class_names"}},
-            "quantization": {"bits": quant.bits, "ste": quant.ste, "alpha": quant.alpha,
-                             "calibration": {"method": args.calib_method, "batches": args.calib_batches},
+            "quantization": {**plain_quant, "alpha": plain_quant["alpha_mode"],  # "alpha": the deprecated name
+                             "calibration": calibration,
                              "sites_quantized": len(report.quantized), "sites_left_float": len(report.skipped)},
             "float": {"epochs": float_epochs, **float_eval,
                       "history": float_result.history if float_result else []},
@@ -522,7 +814,7 @@ def _summary_table(document: dict[str, Any]) -> str:
         ("model", f"{document['model']['spec']} ({document['model']['parameters'] / 1e3:.1f}k parameters)"),
         ("data", f"{d['spec']} ({d['train_images']} train / {d['val_images']} val, "
                  f"{d['channels']}x{d['image_size'][0]}x{d['image_size'][1]})"),
-        ("quantization", f"{q['bits']}-bit activations, STE {q['ste']}, alpha {q['alpha']}, "
+        ("quantization", f"{q['bits']}-bit activations, STE {q['ste']}, alpha mode {q['alpha_mode']}, "
                          f"{q['sites_quantized']} site(s)"),
         ("float accuracy", _pct(s["float_accuracy"])),
         ("calibrated accuracy", _pct(s["calibrated_accuracy"])),
@@ -533,7 +825,7 @@ def _summary_table(document: dict[str, Any]) -> str:
         ("code agreement (end to end)", _pct(s["code_agreement"])),
         ("top-1 agreement", _pct(s["top1_agreement"])),
         ("ONNX file", f"{onnx['path']} ({_human_bytes(s['onnx_file_size_bytes'])}, {onnx['form']}, "
-                      f"{onnx['weights']} weights)" if onnx else "-"),
+                      f"{onnx['weight_format']} weights)" if onnx else "-"),
         ("latency", latency_text),
         ("ONNX check", check_text),
         ("time", f"{document['timings_s'].get('total_s', 0.0):.1f} s"),
@@ -546,14 +838,46 @@ def _summary_table(document: dict[str, Any]) -> str:
 # =============================================================================================
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_export_target(out: Path, inputs: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse an --out that is one of the command's inputs (always), a folder, or an existing file
+    (unless --overwrite)."""
+    for flag, value in inputs.items():
+        if value and _same_file(out, Path(value).expanduser()):
+            raise QatSteError(f"--out {out} is the {flag} file it would be exported from",
+                              "pass another --out, e.g. model.onnx")
+    if out.is_dir():
+        raise QatSteError(f"--out {out} is a folder", f"pass a file name for --out, e.g. {out / 'model.onnx'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QatSteError(f"--out {out}: {parent} is a file, not a folder", "pass --out inside a folder")
+            break
+    if out.exists() and not overwrite:
+        raise QatSteError(f"--out {out} already exists ({_human_bytes(out.stat().st_size)})",
+                          "pass --overwrite to replace it, or another --out")
+
+
 def _export(args: argparse.Namespace) -> int:
+    from .atomic import remove_stale_temp_files
     from .export import export_onnx
 
+    out = Path(args.out).expanduser()
+    _check_export_target(out, {"--checkpoint": args.checkpoint, "--model-weights": args.model_weights},
+                         args.overwrite)
+    if out.parent.is_dir():
+        remove_stale_temp_files(out.parent)
     qmodel, _, val_set = _source_model(args)
-    result = export_onnx(qmodel, Path(args.out).expanduser(), _example_input(val_set), form=args.form,
-                         weights=args.export_weights, opset=args.opset)
-    _out(f"wrote {result.path} ({_human_bytes(result.file_size)}, form {result.form}, {result.weights} weights, "
-         f"opset {result.opset}, {len(result.sites)} quantized site(s))")
+    result = export_onnx(qmodel, out, _example_input(val_set), form=args.form, weight_format=args.weight_format,
+                         opset=args.opset)
+    _out(f"wrote {result.path} ({_human_bytes(result.file_size)}, form {result.form}, {result.weight_format} "
+         f"weights, opset {result.opset}, {len(result.sites)} quantized site(s))")
     for note in result.notes:
         _out(f"note: {note}")
     return EXIT_OK

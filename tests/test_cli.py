@@ -22,6 +22,11 @@ TINY = ["--float-epochs", "1", "--epochs", "1", "--batch-size", "128", "--calib-
 
 pytest.importorskip("onnxruntime")
 
+#: the checkpoint metadata of QuantConfig() under the agreed names (issue 13)
+DEFAULT_QUANT = {"bits": 4, "ste": "clipped_relu", "alpha_mode": "lsq", "step_init": None, "rounding": "nearest",
+                 "per_channel": False, "include": None, "exclude": [], "overrides": {}, "keep_first": False,
+                 "keep_last": False, "kinds": None, "quantize_gates": False}
+
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread is fastest
 
@@ -57,7 +62,9 @@ def test_convert_writes_a_report_with_real_figures(converted, capsys):
     assert quantization["quantized"] == 4
     assert "relu1" in (converted / "quantization.txt").read_text()
     state = load_checkpoint(converted / "qat" / "last.pt")
-    assert state["metadata"]["quant"] == {"bits": 4, "ste": "clipped_relu", "alpha": "lsq"}
+    assert state["metadata"]["quant"] == DEFAULT_QUANT  # the whole QuantConfig, under the agreed names
+    assert state["metadata"]["calibration"] == {"method": "percentile", "batches": 1}
+    assert report["quantization"]["alpha_mode"] == "lsq" and report["quantization"]["per_channel"] is False
     assert (converted / "float" / "last.pt").is_file() and (converted / "qat" / "metrics.csv").is_file()
 
 
@@ -73,14 +80,14 @@ def test_convert_resume_of_a_finished_run_reproduces_it(converted, tmp_path):
 def test_export_and_check_from_the_checkpoint(converted, tmp_path, capsys):
     target = tmp_path / "int8.onnx"
     assert main(["export", "--checkpoint", str(converted / "qat" / "last.pt"), "--out", str(target),
-                 "--weights", "int8"]) == 0
+                 "--weight-format", "int8"]) == 0
     assert target.stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
     code = main(["check", "--onnx", str(target), "--checkpoint", str(converted / "qat" / "best.pt"), "--json",
                  "--check-samples", "32", "--no-latency"])
     printed = capsys.readouterr().out
     report = json.loads(printed)
-    assert report["weights"] == "int8" and report["samples"] == 32
+    assert report["weight_format"] == "int8" and report["samples"] == 32
     assert code == (0 if report["ok"] else 1)
     assert report["site_parity"] == 1.0
 
@@ -107,7 +114,13 @@ def test_lists(capsys):
     (["convert", "--ste", "nope"], "unknown STE 'nope'"),
     (["convert", "--bits", "9"], "bits=9 is not supported"),
     (["convert", "--bits", "four"], "invalid int value"),
-    (["convert", "--alpha", "magic"], "unknown alpha mode"),
+    (["convert", "--alpha-mode", "magic"], "unknown alpha mode"),
+    (["convert", "--override", "layer4.*"], "is not PATTERN:KEY=VALUE"),
+    (["convert", "--override", "layer4.*:bits=9"], "bits=9 is not supported"),
+    (["convert", "--override", "layer4.*:colour=red"], "unknown option"),
+    (["convert", "--kinds", "relu,nope"], "unknown activation kind 'nope'"),
+    (["convert", "--quant-config", "/nonexistent/q.json"], "--quant-config /nonexistent/q.json does not exist"),
+    (["convert", "--resume", "--overwrite"], "contradict"),
     (["convert", "--data", "mnist:/nonexistent/mnist"], "does not exist"),
     (["convert", "--data", "cifar10:/nonexistent/cifar"], "does not exist"),
     (["convert", "--data", "imagenet"], "unknown data set"),
@@ -190,7 +203,7 @@ def test_weights_file_loads_the_tensors_that_fit(tmp_path):
     path = tmp_path / "lenet5_5cls.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)  # a DDP save
     target = create_zoo_model("lenet5", num_classes=10)
-    skipped = load_weights_file(target, path)
+    skipped = load_weights_file(target, path, allow_partial=True, on_partial=lambda message: None)
     assert skipped == ["fc3.bias", "fc3.weight"]  # the classifier for another number of classes
     assert torch.equal(target.conv1.weight, source.conv1.weight)
 
@@ -204,3 +217,247 @@ def test_torchvision_and_timm_models_are_built_for_the_data():
     pytest.importorskip("timm")
     net = build_model(parse_model_spec("timm:resnet10t"), num_classes=3, in_channels=1, image_size=32)
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+
+
+# ---- nothing lost: finished runs, export targets (issue 8) -------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_convert_refuses_to_overwrite_a_finished_run(converted, capsys):
+    before = _snapshot(converted)
+    accuracy = json.loads((converted / "report.json").read_text())["summary"]["quantized_accuracy"]
+    assert main(["convert", "--out", str(converted), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert (f"--out {converted} already holds a finished run (report.json: zoo:lenet5 on digits, quantized "
+            f"accuracy {100 * accuracy:.2f} %;") in err
+    assert "Fix: pass --resume to continue that run, --overwrite to replace its files, or another --out" in err
+    assert _snapshot(converted) == before  # not a byte changed
+
+
+def test_convert_refuses_a_non_empty_folder_and_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "mine" / name).write_text("keep me")
+    assert main(["convert", "--out", str(tmp_path / "mine"), *TINY]) == 2
+    assert f"--out {tmp_path / 'mine'} already holds 2 file(s) (a.txt, b.txt)" in capsys.readouterr().err
+    (tmp_path / "run" / "qat").mkdir(parents=True)
+    (tmp_path / "run" / "qat" / "last.pt").write_bytes(b"checkpoint")
+    assert main(["convert", "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert "already holds an interrupted run (qat/last.pt; 1 file(s) in all)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["convert", "--out", str(out), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {tmp_path / 'file'} is a file, not a folder" in err and "image-size" not in err
+    assert (tmp_path / "mine" / "a.txt").read_text() == "keep me"
+
+
+def test_convert_overwrite_replaces_files_as_it_writes_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "qat").mkdir(parents=True)
+    (out / "report.json").write_text(json.dumps({"summary": {"quantized_accuracy": 0.5}}))
+    (out / "notes.txt").write_text("keep me")
+    stale = out / "qat" / f".last.pt.{2 ** 22 + 12345}.0123abcd.tmp"  # a pid above pid_max: a dead writer
+    stale.write_bytes(b"partial")
+    argv = ["convert", "--out", str(out), "--float-epochs", "0", "--epochs", "1", "--batch-size", "128",
+            "--calib-batches", "1", "--calib-method", "percentile", "--no-export", "--no-progress"]
+    assert main(argv) == 2  # not without --overwrite
+    assert "already holds a finished run (report.json: None on None, quantized accuracy 50.00 %" in \
+        capsys.readouterr().err
+    assert stale.exists()  # a refused run touches nothing
+    assert main([*argv, "--overwrite"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "qat_ste.convert/1" and report["quantized"]["epochs"] == 1
+    assert (out / "notes.txt").read_text() == "keep me"  # the folder was not emptied up front
+    assert not stale.exists()  # stale temporary files of a killed run are removed at the start
+
+
+def test_export_refuses_its_own_input_and_existing_files(converted, tmp_path, capsys):
+    checkpoint = converted / "qat" / "last.pt"
+    before = checkpoint.read_bytes()
+    for spelling in (checkpoint, converted / "float" / ".." / "qat" / "last.pt"):
+        for extra in ([], ["--overwrite"]):
+            assert main(["export", "--checkpoint", str(checkpoint), "--out", str(spelling), *extra]) == 2
+            assert f"--out {spelling} is the --checkpoint file it would be exported from" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"an older export")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {target} already exists (15 B)" in err and "Fix: pass --overwrite to replace it" in err
+    assert target.read_bytes() == b"an older export"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    stale = tmp_path / f".model.onnx.{2 ** 22 + 12345}.0123abcd.tmp"
+    stale.write_bytes(b"partial")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(target), "--overwrite"]) == 0
+    assert target.read_bytes()[:2] != b"an" and target.stat().st_size > 1000
+    assert not stale.exists()
+
+
+def test_resume_refuses_changed_quantization(converted, capsys):
+    before = _snapshot(converted)
+    assert main(["convert", "--out", str(converted), *TINY, "--resume", "--no-export", "--bits", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "bits" in err and "--force-resume" in err
+    assert _snapshot(converted) == before  # refused before anything was written
+
+
+# ---- signals, --force-resume, the QuantConfig options: train() replaced by a recorder ------------
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """qat_ste.train.train replaced: records (config, metadata) and returns ``result`` (fields)."""
+    from qat_ste.train import TrainResult
+
+    calls: list[tuple] = []
+    result: dict = {}
+
+    def record(model, train_set, val_set, config, *, metadata=None):
+        calls.append((config, metadata))
+        return TrainResult(**result, last_checkpoint=str(Path(config.out_dir) / "last.pt"))
+
+    monkeypatch.setattr("qat_ste.train.train", record)
+    return calls, result
+
+
+FAST = ["--float-epochs", "1", "--epochs", "1", "--calib-batches", "1", "--calib-method", "max", "--no-export",
+        "--no-progress"]
+
+
+@pytest.mark.parametrize("reason, code", [("SIGTERM", 143), ("interrupted (Ctrl-C)", 130),
+                                          ("stop_after_steps=3", 1)])
+def test_a_stopped_run_exits_with_the_signal_code_and_says_how_to_resume(fake_train, tmp_path, capsys, reason, code):
+    calls, result = fake_train
+    result.update(stopped_early=True, stop_reason=reason)
+    out = tmp_path / "run"
+    assert main(["convert", "--out", str(out), *FAST]) == code
+    printed = capsys.readouterr().out
+    assert f"stopped ({reason}); {out / 'float' / 'last.pt'} is saved. Resume with the same options plus: " \
+           f"--out {out} --resume" in printed
+    assert len(calls) == 1 and not (out / "report.json").exists()
+
+
+def test_force_resume_and_the_whole_quant_config_reach_train(fake_train, tmp_path, capsys):
+    calls, _ = fake_train
+    out = tmp_path / "run"
+    (out / "float").mkdir(parents=True)
+    (out / "float" / "last.pt").write_bytes(b"read by the real train() only")
+    config_file = tmp_path / "quant.json"
+    config_file.write_text(json.dumps({"bits": 3, "alpha": "pact", "exclude": ["fc*"], "keep_last": True,
+                                       "overrides": {"conv*": {"bits": 5}}}))
+    argv = ["convert", "--out", str(out), *FAST, "--force-resume", "--quant-config", str(config_file),
+            "--bits", "6", "--step-init", "0.5", "--rounding", "ceil", "--per-channel", "--include", "relu*",
+            "--include", "conv*", "--override", "relu1:bits=8,alpha_init=0.25", "--override", "relu2:per_channel=true",
+            "--kinds", "relu,tanh", "--quantize-gates", "--no-keep-last"]
+    assert main(argv) == 0
+    (float_config, float_meta), (qat_config, qat_meta) = calls
+    assert float_config.force_resume and qat_config.force_resume
+    assert float_config.resume == str(out / "float" / "last.pt") and qat_config.resume is None
+    assert float_meta["quant"] is None and float_meta["calibration"] is None
+    assert qat_meta["calibration"] == {"method": "max", "batches": 1}
+    expected = {**DEFAULT_QUANT, "bits": 6, "alpha_mode": "pact", "step_init": 0.5, "rounding": "ceil",
+                "per_channel": True, "include": ["relu*", "conv*"], "exclude": ["fc*"],
+                "overrides": {"relu1": {"bits": 8, "step_init": 0.25}, "relu2": {"per_channel": True}},
+                "keep_last": False, "kinds": ["relu", "tanh"], "quantize_gates": True}
+    assert qat_meta["quant"] == expected  # flags override the file; --override replaces its overrides
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"] == {**expected, "alpha": "pact", "calibration": {"method": "max", "batches": 1},
+                                      "sites_quantized": report["quantization"]["sites_quantized"],
+                                      "sites_left_float": report["quantization"]["sites_left_float"]}
+
+
+def test_deprecated_spellings_still_work_with_a_note(capsys):
+    from qat_ste.cli import build_parser
+    from qat_ste.train import TrainConfig
+
+    args = build_parser().parse_args(["convert", "--alpha", "fixed", "--export-weights", "int8"])
+    assert args.alpha_mode == "fixed" and args.weight_format == "int8"
+    err = capsys.readouterr().err
+    assert "qat-ste: note: --alpha is deprecated; use --alpha-mode" in err
+    assert "qat-ste: note: --export-weights is deprecated; use --weight-format" in err
+    args = build_parser().parse_args(["export", "--out", "m.onnx", "--weights", "int8"])
+    assert args.weight_format == "int8" and args.model_weights is None
+    assert "--weights is deprecated; use --weight-format" in capsys.readouterr().err
+    args = build_parser().parse_args(["convert", "--weights", "r18.pt"])  # convert's --weights: the input file
+    assert args.model_weights == "r18.pt" and args.weight_format == "float" and capsys.readouterr().err == ""
+    defaults = TrainConfig()
+    assert (args.calib_batches, args.calib_method) == (defaults.calibrate_batches, defaults.calibrate_method)
+
+
+# ---- --weights that do not fit ---------------------------------------------------------------------
+
+
+def test_weights_file_that_does_not_fit_is_refused_listing_the_keys(tmp_path):
+    from qat_ste.errors import QatSteError
+    from qat_ste.train.build import load_weights_file
+    from qat_ste.zoo import create_zoo_model
+
+    state = create_zoo_model("lenet5", num_classes=5).state_dict()
+    del state["bn1.bias"]
+    del state["bn2.num_batches_tracked"]  # a counter, not a weight: may be missing, as for load_state_dict
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    target = create_zoo_model("lenet5", num_classes=10)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(QatSteError) as info:
+        load_weights_file(target, path)
+    message = str(info.value)
+    assert (f"weights file {path} does not fit this model: 1 tensor(s) missing from the file: bn1.bias; "
+            "1 tensor(s) unexpected: extra.weight; 2 tensor(s) of the wrong shape: fc3.weight (5, 84) in the file "
+            "vs (10, 84) in the model, fc3.bias (5,) in the file vs (10,) in the model") in message
+    assert "--allow-partial" in message
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing loaded
+    with pytest.warns(UserWarning, match="fits this model only in part .*1 tensor.s. missing from the file"):
+        skipped = load_weights_file(target, path, allow_partial=True)
+    assert skipped == ["bn1.bias", "fc3.bias", "fc3.weight"]
+    assert torch.equal(target.conv1.weight, state["conv1.weight"])
+
+
+def test_convert_allow_partial_warns_and_records_the_keys(tmp_path, capsys):
+    from qat_ste.zoo import create_zoo_model
+
+    path = tmp_path / "lenet5_5cls.pt"
+    torch.save(create_zoo_model("lenet5", num_classes=5).state_dict(), path)
+    argv = ["convert", "--weights", str(path), "--epochs", "0", "--calib-batches", "1", "--calib-method", "max",
+            "--no-export", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model: 2 tensor(s) of the wrong shape: fc3.weight (5, 84)" in err
+    assert "--allow-partial" in err and not (tmp_path / "refused").exists()
+    assert main([*argv, "--out", str(tmp_path / "partial"), "--allow-partial"]) == 0
+    assert "warning: weights file" in capsys.readouterr().out
+    report = json.loads((tmp_path / "partial" / "report.json").read_text())
+    assert report["model"]["tensors_left_random"] == ["fc3.bias", "fc3.weight"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_convert_with_a_checkpoint_and_exit_143(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "qat_ste.cli", "convert", "--out", str(out), "--float-epochs", "200",
+               "--batch-size", "32", "--checkpoint-every", "1", "--no-progress", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "float" / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert f"stopped (SIGTERM); {out / 'float' / 'last.pt'} is saved. Resume with the same options plus: " \
+           f"--out {out} --resume" in stdout
+    state = load_checkpoint(out / "float" / "last.pt")
+    assert state["step"] >= 1 and not (out / "report.json").exists()

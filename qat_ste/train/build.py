@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -177,20 +178,53 @@ def build_model(spec: ModelSpec, num_classes: int, in_channels: int, image_size:
         return timm.create_model(spec.name, **base)
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a local state dict file into ``model``.
+def load_weights_file(model: nn.Module, path: str | Path, *, allow_partial: bool = False,
+                      on_partial: Callable[[str], None] | None = None) -> list[str]:
+    """Load a local state dict file into ``model``; returns the names of the model's tensors that
+    kept their random init (empty for a complete load).
 
     Accepts a plain state dict, a dict holding it under ``state_dict`` / ``model`` /
-    ``model_state_dict``, or a qat_ste training checkpoint. Tensors whose shape differs (e.g. a
-    classifier for another number of classes) are skipped; their names are returned. Raises
-    QatSteError for hub requests, a missing or unreadable file, or when nothing fits.
+    ``model_state_dict``, or a qat_ste training checkpoint. A file that does not fit the model
+    exactly (missing, unexpected or wrong-shape tensors, e.g. another architecture or a classifier
+    for another number of classes) is refused with the mismatched keys listed, unless
+    ``allow_partial``: then the tensors that fit are loaded and ``on_partial`` (default:
+    ``warnings.warn``) gets the same list. Raises QatSteError for hub requests, a missing or
+    unreadable file, or when nothing fits.
     """
+    file = _weights_path(path)
+    state = _read_state_dict(file)
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not fitting:
+        raise QatSteError(f"no tensor of {file} fits this model ({describe_state_mismatch(model, state)})",
+                          "pass weights saved from the same architecture")
+    mismatch = _weights_mismatch(own, state)
+    if mismatch and not allow_partial:
+        raise QatSteError(
+            f"weights file {file} does not fit this model: {mismatch}",
+            "pass weights saved from the same architecture (and number of classes), or --allow-partial "
+            "(allow_partial=True) to load the tensors that fit and keep the rest at random init")
+    if mismatch:
+        message = f"weights file {file} fits this model only in part ({mismatch}); the rest keeps its random init"
+        (on_partial or (lambda text: warnings.warn(text, stacklevel=3)))(message)
+    skipped = sorted(k for k in own if k not in fitting and (k in state or not k.endswith("num_batches_tracked")))
+    model.load_state_dict(fitting, strict=False)
+    return skipped
+
+
+def _weights_path(path: str | Path) -> Path:
+    """The local file behind a --weights value (hub requests and missing files refused)."""
     text = str(path).strip()
     if text.lower() in HUB_WORDS or text.upper().startswith("IMAGENET") or "://" in text or text.startswith("hf-hub:"):
         raise QatSteError(f"--weights {text!r} asks for downloaded weights", _WEIGHTS_FIX)
     file = Path(text).expanduser()
     if not file.is_file():
         raise QatSteError(f"weights file {file} does not exist", "pass the path of a local state dict file (.pt/.pth)")
+    return file
+
+
+def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file (DDP ``module.`` and compile ``_orig_mod.`` prefixes removed)."""
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # many formats and damages raise many types
@@ -209,12 +243,20 @@ def load_weights_file(model: nn.Module, path: str | Path) -> list[str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise QatSteError(f"{file} does not hold a state dict of tensors",
                           "pass a file saved with torch.save(model.state_dict(), path)")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    if not fitting:
-        raise QatSteError(f"no tensor of {file} fits this model ({describe_state_mismatch(model, state)})",
-                          "pass weights saved from the same architecture")
-    skipped = sorted(k for k in own if k not in fitting)
-    model.load_state_dict(fitting, strict=False)
-    return skipped
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def _weights_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], shown: int = 4) -> str:
+    """'' when ``state`` fits ``own`` exactly, else the missing / unexpected / wrong-shape keys (counts
+    and the first ``shown`` names). BatchNorm's ``num_batches_tracked`` counters may be missing, as
+    for ``load_state_dict``."""
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = []
+    for label, items in (("missing from the file", missing), ("unexpected", unexpected), ("of the wrong shape", shapes)):
+        if items:
+            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+            parts.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)

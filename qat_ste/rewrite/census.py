@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from ..kinds import ActivationKind, function_kind, function_name, method_kind, module_kind
 from ..quantizer.module import INSIDE_QUANT_ACT, QuantAct
-from .activations import ActivationKind, function_kind, function_name, method_kind, module_kind
 
 
 @dataclass(frozen=True)

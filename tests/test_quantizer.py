@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qat_ste import QatSteError, QuantAct, get_ste, list_stes
+from qat_ste import AlphaProjector, QatSteError, QuantAct, get_ste, list_stes, project_alphas
+from qat_ste.kinds import GELU, HARDSWISH, LEAKY_RELU, RELU, SILU, ActivationKind
 from qat_ste.quantizer.functional import fake_quantize, lsq_grad_scale, quantize_codes
-from qat_ste.rewrite.activations import GELU, HARDSWISH, LEAKY_RELU, RELU, SILU, ActivationKind
 
 ALL_STES = ["identity", "relu", "clipped_relu", "log_tailed_relu"]
 
@@ -114,7 +114,7 @@ def test_bf16_input_same_codes_as_fp32() -> None:
         c16 = quantize_codes(x, alpha, torch.tensor(0.0), 15, rounding)
         c32 = quantize_codes(x.float(), alpha, torch.tensor(0.0), 15, rounding)
         assert torch.equal(c16, c32)
-    qa = QuantAct(RELU, bits=4, alpha_mode="fixed", alpha_init=0.1734)
+    qa = QuantAct(RELU, bits=4, alpha_mode="fixed", step_init=0.1734)
     assert torch.equal(qa.codes(x), qa.codes(x.float()))
     y16 = qa(x)
     assert y16.dtype == torch.bfloat16
@@ -196,7 +196,7 @@ def test_input_grad_is_grad_times_ste(ste: str, mode: str) -> None:
 
 @pytest.mark.parametrize("ste", ALL_STES)
 def test_quantact_input_grad_relu_family(ste: str) -> None:
-    qa = QuantAct(RELU, bits=2, ste=ste, alpha_mode="lsq", alpha_init=0.5)
+    qa = QuantAct(RELU, bits=2, ste=ste, alpha_mode="lsq", step_init=0.5)
     u = torch.tensor(U_B, requires_grad=True)
     qa(u).backward(torch.tensor(G_B))
     torch.testing.assert_close(u.grad, torch.tensor(EXPECTED_GRAD[ste]), rtol=1e-6, atol=0)
@@ -205,7 +205,7 @@ def test_quantact_input_grad_relu_family(ste: str) -> None:
 @pytest.mark.parametrize("ste", ALL_STES)
 def test_quantact_input_grad_generic_chain_rule(ste: str) -> None:
     # non-ReLU rule: the STE acts on y = GELU(x) over [lo, hi]; autograd multiplies by GELU'(x)
-    qa = QuantAct(GELU, nn.GELU(), bits=3, ste=ste, alpha_mode="fixed", alpha_init=0.25)
+    qa = QuantAct(GELU, nn.GELU(), bits=3, ste=ste, alpha_mode="fixed", step_init=0.25)
     z = qa.zero_point.item()
     assert z == 1.0  # round(0.17 / 0.25)
     lo, hi = -z * 0.25, (7 - z) * 0.25
@@ -352,10 +352,21 @@ def test_bad_bits(bits) -> None:
     assert "1 to 8" in e.value.fix
 
 
-@pytest.mark.parametrize("alpha_init", [0, 0.0, -0.1, "0.1", float("nan"), float("inf"), True])
-def test_bad_alpha_init(alpha_init) -> None:
-    with pytest.raises(QatSteError, match="must be a finite number > 0"):
-        QuantAct(RELU, alpha_init=alpha_init)
+@pytest.mark.parametrize("step_init", [0, 0.0, -0.1, "0.1", float("nan"), float("inf"), True])
+def test_bad_step_init(step_init) -> None:
+    with pytest.raises(QatSteError, match="must be a finite number > 0") as e:
+        QuantAct(RELU, step_init=step_init)
+    assert e.value.problem.startswith(f"step_init={step_init!r}") and "step_init=None" in e.value.fix
+
+
+def test_alpha_init_is_a_deprecated_alias_of_step_init() -> None:
+    with pytest.warns(DeprecationWarning, match="alpha_init=.*deprecated; use step_init"):
+        qa = QuantAct(RELU, bits=4, alpha_mode="fixed", alpha_init=0.125)
+    assert qa.alpha.item() == 0.125 and qa.is_initialized
+    with pytest.warns(DeprecationWarning), pytest.raises(QatSteError, match=r"alpha_init=-1\.0: the step must"):
+        QuantAct(RELU, alpha_init=-1.0)
+    with pytest.raises(QatSteError, match="both step_init and its deprecated alias alpha_init"):
+        QuantAct(RELU, step_init=0.1, alpha_init=0.1)
 
 
 def test_bad_rounding_and_alpha_mode_and_ste() -> None:
@@ -374,7 +385,7 @@ def test_eval_forward_uninitialised_raises_with_fix() -> None:
     qa = QuantAct(RELU, alpha_mode="lsq").eval()
     with pytest.raises(QatSteError, match="never initialised") as e:
         qa(torch.randn(4))
-    assert "calibrate" in e.value.fix and "alpha_init" in e.value.fix
+    assert "calibrate" in e.value.fix and "step_init" in e.value.fix and "alpha_mode='fixed'" in e.value.fix
     with pytest.raises(QatSteError, match="never initialised"):
         qa.codes(torch.randn(4))
     assert not bool(qa.initialized)
@@ -400,24 +411,27 @@ def test_training_forward_lazy_init() -> None:
 
 
 def test_project_clamps_bcgd_alpha() -> None:
-    qa = QuantAct(RELU, alpha_mode="bcgd", alpha_init=0.5)
+    # the projection is qat_ste.project_alphas / AlphaProjector (QuantAct.project_ was dead code)
+    qa = QuantAct(RELU, alpha_mode="bcgd", step_init=0.5)
+    project = AlphaProjector(nn.Sequential(qa))
     for value, expected in ((7.0, 5.0), (1e-5, 1e-3), (-1.0, 1e-3), (0.3, 0.3)):
         with torch.no_grad():
             qa.alpha.fill_(value)
-        qa.project_()
+        project()
         assert qa.alpha.item() == pytest.approx(expected)
-    ql = QuantAct(RELU, alpha_mode="lsq", alpha_init=0.5)
+    ql = QuantAct(RELU, alpha_mode="lsq", step_init=0.5)
     with torch.no_grad():
         ql.alpha.fill_(-3.0)
-    ql.project_()
+    project_alphas(nn.Sequential(ql))
     assert ql.alpha.item() == pytest.approx(1e-4)
     with torch.no_grad():
         ql.alpha.fill_(70.0)
-    ql.project_()
+    project_alphas(nn.Sequential(ql))
     assert ql.alpha.item() == 70.0  # no upper bound outside bcgd
-    qf = QuantAct(RELU, alpha_mode="fixed", alpha_init=9.0)
-    qf.project_()
+    qf = QuantAct(RELU, alpha_mode="fixed", step_init=9.0)
+    project_alphas(nn.Sequential(qf))
     assert qf.alpha.item() == 9.0
+    assert not hasattr(QuantAct, "project_")
 
 
 def test_per_channel_calibration_and_state_dict_round_trip() -> None:
@@ -454,7 +468,7 @@ def test_per_channel_tokens_state_dict_round_trip() -> None:
 
 
 def test_state_dict_back_to_per_tensor() -> None:
-    per_tensor = QuantAct(RELU, alpha_mode="lsq", alpha_init=0.3)
+    per_tensor = QuantAct(RELU, alpha_mode="lsq", step_init=0.3)
     chan = QuantAct(RELU, alpha_mode="lsq", per_channel=True).train()
     chan(torch.randn(2, 3, 4, 4))
     chan.load_state_dict(per_tensor.state_dict())
@@ -466,10 +480,10 @@ def test_deepcopy_equal() -> None:
     qa = QuantAct(SILU, nn.SiLU(), bits=3, ste="log_tailed_relu", alpha_mode="bcgd", per_channel=True).train()
     x = torch.randn(3, 4, 5, 5)
     qa(x)
-    qa._observer = lambda m, u: None
-    dup = copy.deepcopy(qa)
-    qa._observer = None
-    assert dup._observer is None and dup is not qa
+    with qa.observing(lambda m, u: None):
+        assert qa.mode == "observe"
+        dup = copy.deepcopy(qa)
+    assert qa.mode == "quantize" and dup.mode == "quantize" and dup is not qa
     assert dup.alpha is not qa.alpha and isinstance(dup.alpha, nn.Parameter)
     for k, v in qa.state_dict().items():
         assert torch.equal(v, dup.state_dict()[k]), k
@@ -490,7 +504,7 @@ def test_codes_uint8_independent(bits: int, rounding: str) -> None:
     L = 2 ** bits - 1
     x = torch.randn(2, 3, 6, 6) * 2
     alpha = 3.0 / L
-    qa = QuantAct(RELU, bits=bits, alpha_mode="fixed", alpha_init=alpha, rounding=rounding)
+    qa = QuantAct(RELU, bits=bits, alpha_mode="fixed", step_init=alpha, rounding=rounding)
     codes = qa.codes(x)
     assert codes.dtype == torch.uint8 and codes.shape == x.shape
     r = x.numpy() / np.float32(alpha)
@@ -502,9 +516,55 @@ def test_codes_uint8_independent(bits: int, rounding: str) -> None:
 
 
 def test_extra_repr() -> None:
-    qa = QuantAct(RELU, bits=3, ste="relu", alpha_mode="pact", alpha_init=0.25, original="F.relu")
-    assert repr(qa) == "QuantAct(F.relu, bits=3, ste=relu, alpha=pact:0.25, zero_point=0)"
+    qa = QuantAct(RELU, bits=3, ste="relu", alpha_mode="pact", step_init=0.25, original="F.relu")
+    assert repr(qa) == "QuantAct(F.relu, bits=3, ste=relu, alpha_mode=pact, step=0.25, zero_point=0)"
 
 
 def test_all_registered_builtins_covered() -> None:
     assert set(ALL_STES) <= set(list_stes())
+
+
+def test_resizing_keeps_the_step_and_zero_point_objects() -> None:
+    qa = QuantAct(GELU, nn.GELU(), bits=4, alpha_mode="lsq", per_channel=True)
+    alpha, zero_point = qa.alpha, qa.zero_point
+    qa.alpha.grad = torch.tensor(1.0)  # a gradient of the old shape is dropped with the resize
+    qa.set_range(torch.tensor([-0.1, -0.2, 0.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert qa.alpha is alpha and qa.zero_point is zero_point and isinstance(qa.alpha, nn.Parameter)
+    assert qa.alpha.shape == (3,) and qa.alpha.grad is None
+    torch.testing.assert_close(qa.alpha.detach(), torch.tensor([1.1, 2.2, 3.0]) / 15)
+    qa.load_state_dict(QuantAct(GELU, nn.GELU(), step_init=0.5).state_dict())
+    assert qa.alpha is alpha and qa.zero_point is zero_point and qa.alpha.shape == ()
+    fixed = QuantAct(RELU, alpha_mode="fixed", per_channel=True)
+    buffer = fixed.alpha
+    fixed.set_range(torch.zeros(2), torch.tensor([1.5, 3.0]))
+    assert fixed.alpha is buffer and fixed.alpha.tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_modes_are_explicit_and_restored() -> None:
+    qa = QuantAct(RELU, bits=2, step_init=0.5)
+    x = torch.tensor([-1.0, 0.2, 0.7, 9.0])
+    seen: list[torch.Tensor] = []
+    assert qa.mode == "quantize"
+    with qa.observing(lambda m, u: seen.append(u)) as same:
+        assert same is qa and qa.mode == "observe"
+        assert torch.equal(qa(x), x.clamp(min=0))  # the float activation passes through
+        with qa.exporting(lambda m, u: u * 0 + 7):  # observing wins while both are active
+            assert qa.mode == "observe"
+        assert qa.mode == "observe"
+    assert qa.mode == "quantize" and len(seen) == 1 and torch.equal(seen[0], x)
+    with pytest.raises(RuntimeError, match="boom"), qa.exporting(lambda m, u: u * 0 + 7):
+        assert qa.mode == "export" and qa(x).tolist() == [7.0] * 4
+        raise RuntimeError("boom")
+    assert qa.mode == "quantize" and qa(x).tolist() == [0.0, 0.0, 0.5, 1.5]
+
+
+def test_set_range_refuses_a_non_finite_step() -> None:
+    qa = QuantAct(RELU, bits=4, step_init=0.25)
+    qa.site = "layer1.relu"
+    with pytest.raises(QatSteError, match="layer1.relu: the range .* gives a non-finite step"):
+        qa.set_range(torch.tensor(0.0), torch.tensor(float("nan")))
+    assert qa.alpha.item() == 0.25
+    lazy = QuantAct(RELU, bits=4).train()  # lazy initialisation in training mode goes through set_range
+    with pytest.raises(QatSteError, match="non-finite step"):
+        lazy(torch.tensor([1.0, float("inf")]))
+    assert not lazy.is_initialized

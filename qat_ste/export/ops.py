@@ -1,8 +1,8 @@
 """The export-time quantizer: a torch custom op that the dynamo ONNX exporter maps to Q/DQ.
 
 During export every :class:`~qat_ste.QuantAct` routes its float value ``u`` through
-``torch.ops.qat_ste.quant_dequant`` (via the module's ``_export_fn`` hook, set and cleared by
-:func:`export_routing`). The op computes exactly what QuantAct computes, and
+``torch.ops.qat_ste.quant_dequant`` (each module is put in export mode with
+:meth:`QuantAct.exporting <qat_ste.QuantAct.exporting>` for the duration of :func:`export_routing`). The op computes exactly what QuantAct computes, and
 :func:`translate_quant_dequant` lowers it to
 
     QuantizeLinear(uint8) -> [Clip(uint8, qmin, qmax) when the range is narrower than uint8] -> DequantizeLinear
@@ -129,20 +129,18 @@ def export_routing(
     """Within the block, every site of ``sites`` runs ``hook(site)`` (default: the Q/DQ custom op)
     and the model is in eval mode; both are restored on exit."""
     modes = {m: m.training for m in model.modules()}
-    previous = {s.index: s.module._export_fn for s in sites}
     model.eval()
     try:
-        for s in sites:
-            s.module._export_fn = hook(s) if hook is not None else _routing_hook(s.index)
-        yield
+        with contextlib.ExitStack() as stack:
+            for s in sites:
+                stack.enter_context(s.module.exporting(hook(s) if hook is not None else _routing_hook(s.index)))
+            yield
     finally:
-        for s in sites:
-            s.module._export_fn = previous[s.index]
         for m, training in modes.items():
             m.training = training
 
 
 def reference_codes(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
     """The integer codes PyTorch gives ``u`` at this site (float32 holding integers)."""
-    alpha, zero_point = module._grid(u)
+    alpha, zero_point = module.grid(u)
     return quantize_codes(u, alpha, zero_point, module.levels, module.rounding)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
-import math
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from ..errors import QatSteError
-from ..rewrite.activations import ActivationKind
+from ..kinds import ActivationKind
 from ..ste import STE, get_ste
+from ..validation import check_alpha_init, check_bits, check_choice, check_step_init  # noqa: F401 - re-exported
 from .alpha import BCGD_RANGE, ALPHA_MIN, fixed_step, range_from_samples, step_and_zero_point
 from .functional import ALPHA_MODES, ROUNDING_MODES, fake_quantize, lsq_grad_scale, quantize_codes
 
@@ -21,43 +23,33 @@ from .functional import ALPHA_MODES, ROUNDING_MODES, fake_quantize, lsq_grad_sca
 INSIDE_QUANT_ACT: contextvars.ContextVar[bool] = contextvars.ContextVar("qat_ste_inside", default=False)
 
 
-def check_bits(bits: Any) -> int:
-    """Validate a bit width (1..8)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise QatSteError(f"bits={bits!r} is not supported: activations are quantized to 1..8 bits",
-                          "pass an integer bit width from 1 to 8, e.g. bits=4")
-    return bits
-
-
-def check_alpha_init(alpha_init: Any) -> float | None:
-    """Validate a given step: None (calibrate / fixed default) or a finite number > 0 (not a bool)."""
-    if alpha_init is None:
-        return None
-    if (isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float))
-            or not math.isfinite(alpha_init) or alpha_init <= 0):
-        raise QatSteError(f"alpha_init={alpha_init!r}: the step alpha must be a finite number > 0",
-                          "pass a positive step, or alpha_init=None to calibrate it")
-    return float(alpha_init)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise QatSteError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}",
-                          f"pass {name}= one of those")
-    return value
-
-
 def channel_axis_of(u: torch.Tensor) -> int:
     """The channel axis of a per-channel site: 1 for NCHW feature maps, the last one otherwise."""
     return 1 if u.dim() == 4 else -1
 
 
+#: what a QuantAct does in forward: quantize (the default), observe (calibration) or export
+MODES = ("quantize", "observe", "export")
+
+Observer = Callable[["QuantAct", torch.Tensor], None]
+ExportFn = Callable[["QuantAct", torch.Tensor], torch.Tensor]
+
+
 class QuantAct(nn.Module):
-    """A quantized activation: exact staircase forward, STE backward, step alpha.
+    """A quantized activation: exact staircase forward, STE backward, learnable or fixed step.
 
     ``kind.family == "relu"``: the whole activation is the quantized ReLU of its input.
     Otherwise the wrapped float function ``fn`` runs first and its output is quantized on a grid
     with a zero point where the function goes negative.
+
+    The step is the tensor ``alpha`` (a parameter unless ``alpha_mode="fixed"``; the name is the
+    papers' symbol and the state_dict key), the grid's zero point the buffer ``zero_point``. Both
+    keep their identity for the module's lifetime: calibration, per-channel resizing and
+    ``load_state_dict`` change them in place, so an optimizer built earlier keeps training them.
+
+    Modes (see :attr:`mode`): by default forward quantizes; inside ``with q.observing(callback):``
+    it hands the float value to ``callback`` and passes the float activation through
+    (calibration); inside ``with q.exporting(fn):`` it returns ``fn(q, u)`` (ONNX export).
     """
 
     def __init__(
@@ -68,11 +60,14 @@ class QuantAct(nn.Module):
         bits: int = 4,
         ste: str | STE = "clipped_relu",
         alpha_mode: str = "lsq",
-        alpha_init: float | None = None,
+        step_init: float | None = None,
         rounding: str = "nearest",
         per_channel: bool = False,
         original: str = "",
+        alpha_init: float | None = None,
     ) -> None:
+        """``step_init``: a given step (None: calibrate, or the fixed-mode default);
+        ``alpha_init`` is its deprecated former name."""
         super().__init__()
         self.kind = kind
         self.bits = check_bits(bits)
@@ -89,8 +84,13 @@ class QuantAct(nn.Module):
                 fn.inplace = False
         else:
             self.fn_call = fn
-        alpha_init = check_alpha_init(alpha_init)
-        alpha, zero_point, initialized = self._default_params(alpha_init)
+        if alpha_init is not None:
+            if step_init is not None:
+                raise QatSteError("QuantAct got both step_init and its deprecated alias alpha_init",
+                                  "pass step_init= only")
+            warnings.warn("QuantAct(alpha_init=...) is deprecated; use step_init=", DeprecationWarning, stacklevel=2)
+            step_init = check_step_init(alpha_init, "alpha_init")
+        alpha, zero_point, initialized = self._default_params(check_step_init(step_init))
         if self.alpha_mode == "fixed":
             self.register_buffer("alpha", alpha)
         else:
@@ -98,8 +98,40 @@ class QuantAct(nn.Module):
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("initialized", torch.tensor(initialized))
         self._initialized = initialized
-        self._observer: Callable[[QuantAct, torch.Tensor], None] | None = None
-        self._export_fn: Callable[[QuantAct, torch.Tensor], torch.Tensor] | None = None
+        # set only through observing() / exporting()
+        self._observer: Observer | None = None
+        self._export_fn: ExportFn | None = None
+
+    # ---- modes --------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"observe"`` inside :meth:`observing`, ``"export"`` inside :meth:`exporting`, else ``"quantize"``."""
+        if self._observer is not None:
+            return "observe"
+        return "export" if self._export_fn is not None else "quantize"
+
+    @contextlib.contextmanager
+    def observing(self, callback: Observer) -> Iterator["QuantAct"]:
+        """Within the block, forward calls ``callback(self, u)`` with the float value ``u`` the
+        quantizer would see and returns the float activation (calibration). Restored on exit."""
+        previous = self._observer
+        self._observer = callback
+        try:
+            yield self
+        finally:
+            self._observer = previous
+
+    @contextlib.contextmanager
+    def exporting(self, fn: ExportFn) -> Iterator["QuantAct"]:
+        """Within the block, forward returns ``fn(self, u)`` (e.g. an export op) instead of the
+        fake quantizer. Restored on exit."""
+        previous = self._export_fn
+        self._export_fn = fn
+        try:
+            yield self
+        finally:
+            self._export_fn = previous
 
     # ---- parameters ---------------------------------------------------------------------------
 
@@ -107,66 +139,62 @@ class QuantAct(nn.Module):
     def quantizes_input(self) -> bool:
         return self.kind.family == "relu"
 
-    def _default_params(self, alpha_init: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Alpha and zero point known without data: a given constant, or the fixed-mode default."""
-        if alpha_init is None and self.alpha_mode == "fixed":
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the step has a value (given, calibrated, loaded or lazily initialised)."""
+        return self._initialized
+
+    def _default_params(self, step_init: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Step and zero point known without data: a given constant, or the fixed-mode default."""
+        if step_init is None and self.alpha_mode == "fixed":
             if self.kind.family == "relu" and self.kind.upper is not None:
-                alpha_init = self.kind.upper / self.levels  # ReLU6, Hardtanh(0, c): the cap
+                step_init = self.kind.upper / self.levels  # ReLU6, Hardtanh(0, c): the cap
             else:
-                alpha_init = fixed_step(self.bits, self.rounding)
-        if alpha_init is None:
+                step_init = fixed_step(self.bits, self.rounding)
+        if step_init is None:
             return torch.tensor(1.0), torch.tensor(0.0), False
         lower = 0.0 if self.quantizes_input else self.kind.lower
         if lower is None:  # unbounded below (LeakyReLU, PReLU): an eighth of the grid below zero
             zp = float(self.levels // 8)
         else:
-            zp = float(min(self.levels, round(-lower / alpha_init))) if lower < 0 else 0.0
-        return torch.tensor(float(alpha_init)), torch.tensor(zp), True
+            zp = float(min(self.levels, round(-lower / step_init))) if lower < 0 else 0.0
+        return torch.tensor(float(step_init)), torch.tensor(zp), True
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Set alpha and the zero point from a range (scalars, or one value per channel)."""
+        """Set the step and the zero point from a range (scalars, or one value per channel).
+
+        The tensors change in place (resized when the number of channels changes), so optimizers
+        and projectors holding them keep working. A range that gives a non-finite step is refused.
+        """
         alpha, zero_point = step_and_zero_point(lo.flatten().float(), hi.flatten().float(), self.levels)
         if not self.per_channel or alpha.numel() == 1:
             alpha, zero_point = alpha.reshape(()), zero_point.reshape(())
         if self.quantizes_input:
             zero_point = torch.zeros_like(zero_point)
+        if not bool(torch.isfinite(alpha).all() & torch.isfinite(zero_point).all()):
+            raise QatSteError(
+                f"quantized activation {self.site or self.original or self.kind.name}: the range "
+                f"[{lo.flatten()[:4].tolist()}, {hi.flatten()[:4].tolist()}] gives a non-finite step",
+                "initialise the step from finite data (check the calibration batches and the model's float outputs)")
         with torch.no_grad():
-            device = self.alpha.device
-            if self.alpha.shape != alpha.shape:
-                self._replace_alpha(alpha.to(device))
-            else:
-                self.alpha.copy_(alpha)
-            self.zero_point = zero_point.to(device)
+            _assign_(self.alpha, alpha)
+            _assign_(self.zero_point, zero_point)
             self.initialized.fill_(True)
         self._initialized = True
 
-    def _replace_alpha(self, value: torch.Tensor) -> None:
-        if isinstance(self.alpha, nn.Parameter):
-            self.alpha = nn.Parameter(value.clone())
-        else:
-            self.alpha = value.clone()
-
     def alpha_range(self) -> tuple[float, float] | None:
-        """The valid range of a learned alpha (None when alpha is fixed)."""
+        """The valid range of a learned step (None when the step is fixed)."""
         if self.alpha_mode == "fixed":
             return None
         return BCGD_RANGE if self.alpha_mode == "bcgd" else (ALPHA_MIN, float("inf"))
 
-    def project_(self) -> None:
-        """Keep a learned alpha in its valid range (call after each optimizer step)."""
-        valid = self.alpha_range()
-        if valid is not None:
-            with torch.no_grad():
-                self.alpha.clamp_(*valid)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "alpha"
-        if key in state_dict and state_dict[key].shape != self.alpha.shape:
-            self._replace_alpha(torch.empty_like(state_dict[key], device=self.alpha.device))
-        zp_key = prefix + "zero_point"
-        if zp_key in state_dict and state_dict[zp_key].shape != self.zero_point.shape:
-            # per-channel zero point into a per-tensor module (or back): resize before the copy
-            self.zero_point = torch.empty_like(state_dict[zp_key], device=self.alpha.device)
+        # per-channel values into a per-tensor module (or back): resize in place before the copy
+        for name in ("alpha", "zero_point"):
+            value, own = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.shape != own.shape:
+                with torch.no_grad():
+                    _assign_(own, torch.zeros(value.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.initialized)
 
@@ -185,7 +213,9 @@ class QuantAct(nn.Module):
         finally:
             INSIDE_QUANT_ACT.reset(token)
 
-    def _grid(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def grid(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step and zero point shaped to broadcast against ``u`` (per-channel views along its
+        channel axis)."""
         alpha, zp = self.alpha, self.zero_point
         if alpha.dim() == 1:
             # the same rule as samples_of(): the axis is not in the state_dict, so a module that
@@ -196,7 +226,10 @@ class QuantAct(nn.Module):
             alpha, zp = alpha.view(shape), zp.view(shape)
         return alpha, zp
 
+    _grid = grid  # the former private name
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The quantized activation of ``x`` (or, in observe / export mode, see :attr:`mode`)."""
         u = self.float_function(x, *args, **kwargs)
         if self._observer is not None:
             self._observer(self, u)  # calibration: pass the float activation through
@@ -205,7 +238,7 @@ class QuantAct(nn.Module):
             return self._export_fn(self, u)
         if not self._initialized:
             self._lazy_init(u)
-        alpha, zp = self._grid(u)
+        alpha, zp = self.grid(u)
         scale = lsq_grad_scale(u, self.levels, self.alpha.numel()) if self.alpha_mode == "lsq" else 1.0
         return fake_quantize(u, alpha, zp, self.levels, self.ste, self.alpha_mode, self.rounding, scale)
 
@@ -214,18 +247,19 @@ class QuantAct(nn.Module):
         self.require_initialized()
         with torch.no_grad():
             u = self.float_function(x, *args, **kwargs)
-            alpha, zp = self._grid(u)
+            alpha, zp = self.grid(u)
             return quantize_codes(u, alpha, zp, self.levels, self.rounding).to(torch.uint8)
 
     # ---- initialisation -----------------------------------------------------------------------
 
     def require_initialized(self) -> None:
+        """Raise if the step was never given, calibrated, loaded or lazily initialised."""
         if not self._initialized:
             raise QatSteError(
-                f"the step alpha of quantized activation {self.site or self.original or self.kind.name} "
+                f"the step of quantized activation {self.site or self.original or self.kind.name} "
                 "was never initialised",
                 "run qat_ste.calibrate(model, batches) first (or a training-mode forward pass, or "
-                "quantize with alpha='fixed' / alpha_init=<step>)")
+                "quantize with alpha_mode='fixed' / step_init=<step>)")
 
     def samples_of(self, u: torch.Tensor, max_per_channel: int = 4096) -> torch.Tensor:
         """A random subsample of ``u`` laid out ``channels x n`` (one channel unless per-channel)."""
@@ -257,11 +291,11 @@ class QuantAct(nn.Module):
         alpha = self.alpha.detach()
         a = f"{alpha.item():.4g}" if alpha.numel() == 1 else f"per-channel[{alpha.numel()}]"
         return (f"{self.original or self.kind.name}, bits={self.bits}, ste={self.ste.name}, "
-                f"alpha={self.alpha_mode}:{a if self._initialized else 'uninitialised'}, "
+                f"alpha_mode={self.alpha_mode}, step={a if self._initialized else 'uninitialised'}, "
                 f"zero_point={self.zero_point.flatten()[0].item() if self.zero_point.numel() else 0:g}")
 
     def __deepcopy__(self, memo):
-        # nn.Module's default deepcopy; contextvars and bound callables copy fine, observers do not.
+        # nn.Module's default deepcopy; a copy starts in quantize mode (observers do not copy).
         cls = self.__class__
         new = cls.__new__(cls)
         memo[id(self)] = new
@@ -271,3 +305,15 @@ class QuantAct(nn.Module):
             else:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
+
+
+def _assign_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Give ``target`` the value ``value`` in place, resizing it when the shapes differ: the tensor
+    (an nn.Parameter or a buffer) stays the same object. Call under ``torch.no_grad()``."""
+    value = value.to(device=target.device, dtype=target.dtype)
+    if target.shape == value.shape:
+        target.copy_(value)
+        return
+    target.set_(value.clone())
+    if target.grad is not None:  # a gradient of the old shape cannot be accumulated into
+        target.grad = None

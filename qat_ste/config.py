@@ -1,41 +1,55 @@
-"""QuantConfig: every option of quantize() in one dataclass."""
+"""QuantConfig: every option of quantize() in one dataclass.
+
+Vocabulary: ``alpha_mode`` is how the step is trained (``fixed``/``lsq``/``pact``/``bcgd``),
+``step_init`` a given initial step. The former names ``alpha`` and ``alpha_init`` are accepted
+for one release (constructor, :meth:`QuantConfig.from_kwargs`, :meth:`QuantConfig.from_dict`,
+``overrides``, ``quantize(..., alpha=...)``) with a DeprecationWarning.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import QatSteError
+from .kinds import GATE_KINDS, KIND_NAMES
 from .quantizer.functional import ALPHA_MODES, ROUNDING_MODES
-from .quantizer.module import check_alpha_init, check_bits, check_choice
-from .rewrite.activations import GATE_KINDS, KIND_NAMES
-from .ste import get_ste
+from .ste import STE, get_ste
+from .validation import check_bits, check_choice, check_step_init
 
 #: the per-site settings an override may change
-SITE_OPTIONS = ("bits", "ste", "alpha", "alpha_init", "rounding", "per_channel")
+SITE_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel")
+#: deprecated option names -> current names (accepted for one release)
+RENAMED_OPTIONS = {"alpha": "alpha_mode", "alpha_init": "step_init"}
+
+
+def renamed_options(options: dict[str, Any], where: str, stacklevel: int = 3) -> dict[str, Any]:
+    """``options`` with deprecated names replaced by the current ones (a DeprecationWarning for each).
+
+    ``where`` names the caller in the messages (``QuantConfig``, ``override 'layer4.*'``...).
+    """
+    out = dict(options)
+    for old, new in RENAMED_OPTIONS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise QatSteError(f"{where}: both {new!r} and its deprecated alias {old!r} are given",
+                              f"pass {new}= only")
+        warnings.warn(f"{where}: option {old!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=stacklevel)
+        out[new] = out.pop(old)
+    return out
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How quantize() rewrites a model.
-
-    - ``bits``, ``ste``, ``alpha`` (``fixed``/``lsq``/``pact``/``bcgd``), ``alpha_init`` (a step,
-      or None to calibrate / use the fixed-mode default), ``rounding`` (``nearest``/``ceil``),
-      ``per_channel``: the quantizer at every site.
-    - ``include`` / ``exclude``: glob patterns on site names (``layer1.*``); a site is quantized if it
-      matches some include pattern (all, when None) and no exclude pattern.
-    - ``overrides``: ``{pattern: {option: value}}`` per-site changes of the options above; later
-      patterns win.
-    - ``keep_first`` / ``keep_last``: leave the first / last activation (in execution order) float.
-    - ``kinds``: which activation kinds to touch (default: all but the gates); ``quantize_gates``
-      adds Sigmoid/Hardsigmoid/Softmax.
-    """
+class _QuantFields:
+    """The fields of QuantConfig and their validation (QuantConfig adds the deprecated aliases)."""
 
     bits: int = 4
     ste: str = "clipped_relu"
-    alpha: str = "lsq"
-    alpha_init: float | None = None
+    alpha_mode: str = "lsq"
+    step_init: float | None = None
     rounding: str = "nearest"
     per_channel: bool = False
     include: tuple[str, ...] | None = None
@@ -49,9 +63,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         get_ste(self.ste)
-        check_choice("alpha mode", self.alpha, ALPHA_MODES)
+        check_choice("alpha mode", self.alpha_mode, ALPHA_MODES)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
-        check_alpha_init(self.alpha_init)
+        check_step_init(self.step_init)
         for name in ("include", "exclude", "kinds"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -62,31 +76,110 @@ class QuantConfig:
             if k not in KIND_NAMES:
                 raise QatSteError(f"unknown activation kind {k!r}; known kinds: {', '.join(KIND_NAMES)}",
                                   "pass kinds= a list of those names")
+        object.__setattr__(self, "overrides", self._checked_overrides())
+
+    def _checked_overrides(self) -> dict[str, dict[str, Any]]:
         if not isinstance(self.overrides, dict):
             raise QatSteError("overrides must be a dict {site pattern: {option: value}}",
                               f"e.g. overrides={{'layer4.*': {{'bits': 8}}}}; options: {', '.join(SITE_OPTIONS)}")
+        checked: dict[str, dict[str, Any]] = {}
         for pattern, opts in self.overrides.items():
+            if not isinstance(opts, dict):
+                raise QatSteError(f"override {pattern!r} is {type(opts).__name__}, not a dict of options",
+                                  f"e.g. overrides={{{pattern!r}: {{'bits': 8}}}}")
+            opts = renamed_options(opts, f"override {pattern!r}", stacklevel=6)
             bad = [k for k in opts if k not in SITE_OPTIONS]
             if bad:
                 raise QatSteError(f"override {pattern!r} sets unknown option(s) {bad}",
                                   f"per-site options are: {', '.join(SITE_OPTIONS)}")
             replace(self, overrides={}, **opts)  # validates the values
+            checked[pattern] = opts
+        return checked
+
+
+class QuantConfig(_QuantFields):
+    """How quantize() rewrites a model.
+
+    - ``bits``, ``ste``, ``alpha_mode`` (``fixed``/``lsq``/``pact``/``bcgd``), ``step_init`` (a
+      step, or None to calibrate / use the fixed-mode default), ``rounding`` (``nearest``/``ceil``),
+      ``per_channel``: the quantizer at every site.
+    - ``include`` / ``exclude``: glob patterns on site names (``layer1.*``); a site is quantized if it
+      matches some include pattern (all, when None) and no exclude pattern.
+    - ``overrides``: ``{pattern: {option: value}}`` per-site changes of the options above; later
+      patterns win.
+    - ``keep_first`` / ``keep_last``: leave the first / last activation (in execution order) float.
+    - ``kinds``: which activation kinds to touch (default: all but the gates); ``quantize_gates``
+      adds Sigmoid/Hardsigmoid/Softmax.
+
+    ``alpha`` and ``alpha_init`` are deprecated aliases of ``alpha_mode`` and ``step_init``
+    (keywords and read-only properties). :meth:`to_dict` / :meth:`from_dict` store the whole
+    config as plain JSON values.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **renamed_options(kwargs, "QuantConfig"))
+
+    @property
+    def alpha(self) -> str:
+        """Deprecated: the former name of :attr:`alpha_mode`."""
+        warnings.warn("QuantConfig.alpha is deprecated, use .alpha_mode", DeprecationWarning, stacklevel=2)
+        return self.alpha_mode
+
+    @property
+    def alpha_init(self) -> float | None:
+        """Deprecated: the former name of :attr:`step_init`."""
+        warnings.warn("QuantConfig.alpha_init is deprecated, use .step_init", DeprecationWarning, stacklevel=2)
+        return self.step_init
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "QuantConfig":
+        """A config from quantize()'s keyword options; unknown names are refused with the known ones."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs) - known - set(RENAMED_OPTIONS))
         if unknown:
             raise QatSteError(f"unknown quantize() option(s): {', '.join(unknown)}",
                               f"known options: {', '.join(sorted(known))}")
-        return cls(**kwargs)
+        return cls(**renamed_options(kwargs, "quantize()", stacklevel=4))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON values (lists for tuples, the STE's name)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, STE):
+                value = value.name
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif f.name == "overrides":
+                value = {p: {k: (v.name if isinstance(v, STE) else v) for k, v in o.items()} for p, o in value.items()}
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        """The config stored by :meth:`to_dict` (missing fields take their defaults; the deprecated
+        names ``alpha`` / ``alpha_init`` are accepted, e.g. from older checkpoints)."""
+        if not isinstance(data, dict):
+            raise QatSteError(f"a stored quantization config must be a dict, got {type(data).__name__}",
+                              "pass the dict written by QuantConfig.to_dict()")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - set(RENAMED_OPTIONS))
+        if unknown:
+            raise QatSteError(f"the stored quantization config has unknown field(s): {', '.join(unknown)}",
+                              f"known fields: {', '.join(sorted(known))} (was it written by a newer qat_ste?)")
+        values = renamed_options(data, "stored QuantConfig", stacklevel=4)
+        if isinstance(values.get("overrides"), dict):
+            values["overrides"] = {p: dict(o) if isinstance(o, dict) else o for p, o in values["overrides"].items()}
+        return cls(**values)
 
     def kind_enabled(self, kind_name: str, family: str) -> bool:
+        """Whether activations of this kind (and family) are quantized."""
         if self.kinds is not None:
             return kind_name in self.kinds
         return family != "gate" or self.quantize_gates or kind_name not in GATE_KINDS
 
     def name_selected(self, site: str) -> bool:
+        """Whether the include / exclude patterns select the site named ``site``."""
         if self.include is not None and not any(fnmatch.fnmatchcase(site, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(site, p) for p in self.exclude)

@@ -39,7 +39,7 @@ class CNN(nn.Module):
 
 def make_qmodel(alpha: str = "lsq", per_channel: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    q = qat_ste.quantize(CNN(), bits=4, alpha=alpha, per_channel=per_channel)
+    q = qat_ste.quantize(CNN(), bits=4, alpha_mode=alpha, per_channel=per_channel)
     qat_ste.calibrate(q, [torch.randn(4, 3, 8, 8) for _ in range(2)], method="mse", include_fixed=True)
     return q
 

@@ -7,6 +7,7 @@ quantizer (NumPy-free, but never through qat_ste) where the float model has an a
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from qat_ste.rewrite.verify import check_coverage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-A = 0.1  # the step used with alpha_init
+A = 0.1  # the step used with step_init
 BITS = 4
 L = 2 ** BITS - 1
 
@@ -206,7 +207,7 @@ class TrainingBranch(nn.Module):
 
 def test_module_relu_swap() -> None:
     m = seq_model()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     assert isinstance(q[1], QuantAct) and isinstance(q[3], QuantAct) and isinstance(q[0], nn.Conv2d)
     assert type(q) is nn.Sequential
     rows = sites(q)
@@ -221,7 +222,7 @@ def test_module_relu_swap() -> None:
 def test_functional_relus_and_inplace() -> None:
     m = Functional()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     originals = sorted(s.original for s in qat_ste.report(q).sites)
     assert originals == ["F.relu", "Tensor.relu", "Tensor.relu_", "torch.relu"]
     assert all(s.method == "fx rewrite" and s.quantized for s in qat_ste.report(q).sites)
@@ -239,7 +240,7 @@ def test_functional_relus_and_inplace() -> None:
 
 
 def test_functional_site_names_unique_and_addressable() -> None:
-    q = qat_ste.quantize(Functional(), bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(Functional(), bits=BITS, step_init=A)
     rep = qat_ste.report(q)
     names = [s.name for s in rep.sites]
     assert len(set(names)) == len(names) == 4
@@ -262,7 +263,7 @@ def test_functional_inplace_positional_and_underscore_forms() -> None:
 
     m = M()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     with torch.no_grad():
         qa = q_relu(m.c(x))
         expected = q_relu(qa * 2) + qa
@@ -276,7 +277,7 @@ def test_functional_inplace_positional_and_underscore_forms() -> None:
 def test_functional_generic_activations_with_arguments() -> None:
     m = GenericFunctional()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     rep = qat_ste.report(q)
     assert [s.kind for s in sorted(rep.sites, key=lambda s: s.name)] == ["elu", "gelu", "hardtanh", "leaky_relu",
                                                                          "silu"]
@@ -296,7 +297,7 @@ def test_report_names_functional_builtins() -> None:
             F.elu_(y)
             return F.hardtanh_(y)
 
-    originals = {s.original for s in qat_ste.report(qat_ste.quantize(M(), alpha_init=A)).sites}
+    originals = {s.original for s in qat_ste.report(qat_ste.quantize(M(), step_init=A)).sites}
     assert originals == {"F.gelu", "F.leaky_relu_", "F.elu_", "F.hardtanh_"}
 
 
@@ -314,7 +315,7 @@ def test_inplace_relu_module_input_reused() -> None:
 
     m = M()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     with torch.no_grad():
         torch.testing.assert_close(m(x), 2 * F.relu(m.c(x)))
         torch.testing.assert_close(q(x), 2 * q_relu(m.c(x)), rtol=0, atol=1e-6)
@@ -323,7 +324,7 @@ def test_inplace_relu_module_input_reused() -> None:
 def test_shared_module_called_twice_gets_two_quantizers() -> None:
     m = Shared()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     rows = sites(q)
     assert set(rows) == {"act_call1", "act_call2"}
     assert all(r["method"] == "fx rewrite" and r["original"] == "nn.ReLU" for r in rows.values())
@@ -342,7 +343,7 @@ def test_shared_module_called_twice_gets_two_quantizers() -> None:
 def test_nested_children() -> None:
     m = Nested()
     x = torch.randn(2, 3, 5, 5)
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     rows = sites(q)
     assert set(rows) == {"m1.inner.act", "m1.inner.silu_fn1", "m1.act", "m2.inner.act", "m2.inner.silu_fn1",
                          "m2.act", "relu_fn1"}
@@ -360,7 +361,7 @@ def test_nested_children() -> None:
 def test_activation_zoo_kinds_and_families() -> None:
     m = Zoo()
     x = torch.randn(2, 3, 5, 5)
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     rows = sites(q)
     assert {k: r["kind"] for k, r in rows.items()} == ZOO_KINDS
     quantized = {k for k, r in rows.items() if r["quantized"]}
@@ -382,7 +383,7 @@ def test_activation_zoo_kinds_and_families() -> None:
 
 def test_prelu_weight_stays_trainable() -> None:
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.PReLU(4, init=0.3))
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A)
     weight = q[1].fn.weight
     assert isinstance(weight, nn.Parameter) and weight.requires_grad
     assert weight is not m[1].weight
@@ -409,7 +410,7 @@ def test_prelu_weight_stays_trainable() -> None:
 def test_gates_quantized_on_request() -> None:
     m = Zoo()
     x = torch.randn(2, 3, 5, 5)
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A, quantize_gates=True)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A, quantize_gates=True)
     rows = sites(q)
     assert all(r["quantized"] for r in rows.values())
     assert isinstance(q.gate, QuantAct) and isinstance(q.softmax, QuantAct)
@@ -423,33 +424,33 @@ def test_gates_quantized_on_request() -> None:
         def forward(self, x):
             return torch.sigmoid(x) + x.softmax(dim=-1) + F.relu(x)
 
-    rows = sites(qat_ste.quantize(G(), alpha_init=A))
+    rows = sites(qat_ste.quantize(G(), step_init=A))
     assert {k: r["quantized"] for k, r in rows.items()} == {"sigmoid_fn1": False, "softmax_fn1": False,
                                                                "relu_fn1": True}
-    rows = sites(qat_ste.quantize(G(), alpha_init=A, quantize_gates=True))
+    rows = sites(qat_ste.quantize(G(), step_init=A, quantize_gates=True))
     assert all(r["quantized"] for r in rows.values())
 
 
 def test_include_exclude_patterns() -> None:
     m = Nested()
-    rows = sites(qat_ste.quantize(m, alpha_init=A, include=["m1.*"]))
+    rows = sites(qat_ste.quantize(m, step_init=A, include=["m1.*"]))
     assert {k for k, r in rows.items() if r["quantized"]} == {"m1.inner.act", "m1.inner.silu_fn1", "m1.act"}
     assert rows["m2.act"]["reason"] == "excluded by include/exclude patterns"
-    rows = sites(qat_ste.quantize(m, alpha_init=A, exclude=["*.inner.*", "relu_fn1"]))
+    rows = sites(qat_ste.quantize(m, step_init=A, exclude=["*.inner.*", "relu_fn1"]))
     assert {k for k, r in rows.items() if r["quantized"]} == {"m1.act", "m2.act"}
-    rows = sites(qat_ste.quantize(m, alpha_init=A, include="m2.inner.act"))  # a single string
+    rows = sites(qat_ste.quantize(m, step_init=A, include="m2.inner.act"))  # a single string
     assert {k for k, r in rows.items() if r["quantized"]} == {"m2.inner.act"}
-    q = qat_ste.quantize(m, alpha_init=A, exclude=["m1.*"])
+    q = qat_ste.quantize(m, step_init=A, exclude=["m1.*"])
     assert not isinstance(q.m1.act, QuantAct) and isinstance(q.m1.act, nn.GELU)
     assert not isinstance(q.m1.inner.act, QuantAct)
 
 
 def test_overrides_per_site() -> None:
     m = Nested()
-    q = qat_ste.quantize(m, bits=4, ste="clipped_relu", alpha="lsq", alpha_init=A, overrides={
+    q = qat_ste.quantize(m, bits=4, ste="clipped_relu", alpha_mode="lsq", step_init=A, overrides={
         "m1.*": {"bits": 2, "ste": "relu"},
-        "m1.act": {"alpha": "bcgd", "bits": 8},  # later patterns win
-        "relu_fn1": {"alpha": "fixed", "rounding": "ceil", "alpha_init": 0.5},
+        "m1.act": {"alpha_mode": "bcgd", "bits": 8},  # later patterns win
+        "relu_fn1": {"alpha_mode": "fixed", "rounding": "ceil", "step_init": 0.5},
     })
     assert (q.m1.inner.act.bits, q.m1.inner.act.ste.name, q.m1.inner.act.alpha_mode) == (2, "relu", "lsq")
     assert (q.m1.act.bits, q.m1.act.ste.name, q.m1.act.alpha_mode) == (8, "relu", "bcgd")
@@ -469,7 +470,7 @@ def test_overrides_per_site() -> None:
 def test_keep_first_and_last() -> None:
     m = Nested()
     x = torch.randn(1, 3, 5, 5)
-    q = qat_ste.quantize(m, alpha_init=A, keep_first=True, keep_last=True, example_input=x)
+    q = qat_ste.quantize(m, step_init=A, keep_first=True, keep_last=True, example_input=x)
     rep = qat_ste.report(q)
     order = [s.name for s in rep.sites]
     assert order == ["m1.inner.act", "m1.inner.silu_fn1", "m1.act", "m2.inner.act", "m2.inner.silu_fn1",
@@ -480,13 +481,13 @@ def test_keep_first_and_last() -> None:
     assert sum(r["quantized"] for r in rows.values()) == 5
     assert isinstance(q.m1.inner.act, nn.ReLU)
     # keep_first with a selection: the first *selected* one stays float
-    q = qat_ste.quantize(m, alpha_init=A, keep_first=True, example_input=x, kinds=["gelu"])
+    q = qat_ste.quantize(m, step_init=A, keep_first=True, example_input=x, kinds=["gelu"])
     assert {k for k, r in sites(q).items() if r["quantized"]} == {"m2.act"}
 
 
 def test_kinds_option() -> None:
     m = Zoo()
-    q = qat_ste.quantize(m, alpha_init=A, kinds=["gelu", "relu6", "sigmoid"])
+    q = qat_ste.quantize(m, step_init=A, kinds=["gelu", "relu6", "sigmoid"])
     assert {k for k, r in sites(q).items() if r["quantized"]} == {"gelu", "relu6", "gate"}
     assert sites(q)["silu"]["reason"] == "generic kind 'silu' not selected"
     with pytest.raises(QatSteError, match="unknown activation kind 'swish'") as e:
@@ -496,21 +497,21 @@ def test_kinds_option() -> None:
 
 def test_report_table_and_dict() -> None:
     m = Shared()
-    q = qat_ste.quantize(nn.Sequential(m, nn.Sigmoid()), bits=3, ste="log_tailed_relu", alpha="pact",
-                         alpha_init=0.25)
+    q = qat_ste.quantize(nn.Sequential(m, nn.Sigmoid()), bits=3, ste="log_tailed_relu", alpha_mode="pact",
+                         step_init=0.25)
     rep = qat_ste.report(q)
     d = rep.to_dict()
     assert d["quantized"] == 2 and d["left_float"] == 1 and d["methods"] == {"fx rewrite": 2}
     assert d["untraced"] == {} and d["census_calls"] is None
     row = next(r for r in d["sites"] if r["site"] == "0.act_call1")
     assert row == {"site": "0.act_call1", "original": "nn.ReLU", "kind": "relu", "method": "fx rewrite",
-                   "quantized": True, "bits": 3, "ste": "log_tailed_relu", "alpha_mode": "pact", "alpha": 0.25,
+                   "quantized": True, "bits": 3, "ste": "log_tailed_relu", "alpha_mode": "pact", "step": 0.25,
                    "zero_point": 0, "reason": ""}
     gate = next(r for r in d["sites"] if r["site"] == "1")
     assert gate["quantized"] is False and gate["bits"] is None and gate["original"] == "nn.Sigmoid"
     table = rep.table()
     lines = table.splitlines()
-    assert lines[0].split() == ["site", "original", "bits", "ste", "alpha", "method", "/", "reason"]
+    assert lines[0].split() == ["site", "original", "bits", "ste", "step", "method", "/", "reason"]
     line = next(ln for ln in lines if ln.startswith("0.act_call2"))
     assert line.split() == ["0.act_call2", "nn.ReLU", "3", "log_tailed_relu", "pact:0.25", "fx", "rewrite"]
     line = next(ln for ln in lines if ln.startswith("1 "))
@@ -519,7 +520,7 @@ def test_report_table_and_dict() -> None:
     assert str(rep) == table
     # an uncalibrated site reads "uninit"
     rep2 = qat_ste.report(qat_ste.quantize(seq_model()))
-    assert "lsq:uninit" in rep2.table() and rep2.to_dict()["sites"][0]["alpha"] is None
+    assert "lsq:uninit" in rep2.table() and rep2.to_dict()["sites"][0]["step"] is None
     assert rep2.table(max_rows=1).splitlines()[-2] == "... 1 more"
 
 
@@ -535,7 +536,7 @@ def test_report_without_quantize() -> None:
 def test_runtime_fallback_for_untraceable_module() -> None:
     m = DataDependent()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A, example_input=x)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A, example_input=x)
     rep = qat_ste.report(q)
     assert "" in rep.untraced and "TraceError" in rep.untraced[""]
     rows = {(s.original, s.method) for s in rep.sites}
@@ -578,7 +579,7 @@ def untraced_shared_reference(m: UntracedShared, x: torch.Tensor, alphas: tuple[
 
 def _check_untraced_shared(outer: nn.Module, inner_path: str) -> None:
     x = x_img()
-    q = qat_ste.quantize(outer, bits=BITS, alpha_init=A, example_input=x)
+    q = qat_ste.quantize(outer, bits=BITS, step_init=A, example_input=x)
     prefix = f"{inner_path}." if inner_path else ""
     rep = qat_ste.report(q)
     assert [(s.name, s.method) for s in rep.sites] == [
@@ -623,7 +624,7 @@ def test_reused_block_shares_its_quantizer_like_its_weights() -> None:
             return self.block(self.block(x))
 
     m = M()
-    q = qat_ste.quantize(m, alpha_init=A)
+    q = qat_ste.quantize(m, step_init=A)
     cov = check_coverage(m, q, x_img())
     assert cov.ok
     assert (cov.counted, cov.quantized_calls, cov.distinct_sites) == (2, 2, 1)
@@ -631,7 +632,7 @@ def test_reused_block_shares_its_quantizer_like_its_weights() -> None:
 
 def test_runtime_fallback_without_example_input_uses_default() -> None:
     m = DataDependent()
-    q = qat_ste.quantize(m, alpha_init=A)  # census on a default 224x224 input
+    q = qat_ste.quantize(m, step_init=A)  # census on a default 224x224 input
     assert qat_ste.report(q).methods() == {"runtime fallback": 2, "module swap": 1}
     assert check_coverage(m, q, x_img()).ok
 
@@ -650,7 +651,7 @@ def test_runtime_fallback_gelu() -> None:
 
     m = M()
     x = x_img()
-    q = qat_ste.quantize(m, alpha_init=A, example_input=x)
+    q = qat_ste.quantize(m, step_init=A, example_input=x)
     assert [(s.original, s.method) for s in qat_ste.report(q).sites] == [("F.gelu", "runtime fallback")]
     assert check_coverage(m, q, x).ok
 
@@ -658,7 +659,7 @@ def test_runtime_fallback_gelu() -> None:
 def test_training_branch_goes_to_runtime_fallback() -> None:
     m = TrainingBranch()
     x = x_img()
-    q = qat_ste.quantize(m, bits=BITS, alpha_init=A, example_input=x)
+    q = qat_ste.quantize(m, bits=BITS, step_init=A, example_input=x)
     rep = qat_ste.report(q)
     assert [s.method for s in rep.sites] == ["runtime fallback"] * 2
     assert "self.training" in rep.untraced[""]
@@ -676,7 +677,7 @@ def test_training_branch_without_example_input(nested: bool) -> None:
     # the census runs on a default input when a module branches on self.training
     m = nn.Sequential(TrainingBranch(), nn.ReLU()) if nested else TrainingBranch()
     x = x_img()
-    q = qat_ste.quantize(m, alpha_init=A)
+    q = qat_ste.quantize(m, step_init=A)
     assert check_coverage(m, q, x).ok
     assert len(qat_ste.quant_modules(q)) == (3 if nested else 2)
     assert qat_ste.report(q).methods()["runtime fallback"] == 2
@@ -705,7 +706,7 @@ def test_optional_forward_argument_goes_to_fallback() -> None:
 
     m = M()
     x = x_img()
-    q = qat_ste.quantize(m, alpha_init=A, example_input=x)
+    q = qat_ste.quantize(m, step_init=A, example_input=x)
     assert check_coverage(m, q, x).ok
     with torch.no_grad():
         a = q_relu(q_relu(m.a.conv(x)))
@@ -725,14 +726,14 @@ def test_optional_forward_argument_goes_to_fallback() -> None:
     (lambda: qat_ste.quantize(seq_model(), bits=0), "bits=0 is not supported", "1 to 8"),
     (lambda: qat_ste.quantize(seq_model(), bits=16), "bits=16 is not supported", "1 to 8"),
     (lambda: qat_ste.quantize(seq_model(), ste="clipped"), "unknown STE 'clipped'", "register_ste"),
-    (lambda: qat_ste.quantize(seq_model(), alpha_init=0), "alpha_init=0", "positive step"),
-    (lambda: qat_ste.quantize(seq_model(), alpha_init=-0.5), "alpha_init=-0.5", "positive step"),
-    (lambda: qat_ste.quantize(seq_model(), alpha_init=float("inf")), "alpha_init=inf", "positive step"),
-    (lambda: qat_ste.quantize(seq_model(), alpha_init=True), "alpha_init=True", "positive step"),
-    (lambda: qat_ste.quantize(seq_model(), alpha="adam"), "unknown alpha mode 'adam'", "alpha mode="),
+    (lambda: qat_ste.quantize(seq_model(), step_init=0), "step_init=0", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), step_init=-0.5), "step_init=-0.5", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), step_init=float("inf")), "step_init=inf", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), step_init=True), "step_init=True", "positive step"),
+    (lambda: qat_ste.quantize(seq_model(), alpha_mode="adam"), "unknown alpha mode 'adam'", "alpha_mode="),
     (lambda: qat_ste.quantize(seq_model(), rounding="up"), "unknown rounding 'up'", "rounding="),
     (lambda: qat_ste.quantize(seq_model(), overrides=[1]), "overrides must be a dict", "overrides="),
-    (lambda: qat_ste.quantize(seq_model(), config=QuantConfig(), alpha="pact"), "either config= or keyword",
+    (lambda: qat_ste.quantize(seq_model(), config=QuantConfig(), alpha_mode="pact"), "either config= or keyword",
      "QuantConfig"),
     (lambda: qat_ste.quantize(seq_model(), include=["nothing*"]), "none is selected", "widen include="),
     (lambda: qat_ste.quantize(DataDependent(), example_input=torch.randn(1, 5)), "could not be run",
@@ -773,7 +774,7 @@ def test_copy_semantics_and_inplace() -> None:
     m = Shared()
     m_before = copy.deepcopy(m)
     x = x_img()
-    q = qat_ste.quantize(m, alpha_init=A)
+    q = qat_ste.quantize(m, step_init=A)
     assert q is not m and type(m) is Shared and isinstance(m.act, nn.ReLU)
     assert not any(isinstance(mod, QuantAct) for mod in m.modules())
     assert not hasattr(m, "qat_ste_report")
@@ -781,17 +782,17 @@ def test_copy_semantics_and_inplace() -> None:
     assert q.c1.weight is not m.c1.weight and torch.equal(q.c1.weight, m.c1.weight)
     # inplace=True: the same object is rewritten
     m2 = Shared()
-    q2 = qat_ste.quantize(m2, alpha_init=A, inplace=True)
+    q2 = qat_ste.quantize(m2, step_init=A, inplace=True)
     assert q2 is m2 and isinstance(m2.act_call1, QuantAct) and qat_ste.report(m2) is qat_ste.report(q2)
     # an nn.ReLU(inplace=True) of the original keeps its flag
     m3 = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True))
-    qat_ste.quantize(m3, alpha_init=A)
+    qat_ste.quantize(m3, step_init=A)
     assert m3[1].inplace is True
 
 
 def test_train_and_eval_run() -> None:
     m = Nested()
-    q = qat_ste.quantize(m, alpha="lsq")
+    q = qat_ste.quantize(m, alpha_mode="lsq")
     x = torch.randn(3, 3, 5, 5)
     q.train()
     out = q(x)
@@ -875,7 +876,7 @@ def test_state_dict_into_fresh_quantized_copy(factory, per_channel: bool) -> Non
 def test_whole_model_pickle_round_trip() -> None:
     import io
 
-    q = qat_ste.quantize(Shared(), alpha_init=A)
+    q = qat_ste.quantize(Shared(), step_init=A)
     buf = io.BytesIO()
     torch.save(q, buf)
     buf.seek(0)
@@ -887,7 +888,7 @@ def test_whole_model_pickle_round_trip() -> None:
 def test_module_swap_model_pickle_round_trip() -> None:
     import io
 
-    q = qat_ste.quantize(seq_model(), alpha_init=A)
+    q = qat_ste.quantize(seq_model(), step_init=A)
     buf = io.BytesIO()
     torch.save(q, buf)
     buf.seek(0)
@@ -962,3 +963,61 @@ def test_timm_mobilenetv3_gates_stay_float() -> None:
     kinds = {s.kind for s in qat_ste.report(q).quantized}
     assert "hardswish" in kinds and "relu" in kinds
     assert {s.kind for s in qat_ste.report(q).skipped} == {"hardsigmoid"}
+
+
+# ---- vocabulary: alpha_mode / step_init, the old names as deprecated aliases ------------------------
+
+
+def test_config_new_names_and_deprecated_aliases() -> None:
+    cfg = QuantConfig(bits=3, alpha_mode="pact", step_init=0.5)
+    assert (cfg.alpha_mode, cfg.step_init) == ("pact", 0.5)
+    with pytest.warns(DeprecationWarning, match="option 'alpha' is deprecated, use 'alpha_mode'"):
+        old = QuantConfig(bits=3, alpha="pact", alpha_init=0.5)
+    assert old == cfg
+    with pytest.warns(DeprecationWarning, match=r"QuantConfig.alpha is deprecated, use .alpha_mode"):
+        assert cfg.alpha == "pact"
+    with pytest.warns(DeprecationWarning, match=r"QuantConfig.alpha_init is deprecated, use .step_init"):
+        assert cfg.alpha_init == 0.5
+    with pytest.warns(DeprecationWarning, match="quantize\\(\\): option 'alpha_init' is deprecated"):
+        assert QuantConfig.from_kwargs(alpha_init=0.25).step_init == 0.25
+    with pytest.raises(QatSteError, match="both 'alpha_mode' and its deprecated alias 'alpha'") as e:
+        QuantConfig(alpha="lsq", alpha_mode="pact")
+    assert e.value.fix == "pass alpha_mode= only"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.alpha_mode = "lsq"
+
+
+def test_quantize_accepts_the_deprecated_names_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="option 'alpha' is deprecated"):
+        q = qat_ste.quantize(seq_model(), alpha="fixed", overrides={"3": {"alpha": "lsq", "alpha_init": 0.2}})
+    assert q[1].alpha_mode == "fixed" and not isinstance(q[1].alpha, nn.Parameter)
+    assert q[3].alpha_mode == "lsq" and q[3].alpha.item() == pytest.approx(0.2)
+    with pytest.warns(DeprecationWarning, match="override '3': option 'alpha_init' is deprecated, use 'step_init'"):
+        cfg = QuantConfig(overrides={"3": {"alpha_init": 0.2}})
+    assert cfg.overrides == {"3": {"step_init": 0.2}}
+    with pytest.raises(QatSteError, match="override '3' is list"):
+        QuantConfig(overrides={"3": [1]})
+
+
+def test_config_to_dict_from_dict_round_trip() -> None:
+    import json
+
+    cfg = QuantConfig(bits=3, ste="relu", alpha_mode="bcgd", step_init=0.5, rounding="ceil", per_channel=True,
+                      include=["layer*"], exclude=("layer4.*",), overrides={"layer1.*": {"bits": 8}},
+                      keep_first=True, kinds=["relu", "gelu"], quantize_gates=True)
+    d = cfg.to_dict()
+    assert d == {"bits": 3, "ste": "relu", "alpha_mode": "bcgd", "step_init": 0.5, "rounding": "ceil",
+                 "per_channel": True, "include": ["layer*"], "exclude": ["layer4.*"],
+                 "overrides": {"layer1.*": {"bits": 8}}, "keep_first": True, "keep_last": False,
+                 "kinds": ["relu", "gelu"], "quantize_gates": True}
+    assert QuantConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert QuantConfig().to_dict()["include"] is None and QuantConfig.from_dict({}) == QuantConfig()
+    # what checkpoints stored before: only bits, ste and the mode under its old name
+    with pytest.warns(DeprecationWarning):
+        old = QuantConfig.from_dict({"bits": 2, "ste": "clipped_relu", "alpha": "pact"})
+    assert old == QuantConfig(bits=2, alpha_mode="pact")
+    with pytest.raises(QatSteError, match="unknown field\\(s\\): bitz") as e:
+        QuantConfig.from_dict({"bitz": 2})
+    assert "alpha_mode" in e.value.fix
+    with pytest.raises(QatSteError, match="must be a dict, got list"):
+        QuantConfig.from_dict([1])

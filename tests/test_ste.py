@@ -98,7 +98,7 @@ def test_register_decorator_and_use_in_quantize(ste_registry) -> None:
     assert list_stes()[-1] == "half_inside"
     assert get_ste("half_inside").description == "0.5 inside the range"
 
-    q = qat_ste.quantize(_tiny_model(), ste="half_inside", alpha="fixed", alpha_init=0.25)
+    q = qat_ste.quantize(_tiny_model(), ste="half_inside", alpha_mode="fixed", step_init=0.25)
     qa = q[1]
     assert qa.ste.name == "half_inside"
     assert qat_ste.report(q).to_dict()["sites"][0]["ste"] == "half_inside"
@@ -118,7 +118,7 @@ def test_register_call_form_with_docstring_description(ste_registry) -> None:
 
     assert register_ste("soft", soft) is soft
     assert get_ste("soft").description == "Sigmoid-smoothed clipped ReLU."
-    q = qat_ste.quantize(_tiny_model(), bits=2, ste="soft", alpha="fixed", alpha_init=0.5)
+    q = qat_ste.quantize(_tiny_model(), bits=2, ste="soft", alpha_mode="fixed", step_init=0.5)
     x = torch.randn(3, 4)
     u = q[0](x).detach().requires_grad_(True)
     q[1](u).backward(torch.ones_like(u))

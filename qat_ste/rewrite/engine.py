@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,10 +27,9 @@ import torch.nn as nn
 
 from ..config import QuantConfig
 from ..errors import QatSteError
+from ..kinds import ActivationKind, function_kind, function_name, method_kind, module_kind
 from ..quantizer.module import QuantAct
-from .activations import (
-    ActivationKind, function_kind, function_name, is_inplace_call, method_kind, module_kind, strip_inplace,
-)
+from .activations import is_inplace_call, strip_inplace
 from .census import CallEvent, count_activation_calls
 from .fallback import CallOrderDispatch, install_runtime_dispatch
 from .report import QuantReport, Site
@@ -140,15 +139,50 @@ def _run_census(model: nn.Module, example_input: Any) -> list[CallEvent]:
             m.training = training
 
 
+@dataclass
+class _Analysis:
+    """What the analysis found before any site is planned."""
+
+    modules: dict[str, nn.Module]                    # every module by path (first path of shared ones)
+    graphs: dict[str, fx.Graph]                      # shallow traces of the owners FX can trace safely
+    untraced: dict[str, str]                         # owners left to the runtime fallback, and why
+    static_calls: Counter                            # id(activation module) -> call sites in the traces
+    events: list[CallEvent] | None = None            # the census, when it ran
+    shared: set[int] = field(default_factory=set)    # id of activation modules called at several places
+
+
+@dataclass
+class _Plan:
+    """Every site found, grouped by how it will be rewritten."""
+
+    planned: list[_Planned] = field(default_factory=list)
+    rewrites: dict[str, list[tuple[fx.Node, _Planned]]] = field(default_factory=dict)
+    fallbacks: dict[str, list[_Planned]] = field(default_factory=dict)
+    redirects: dict[str, list[fx.Node]] = field(default_factory=dict)
+
+
 def analyse_and_rewrite(
     model: nn.Module, cfg: QuantConfig, example_input: Any = None
 ) -> QuantReport:
     """Rewrite ``model`` in place (see the module docstring) and return the report."""
-    modules = dict(model.named_modules())
-    path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
-    path_of.update({id(m): p for p, m in modules.items()})
+    analysis = _trace_owners(model)
+    analysis.events = _census_if_needed(model, cfg, example_input, analysis.untraced)
+    analysis.shared = _shared_modules(analysis)
+    plan = _plan_sites(analysis)
+    _set_execution_order(plan.planned, analysis.events)
+    decisions = _decide(plan.planned, cfg)
+    _require_selection(plan.planned, decisions, cfg)
+    sites = _apply(model, analysis, plan, decisions, cfg)
+    sites.sort(key=lambda s: (s.order is None, s.order if s.order is not None else 0, s.name))
+    events = analysis.events
+    return QuantReport(sites=sites, untraced=analysis.untraced,
+                       census_calls=len(events) if events is not None else None)
 
-    # 1. shallow traces -----------------------------------------------------------------------
+
+def _trace_owners(model: nn.Module) -> _Analysis:
+    """Step 1: trace every owner shallowly, count the static calls of each activation module, and
+    send owners whose trace would freeze a branch to the runtime fallback."""
+    modules = dict(model.named_modules())
     graphs: dict[str, fx.Graph] = {}
     untraced: dict[str, str] = {}
     for path, m in modules.items():
@@ -175,8 +209,13 @@ def analyse_and_rewrite(
             if hazard:
                 untraced[path] = hazard
                 del graphs[path]
+    return _Analysis(modules, graphs, untraced, static_calls)
 
-    # 2. census run ---------------------------------------------------------------------------
+
+def _census_if_needed(model: nn.Module, cfg: QuantConfig, example_input: Any,
+                      untraced: dict[str, str]) -> list[CallEvent] | None:
+    """Step 2: the census run, when an example input is given or the plan needs one (untraced
+    owners, keep_first/keep_last); None when it did not run."""
     events: list[CallEvent] | None = None
     census_error = ""
     needs_census = cfg.keep_first or cfg.keep_last or bool(untraced)
@@ -194,89 +233,96 @@ def analyse_and_rewrite(
             f"{what} a run of the model to find their activation calls, and the model could not be "
             f"run{': ' + census_error if census_error else ' (no example input)'}",
             "pass example_input=<a batch the model accepts> to quantize()")
+    return events
 
+
+def _shared_modules(analysis: _Analysis) -> set[int]:
+    """Activation modules called at several places; the census (when it ran) is authoritative for
+    the modules it saw."""
     runtime_calls: Counter = Counter()
-    for e in events or ():
+    for e in analysis.events or ():
         if e.is_module:
             runtime_calls[e.target] += 1
-    # shared: called at several places; the census (when it ran) is authoritative for what it saw
-    shared = {id(m) for p, m in modules.items() if module_kind(m) is not None
-              and (runtime_calls[p] > 1 or (static_calls[id(m)] > 1 and not runtime_calls[p]))}
+    return {id(m) for p, m in analysis.modules.items() if module_kind(m) is not None
+            and (runtime_calls[p] > 1 or (analysis.static_calls[id(m)] > 1 and not runtime_calls[p]))}
 
-    # 3. plan the sites -----------------------------------------------------------------------
-    planned: list[_Planned] = []
-    rewrites: dict[str, list[tuple[fx.Node, _Planned]]] = {}
-    fallbacks: dict[str, list[_Planned]] = {}
-    redirects: dict[str, list[fx.Node]] = {}
-    for path, g in graphs.items():
+
+def _plan_sites(analysis: _Analysis) -> _Plan:
+    """Step 3: one _Planned per call site: fx-rewrite nodes, runtime-fallback calls, module swaps."""
+    modules, shared, plan = analysis.modules, analysis.shared, _Plan()
+    for path, g in analysis.graphs.items():
         owner = modules[path]
         counts: Counter = Counter()
         names = _AttrNames(owner)
         for node in g.nodes:
             site = _plan_node(node, owner, path, shared, counts, names)
             if site is not None:
-                rewrites.setdefault(path, []).append((node, site))
-                planned.append(site)
+                plan.rewrites.setdefault(path, []).append((node, site))
+                plan.planned.append(site)
             elif _inplace_module_input_reused(node, owner):
-                redirects.setdefault(path, []).append(node)
-    for path in untraced:
+                plan.redirects.setdefault(path, []).append(node)
+    for path in analysis.untraced:
         names = _AttrNames(modules[path])
-        for e in events or ():
+        for e in analysis.events or ():
             if e.owner != path:
                 continue
-            target_module = modules.get(e.target) if e.is_module else None
-            if e.is_module and id(target_module) not in shared:
+            if e.is_module and id(modules.get(e.target)) not in shared:
                 continue  # a plain swap covers it
             site = _plan_event(e, path, modules, names)
-            fallbacks.setdefault(path, []).append(site)
-            planned.append(site)
+            plan.fallbacks.setdefault(path, []).append(site)
+            plan.planned.append(site)
     for p, m in modules.items():
         kind = module_kind(m)
         if kind is not None and id(m) not in shared:
-            planned.append(_Planned(p, p.rpartition(".")[0], _original_name(m), kind, MODULE_SWAP, ("module", p)))
+            plan.planned.append(_Planned(p, p.rpartition(".")[0], _original_name(m), kind, MODULE_SWAP, ("module", p)))
+    return plan
 
-    # execution order from the census
-    if events is not None:
-        order: dict[tuple, int] = {}
-        for i, e in enumerate(events):
-            if e.is_module:
-                order.setdefault(("module", e.target), i)
-            order.setdefault(("call", e.owner, e.target, e.index), i)
-        for s in planned:
-            s.order = order.get(s.key)
 
-    # 4. decide per site ----------------------------------------------------------------------
-    decisions = _decide(planned, cfg)
-    if not any(q for q, _ in decisions.values()):
-        found = len(planned)
-        raise QatSteError(
-            f"nothing to quantize: the model has {found} activation call site(s) and none is selected"
-            + (" (it has no activations qat_ste recognises)" if not found else
-               f" by the options (kinds={cfg.kinds}, include={cfg.include}, exclude={cfg.exclude})"),
-            "quantize a model with ReLU/GELU/SiLU/... activations, or widen include/kinds"
-            if not found else "widen include= or kinds=, or set quantize_gates=True")
+def _set_execution_order(planned: list[_Planned], events: list[CallEvent] | None) -> None:
+    """Each site's position in execution order, from the census (left None without one)."""
+    if events is None:
+        return
+    order: dict[tuple, int] = {}
+    for i, e in enumerate(events):
+        if e.is_module:
+            order.setdefault(("module", e.target), i)
+        order.setdefault(("call", e.owner, e.target, e.index), i)
+    for s in planned:
+        s.order = order.get(s.key)
 
-    # 5. apply --------------------------------------------------------------------------------
+
+def _require_selection(planned: list[_Planned], decisions: dict[int, tuple[bool, str]], cfg: QuantConfig) -> None:
+    """Step 4b: refuse a rewrite that would quantize nothing."""
+    if any(q for q, _ in decisions.values()):
+        return
+    found = len(planned)
+    raise QatSteError(
+        f"nothing to quantize: the model has {found} activation call site(s) and none is selected"
+        + (" (it has no activations qat_ste recognises)" if not found else
+           f" by the options (kinds={cfg.kinds}, include={cfg.include}, exclude={cfg.exclude})"),
+        "quantize a model with ReLU/GELU/SiLU/... activations, or widen include/kinds"
+        if not found else "widen include= or kinds=, or set quantize_gates=True")
+
+
+def _apply(model: nn.Module, analysis: _Analysis, plan: _Plan, decisions: dict[int, tuple[bool, str]],
+           cfg: QuantConfig) -> list[Site]:
+    """Step 5: make the QuantActs and install them (fx rewrites, runtime dispatch, module swaps)."""
     sites: list[Site] = []
+    modules = analysis.modules
 
     def make(site: _Planned, fn: Any) -> QuantAct | None:
         quantize, reason = decisions[id(site)]
-        if not quantize:
-            sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, None, reason, site.order))
-            return None
-        c = cfg.for_site(site.name)
-        qa = QuantAct(site.kind, fn, bits=c.bits, ste=c.ste, alpha_mode=c.alpha, alpha_init=c.alpha_init,
-                      rounding=c.rounding, per_channel=c.per_channel, original=site.original)
-        qa.site = site.name
-        sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, qa, "", site.order))
+        qa = _make_quant_act(site, fn, cfg) if quantize else None
+        sites.append(Site(site.name, site.owner, site.original, site.kind.name, site.method, qa, reason, site.order))
         return qa
 
-    for path in set(rewrites) | set(redirects):
-        _apply_fx_rewrite(modules[path], graphs[path], rewrites.get(path, []), redirects.get(path, []), make)
-    for path, items in fallbacks.items():
+    for path in set(plan.rewrites) | set(plan.redirects):
+        _apply_fx_rewrite(modules[path], analysis.graphs[path], plan.rewrites.get(path, []),
+                          plan.redirects.get(path, []), make)
+    for path, items in plan.fallbacks.items():
         _apply_fallback(modules[path], items, make, modules)
     swaps: dict[int, nn.Module] = {}
-    for s in planned:
+    for s in plan.planned:
         if s.method == MODULE_SWAP:
             qa = make(s, modules[s.name])
             if qa is not None:
@@ -285,10 +331,16 @@ def analyse_and_rewrite(
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in swaps:
                 parent._modules[name] = swaps[id(child)]
+    return sites
 
-    sites.sort(key=lambda s: (s.order is None, s.order if s.order is not None else 0, s.name))
-    return QuantReport(sites=sites, untraced=untraced,
-                       census_calls=len(events) if events is not None else None)
+
+def _make_quant_act(site: _Planned, fn: Any, cfg: QuantConfig) -> QuantAct:
+    """The QuantAct of one site, with the config's settings for it (overrides applied)."""
+    c = cfg.for_site(site.name)
+    qa = QuantAct(site.kind, fn, bits=c.bits, ste=c.ste, alpha_mode=c.alpha_mode, step_init=c.step_init,
+                  rounding=c.rounding, per_channel=c.per_channel, original=site.original)
+    qa.site = site.name
+    return qa
 
 
 def _node_is_site(node: fx.Node, owner: nn.Module, shared: set[int]) -> bool:

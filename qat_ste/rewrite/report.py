@@ -1,4 +1,8 @@
-"""The rewrite's report: one row per activation call site, quantized or left float (and why)."""
+"""The rewrite's report: one row per activation call site, quantized or left float (and why).
+
+Each row gives the site's ``alpha_mode`` (how its step is trained) and its ``step`` (the value:
+a number, one per channel, or None while uninitialised).
+"""
 
 from __future__ import annotations
 
@@ -26,16 +30,17 @@ class Site:
         return self.module is not None
 
     def row(self) -> dict[str, Any]:
+        """The site as plain values (``step``: the step value, None when float or uninitialised)."""
         q = self.module
-        alpha = None
-        if q is not None:
+        step = None
+        if q is not None and q.is_initialized:
             a = q.alpha.detach().float().cpu()
-            alpha = (round(a.item(), 6) if a.numel() == 1 else [round(v, 6) for v in a.tolist()]) if q._initialized else None
+            step = round(a.item(), 6) if a.numel() == 1 else [round(v, 6) for v in a.tolist()]
         return {
             "site": self.name, "original": self.original, "kind": self.kind, "method": self.method,
             "quantized": self.quantized,
             "bits": q.bits if q else None, "ste": q.ste.name if q else None,
-            "alpha_mode": q.alpha_mode if q else None, "alpha": alpha,
+            "alpha_mode": q.alpha_mode if q else None, "step": step,
             "zero_point": (int(q.zero_point.flatten()[0]) if q is not None and q.zero_point.numel() else None),
             "reason": self.reason,
         }
@@ -70,12 +75,12 @@ class QuantReport:
 
     def table(self, max_rows: int | None = None) -> str:
         """The report as a fixed-width text table."""
-        head = ("site", "original", "bits", "ste", "alpha", "method / reason")
+        head = ("site", "original", "bits", "ste", "step", "method / reason")
         rows = []
         for s in self.sites[:max_rows]:
             r = s.row()
             if s.quantized:
-                a = r["alpha"]
+                a = r["step"]
                 a_text = "uninit" if a is None else (f"{a:.4g}" if isinstance(a, float) else f"[{len(a)} ch]")
                 rows.append((s.name, s.original, str(r["bits"]), r["ste"], f"{r['alpha_mode']}:{a_text}", s.method))
             else:

@@ -73,7 +73,7 @@ def test_fixed_step_choice() -> None:
     assert fixed_step(1) == 1.2236 and fixed_step(3) == 0.3532
     for bits in (1, 3, 5, 6, 7, 8):  # no authors' constant: the half-Gaussian fit for ceil too
         assert fixed_step(bits, "ceil") == HALF_GAUSSIAN_STEP[bits]
-    q = qat_ste.quantize(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), bits=4, alpha="fixed", rounding="ceil")
+    q = qat_ste.quantize(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), bits=4, alpha_mode="fixed", rounding="ceil")
     assert q[1].alpha.item() == pytest.approx(0.1946)
 
 
@@ -302,13 +302,91 @@ def test_calibrate_errors(batches) -> None:
         qat_ste.calibrate(q, batches, method="minmax")
     assert "mse" in str(e.value)
     assert not q.act1._initialized
-    assert q.act1._observer is None  # cleaned up after the failure
+    assert q.act1.mode == "quantize"  # cleaned up after the failure
 
 
 def test_calibrate_skips_fixed_sites_unless_asked(batches) -> None:
-    q = qat_ste.quantize(SmallCNN(), bits=2, alpha="fixed")
+    q = qat_ste.quantize(SmallCNN(), bits=2, alpha_mode="fixed")
     qat_ste.calibrate(q, batches, method="max")
     assert q.act1.alpha.item() == pytest.approx(HALF_GAUSSIAN_STEP[2])
     qat_ste.calibrate(q, batches, method="max", include_fixed=True)
     assert q.act1.alpha.item() != pytest.approx(HALF_GAUSSIAN_STEP[2])
     assert not isinstance(q.act1.alpha, nn.Parameter)
+
+
+# ---- the steps keep their identity (an optimizer built before calibration trains the model's) ----
+
+
+class TinyResNet(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called at two places, a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)) + y)
+        return self.head(F.gelu(y).mean((2, 3)))
+
+
+def _train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    model.train()
+    for x in batches:
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_optimizer_built_before_per_channel_calibration_trains_the_models_steps(batches) -> None:
+    q = qat_ste.quantize(TinyResNet(), bits=4, per_channel=True)
+    steps = qat_ste.alpha_parameters(q)
+    zero_points = [m.zero_point for _, m in qat_ste.quant_modules(q)]
+    assert len(steps) == 3 and all(s.shape == () for s in steps)
+    optimizer = torch.optim.SGD(q.parameters(), lr=0.5)
+    project = qat_ste.AlphaProjector(q)
+    qat_ste.calibrate(q, batches, method="max")
+    after = qat_ste.alpha_parameters(q)
+    assert all(a is s for a, s in zip(after, steps, strict=True))  # the same objects, resized in place
+    assert [a.shape for a in after] == [(6,), (6,), (6,)]
+    assert all(m.zero_point is z for (_, m), z in zip(qat_ste.quant_modules(q), zero_points, strict=True))
+    assert {id(a) for a in after} <= _optimizer_params(optimizer)
+    calibrated = [a.detach().clone() for a in after]
+    _train_steps(q, optimizer, batches)
+    for a, before in zip(qat_ste.alpha_parameters(q), calibrated):
+        assert not torch.equal(a.detach(), before)  # the optimizer updated the model's steps
+    with torch.no_grad():
+        after[0].fill_(-1.0)
+    project()  # built before calibration, it still holds the model's steps
+    assert torch.all(q.get_submodule(qat_ste.quant_modules(q)[0][0]).alpha == 1e-4)
+
+
+def test_optimizer_keeps_the_steps_through_loading_a_per_channel_state(batches) -> None:
+    source = qat_ste.quantize(TinyResNet(), bits=4, per_channel=True)
+    qat_ste.calibrate(source, batches, method="mse")
+    fresh = qat_ste.quantize(TinyResNet(), bits=4, per_channel=True)  # one step per site so far
+    steps = qat_ste.alpha_parameters(fresh)
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=0.01)
+    fresh.load_state_dict(source.state_dict())
+    loaded = qat_ste.alpha_parameters(fresh)
+    assert all(a is s for a, s in zip(loaded, steps, strict=True))
+    for a, b in zip(loaded, qat_ste.alpha_parameters(source)):
+        assert a.shape == (6,) and torch.equal(a.detach(), b.detach())
+    assert {id(a) for a in loaded} <= _optimizer_params(optimizer)
+    _train_steps(fresh, optimizer, batches)
+    for a, b in zip(qat_ste.alpha_parameters(fresh), qat_ste.alpha_parameters(source)):
+        assert not torch.equal(a.detach(), b.detach())
+    # and back: a per-tensor state into the per-channel module, same objects again
+    per_tensor = qat_ste.quantize(TinyResNet(), bits=4, step_init=0.3)
+    fresh.load_state_dict(per_tensor.state_dict())
+    assert all(a is s and a.shape == () and a.item() == pytest.approx(0.3)
+               for a, s in zip(qat_ste.alpha_parameters(fresh), steps, strict=True))

@@ -20,8 +20,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import QatSteError
 
@@ -97,7 +99,8 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quant-config", metavar="FILE.json", default=None,
                        help="a JSON object of QuantConfig fields, e.g. {\"bits\": 4, \"exclude\": [\"fc*\"]}")
     group.add_argument("--bits", type=int, default=None, help="activation bits, 1..8 (default 4)")
-    group.add_argument("--ste", default=None, help="straight-through estimator (default clipped_relu; qat-ste list-stes)")
+    group.add_argument("--ste", default=None,
+                       help="straight-through estimator (default clipped_relu; qat-ste list-stes)")
     group.add_argument("--alpha-mode", dest="alpha_mode", default=None,
                        help="step mode: lsq (default), fixed, pact or bcgd")
     group.add_argument("--alpha", dest="alpha_mode", action=_DeprecatedAlias, replacement="--alpha-mode",
@@ -212,14 +215,19 @@ def _out(message: str = "") -> None:
     print(message, flush=True)
 
 
+def _silent(message: str = "") -> None:
+    """What ranks other than 0 print: nothing."""
+
+
 def _human_bytes(size: int | None) -> str:
     if size is None:
         return "-"
+    value = float(size)
     for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000.0
-    return str(size)
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000.0
+    return str(value)
 
 
 def _pct(value: float | None) -> str:
@@ -328,7 +336,7 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
         pattern, _, assignments = item.partition(":")
-        options = {}
+        options: dict[str, Any] = {}
         for assignment in assignments.split(","):
             key, equals, value = assignment.partition("=")
             if not equals or not key.strip():
@@ -363,8 +371,9 @@ def _quant_config(args: argparse.Namespace) -> Any:
     given = {name: getattr(args, name, None) for name in QUANT_OPTIONS if name != "overrides"}
     if getattr(args, "override", None):
         given["overrides"] = _parse_overrides(args.override)
-    if given.get("kinds") is not None:
-        given["kinds"] = [k.strip() for k in given["kinds"].split(",") if k.strip()]
+    kinds = given.get("kinds")
+    if isinstance(kinds, str):
+        given["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
     values = {**quant_field_names(values), **quant_field_names({k: v for k, v in given.items() if v is not None})}
     return quant_from_plain(values)
 
@@ -431,6 +440,7 @@ def _quantize(model: Any, quant: Any, example: Any) -> Any:
 
 def _calibrate(qmodel: Any, train_set: Any, method: str, batches: int, batch_size: int, seed: int) -> None:
     import qat_ste
+
     from .train.data import TensorLoader
 
     device = next((p.device for p in qmodel.parameters()), None)
@@ -440,7 +450,6 @@ def _calibrate(qmodel: Any, train_set: Any, method: str, batches: int, batch_siz
 
 def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
     """(quantized model with the checkpoint's weights, its metadata, train set, val set)."""
-    from .config import QuantConfig
     from .train.build import build_model
     from .train.checkpoint import load_checkpoint, load_model_state
 
@@ -600,11 +609,11 @@ def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig settings both stages share."""
-    return dict(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                schedule=args.schedule, warmup_epochs=args.warmup_epochs, amp=args.amp,
-                compile={"auto": "auto", "on": True, "off": False}[args.compile], device=args.device,
-                seed=args.seed, progress=not args.no_progress, print_summary=False,
-                checkpoint_every_steps=args.checkpoint_every, force_resume=args.force_resume)
+    return {"batch_size": args.batch_size, "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+            "schedule": args.schedule, "warmup_epochs": args.warmup_epochs, "amp": args.amp,
+            "compile": {"auto": "auto", "on": True, "off": False}[args.compile], "device": args.device,
+            "seed": args.seed, "progress": not args.no_progress, "print_summary": False,
+            "checkpoint_every_steps": args.checkpoint_every, "force_resume": args.force_resume}
 
 
 def _stop_exit_code(reason: str) -> int:
@@ -623,156 +632,231 @@ def _stopped(result: Any, out: Path, say: Callable[[str], None]) -> int:
     return _stop_exit_code(result.stop_reason)
 
 
-def _convert(args: argparse.Namespace) -> int:
+@dataclass
+class _ConvertRun:
+    """What the stages of one ``qat-ste convert`` share, and what they produced (for report.json)."""
+
+    args: argparse.Namespace
+    spec: Any
+    data: str
+    out: Path
+    device: Any
+    say: Callable[[str], None]
+    train_set: Any = None
+    val_set: Any = None
+    model: Any = None
+    parameters: int = 0
+    skipped: list[str] = field(default_factory=list)
+    float_epochs: int = 0
+    float_result: Any = None
+    float_eval: dict[str, Any] = field(default_factory=dict)
+    calibrated_eval: dict[str, Any] | None = None
+    qat_result: Any = None
+    quant_eval: dict[str, Any] = field(default_factory=dict)
+    export_result: Any = None
+    check: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+
+    def resume_from(self, stage: str) -> str | None:
+        """``OUT/<stage>/last.pt`` when resuming and it exists, else None (a fresh start)."""
+        path = self.out / stage / "last.pt"
+        return str(path) if self.args.resume and path.exists() else None
+
+    def metadata(self, stage: str, quant: Any | None) -> dict[str, Any]:
+        calibration = {"method": self.args.calib_method, "batches": self.args.calib_batches} if quant else None
+        return _metadata(self.spec, self.data, self.train_set.info, stage, quant, calibration)
+
+
+def _prepare_model(run: _ConvertRun, image_size: int) -> None:
+    """Load the data, build the model and load --weights into it."""
+    import torch
+
+    from .train.build import build_model
+
+    tick = time.perf_counter()
+    run.train_set, run.val_set = _load_data(run.data, image_size, run.args.seed)
+    info = run.train_set.info
+    run.timings["data_s"] = time.perf_counter() - tick
+    run.say(f"data: {run.data}: {len(run.train_set)} train / {len(run.val_set)} val images, "
+            f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {info.num_classes} classes")
+    torch.manual_seed(run.args.seed)
+    run.model = build_model(run.spec, info.num_classes, info.channels, image_size)
+    run.skipped = _load_start_weights(run.model, run.args, run.say)
+    run.parameters = sum(p.numel() for p in run.model.parameters())
+    run.say(f"model: {run.spec} ({type(run.model).__name__}, {run.parameters / 1e3:.1f}k parameters)")
+    args = run.args
+    run.float_epochs = args.float_epochs if args.float_epochs is not None else (0 if args.model_weights else 3)
+
+
+def _float_stage(run: _ConvertRun) -> Any:
+    """Pre-train the float model (unless --float-epochs 0) and evaluate it; the TrainResult or None."""
+    from .train import TrainConfig, evaluate, train
+
+    tick = time.perf_counter()
+    result = None
+    if run.float_epochs > 0:
+        run.say(f"\n== float pre-training: {run.float_epochs} epoch(s) ==")
+        config = TrainConfig(epochs=run.float_epochs, lr=run.args.float_lr, out_dir=str(run.out / "float"),
+                             resume=run.resume_from("float"), **_train_settings(run.args))
+        result = run.float_result = train(run.model, run.train_set, run.val_set, config,
+                                          metadata=run.metadata("float", None))
+        if result.stopped_early:
+            return result
+    run.model.to(run.device)
+    run.float_eval = evaluate(run.model, run.val_set, 256, run.device)
+    run.timings["float_s"] = time.perf_counter() - tick
+    run.say(f"float accuracy: {_pct(run.float_eval['accuracy'])} (loss {run.float_eval['loss']:.4f})")
+    return result
+
+
+def _quantize_stage(run: _ConvertRun, quant: Any) -> Any:
+    """The quantized model, calibrated unless the qat stage resumes from its checkpoint."""
+    import qat_ste
+
+    from .train import evaluate
+
+    tick = time.perf_counter()
+    args = run.args
+    qmodel = _quantize(run.model, quant, _example_input(run.val_set).to(run.device))
+    report = qat_ste.report(qmodel)
+    run.say(f"\n== quantized: {len(report.quantized)} site(s) at {quant.bits} bits, STE {quant.ste}, "
+            f"alpha mode {quant_plain(quant)['alpha_mode']} ({len(report.skipped)} left float) ==")
+    if run.resume_from("qat") is None:
+        _calibrate(qmodel, run.train_set, args.calib_method, args.calib_batches, args.batch_size, args.seed)
+        run.calibrated_eval = evaluate(qmodel, run.val_set, 256, run.device)
+        run.say(f"calibrated ({args.calib_method}, {args.calib_batches} batch(es)): accuracy "
+                f"{_pct(run.calibrated_eval['accuracy'])} before fine-tuning")
+    run.timings["calibrate_s"] = time.perf_counter() - tick
+    return qmodel
+
+
+def _qat_stage(run: _ConvertRun, qmodel: Any, quant: Any) -> Any:
+    """Fine-tune the quantized model (unless --epochs 0) and evaluate it; the TrainResult or None."""
+    from .train import TrainConfig, evaluate, train
+
+    tick = time.perf_counter()
+    result = None
+    if run.args.epochs > 0:
+        run.say(f"\n== quantization-aware fine-tuning: {run.args.epochs} epoch(s) ==")
+        config = TrainConfig(epochs=run.args.epochs, lr=run.args.lr, out_dir=str(run.out / "qat"),
+                             resume=run.resume_from("qat"), **_train_settings(run.args))
+        result = run.qat_result = train(qmodel, run.train_set, run.val_set, config,
+                                        metadata=run.metadata("qat", quant))
+        if result.stopped_early:
+            return result
+    run.quant_eval = evaluate(qmodel, run.val_set, 256, run.device)
+    run.timings["finetune_s"] = time.perf_counter() - tick
+    run.say(f"quantized accuracy: {_pct(run.quant_eval['accuracy'])} (loss {run.quant_eval['loss']:.4f})")
+    return result
+
+
+def _export_stage(run: _ConvertRun, qmodel: Any) -> Any:
+    """OUT/quantization.{txt,json}, and unless --no-export OUT/model.onnx and its check; the site report."""
+    import qat_ste
+
+    from .atomic import atomic_write_json, atomic_write_text
+
+    run.out.mkdir(parents=True, exist_ok=True)
+    qmodel.cpu().eval()
+    report = qat_ste.report(qmodel)
+    atomic_write_text(run.out / "quantization.txt", report.table() + "\n")
+    atomic_write_json(run.out / "quantization.json", report.to_dict())
+    if not run.args.no_export:
+        from .export import export_onnx
+
+        tick = time.perf_counter()
+        run.say("\n== ONNX export and ONNX Runtime check ==")
+        run.export_result = export_onnx(qmodel, run.out / "model.onnx", _example_input(run.val_set),
+                                        form=run.args.form, weight_format=run.args.weight_format,
+                                        opset=run.args.opset)
+        run.timings["export_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        run.check = _run_check(qmodel, run.out / "model.onnx", run.val_set, run.args)
+        run.timings["check_s"] = time.perf_counter() - tick
+        run.say(run.check.table())
+    return report
+
+
+def _report_document(run: _ConvertRun, quant: Any, report: Any) -> dict[str, Any]:
+    """The contents of OUT/report.json."""
     import torch
 
     import qat_ste
-    from .train import TrainConfig, evaluate, train
-    from .train.build import build_model
-    from .train.checkpoint import atomic_write_json, atomic_write_text
+
+    plain_quant, args, out = quant_plain(quant), run.args, run.out
+    float_result, qat_result = run.float_result, run.qat_result
+    return {
+        "format": CONVERT_FORMAT,
+        "command": ["qat-ste", *sys.argv[1:]] if Path(sys.argv[0]).name in ("qat-ste", "cli.py") else None,
+        "model": {"spec": str(run.spec), "class": type(run.model).__name__, "parameters": run.parameters,
+                  "weights_file": args.model_weights, "tensors_left_random": run.skipped},
+        "data": {"spec": run.data, "train_images": len(run.train_set), "val_images": len(run.val_set),
+                 **{k: v for k, v in run.train_set.info.to_dict().items() if k != "class_names"}},
+        "quantization": {**plain_quant, "alpha": plain_quant["alpha_mode"],  # "alpha": the deprecated name
+                         "calibration": {"method": args.calib_method, "batches": args.calib_batches},
+                         "sites_quantized": len(report.quantized), "sites_left_float": len(report.skipped)},
+        "float": {"epochs": run.float_epochs, **run.float_eval,
+                  "history": float_result.history if float_result else []},
+        "calibrated": run.calibrated_eval,
+        "quantized": {"epochs": args.epochs, **run.quant_eval,
+                      "best_val_accuracy": qat_result.best_val_accuracy if qat_result else None,
+                      "images_per_s": qat_result.images_per_s if qat_result else None,
+                      "history": qat_result.history if qat_result else []},
+        "onnx": run.export_result.to_dict() if run.export_result is not None else None,
+        "check": run.check.to_dict() if run.check is not None else None,
+        "summary": _convert_summary(run.float_eval, run.calibrated_eval, run.quant_eval, run.export_result,
+                                    run.check),
+        "files": {"report": str(out / "report.json"), "quantization": str(out / "quantization.json"),
+                  "onnx": str(out / "model.onnx") if run.export_result is not None else None,
+                  "checkpoint": str(out / "qat" / "last.pt") if qat_result else None,
+                  "best_checkpoint": qat_result.best_checkpoint if qat_result else None,
+                  "float_checkpoint": str(out / "float" / "last.pt") if float_result else None},
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "device": str(run.device), "world_size": run.world_size,
+        "versions": {"qat_ste": qat_ste.__version__, "torch": str(torch.__version__)},
+    }
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """qat-ste convert: data and model, float stage, quantize and calibrate, qat stage, ONNX, report."""
+    from .atomic import atomic_write_json
     from .train.distributed import barrier, env_world, resolve_device, setup_distributed, teardown_distributed
 
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     quant = _quant_config(args)
-    plain_quant = quant_plain(quant)
-    calibration = {"method": args.calib_method, "batches": args.calib_batches}
     _check_convert_numbers(args)
     spec, data, image_size = _resolve_model_and_data(args)
     out = Path(args.out).expanduser()
-    float_dir, qat_dir = out / "float", out / "qat"
     args.resume = args.resume or args.force_resume
     _check_out_folder(out, args.resume, args.overwrite)
     device = resolve_device(args.device, env_world()[2])
     dist_info = setup_distributed(device)
-    main = dist_info.is_main
-    say: Callable[[str], None] = _out if main else (lambda message="": None)
+    run = _ConvertRun(args, spec, data, out, device, _out if dist_info.is_main else _silent)
     try:
-        if main:
+        if dist_info.is_main:
             _remove_stale_temp_files(out)
-        tick = time.perf_counter()
-        train_set, val_set = _load_data(data, image_size, args.seed)
-        info = train_set.info
-        timings["data_s"] = time.perf_counter() - tick
-        say(f"data: {data}: {len(train_set)} train / {len(val_set)} val images, "
-            f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {info.num_classes} classes")
-
-        torch.manual_seed(args.seed)
-        model = build_model(spec, info.num_classes, info.channels, image_size)
-        skipped = _load_start_weights(model, args, say)
-        parameters = sum(p.numel() for p in model.parameters())
-        say(f"model: {spec} ({type(model).__name__}, {parameters / 1e3:.1f}k parameters)")
-        float_epochs = args.float_epochs if args.float_epochs is not None else (0 if args.model_weights else 3)
-
-        common = _train_settings(args)
-        # ---- float ---------------------------------------------------------------------------
-        tick = time.perf_counter()
-        float_result = None
-        if float_epochs > 0:
-            say(f"\n== float pre-training: {float_epochs} epoch(s) ==")
-            resume = str(float_dir / "last.pt") if args.resume and (float_dir / "last.pt").exists() else None
-            float_result = train(model, train_set, val_set,
-                                 TrainConfig(epochs=float_epochs, lr=args.float_lr, out_dir=str(float_dir),
-                                             resume=resume, **common),
-                                 metadata=_metadata(spec, data, info, "float", None))
-            if float_result.stopped_early:
-                return _stopped(float_result, out, say)
-        model.to(device)
-        float_eval = evaluate(model, val_set, 256, device)
-        timings["float_s"] = time.perf_counter() - tick
-        say(f"float accuracy: {_pct(float_eval['accuracy'])} (loss {float_eval['loss']:.4f})")
-
-        # ---- quantize, calibrate ----------------------------------------------------------------
-        tick = time.perf_counter()
-        qmodel = _quantize(model, quant, _example_input(val_set).to(device))
-        report = qat_ste.report(qmodel)
-        say(f"\n== quantized: {len(report.quantized)} site(s) at {quant.bits} bits, STE {quant.ste}, "
-            f"alpha mode {plain_quant['alpha_mode']} ({len(report.skipped)} left float) ==")
-        resume_qat = str(qat_dir / "last.pt") if args.resume and (qat_dir / "last.pt").exists() else None
-        calibrated_eval = None
-        if resume_qat is None:
-            _calibrate(qmodel, train_set, args.calib_method, args.calib_batches, args.batch_size, args.seed)
-            calibrated_eval = evaluate(qmodel, val_set, 256, device)
-            say(f"calibrated ({args.calib_method}, {args.calib_batches} batch(es)): accuracy "
-                f"{_pct(calibrated_eval['accuracy'])} before fine-tuning")
-        timings["calibrate_s"] = time.perf_counter() - tick
-
-        # ---- fine-tune -----------------------------------------------------------------------
-        tick = time.perf_counter()
-        qat_result = None
-        if args.epochs > 0:
-            say(f"\n== quantization-aware fine-tuning: {args.epochs} epoch(s) ==")
-            qat_result = train(qmodel, train_set, val_set,
-                               TrainConfig(epochs=args.epochs, lr=args.lr, out_dir=str(qat_dir), resume=resume_qat,
-                                           **common),
-                               metadata=_metadata(spec, data, info, "qat", quant, calibration))
-            if qat_result.stopped_early:
-                return _stopped(qat_result, out, say)
-        quant_eval = evaluate(qmodel, val_set, 256, device)
-        timings["finetune_s"] = time.perf_counter() - tick
-        say(f"quantized accuracy: {_pct(quant_eval['accuracy'])} (loss {quant_eval['loss']:.4f})")
+        _prepare_model(run, image_size)
+        stopped = _float_stage(run)
+        if stopped is not None and stopped.stopped_early:
+            return _stopped(stopped, out, run.say)
+        qmodel = _quantize_stage(run, quant)
+        stopped = _qat_stage(run, qmodel, quant)
+        if stopped is not None and stopped.stopped_early:
+            return _stopped(stopped, out, run.say)
         barrier(dist_info)
-        if not main:
+        if not dist_info.is_main:
             return EXIT_OK
-
-        # ---- files -------------------------------------------------------------------------
-        out.mkdir(parents=True, exist_ok=True)
-        qmodel.cpu().eval()
-        report = qat_ste.report(qmodel)
-        atomic_write_text(out / "quantization.txt", report.table() + "\n")
-        atomic_write_json(out / "quantization.json", report.to_dict())
-        export_result = check = None
-        onnx_path = out / "model.onnx"
-        if not args.no_export:
-            from .export import export_onnx
-
-            tick = time.perf_counter()
-            say("\n== ONNX export and ONNX Runtime check ==")
-            export_result = export_onnx(qmodel, onnx_path, _example_input(val_set), form=args.form,
-                                        weight_format=args.weight_format, opset=args.opset)
-            timings["export_s"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            check = _run_check(qmodel, onnx_path, val_set, args)
-            timings["check_s"] = time.perf_counter() - tick
-            say(check.table())
-        timings["total_s"] = time.perf_counter() - started
-
-        summary = _convert_summary(float_eval, calibrated_eval, quant_eval, export_result, check)
-        document = {
-            "format": CONVERT_FORMAT,
-            "command": ["qat-ste", *sys.argv[1:]] if Path(sys.argv[0]).name in ("qat-ste", "cli.py") else None,
-            "model": {"spec": str(spec), "class": type(model).__name__, "parameters": parameters,
-                      "weights_file": args.model_weights, "tensors_left_random": skipped},
-            "data": {"spec": data, "train_images": len(train_set), "val_images": len(val_set),
-                     **{k: v for k, v in info.to_dict().items() if k != "class_names"}},
-            "quantization": {**plain_quant, "alpha": plain_quant["alpha_mode"],  # "alpha": the deprecated name
-                             "calibration": calibration,
-                             "sites_quantized": len(report.quantized), "sites_left_float": len(report.skipped)},
-            "float": {"epochs": float_epochs, **float_eval,
-                      "history": float_result.history if float_result else []},
-            "calibrated": calibrated_eval,
-            "quantized": {"epochs": args.epochs, **quant_eval,
-                          "best_val_accuracy": qat_result.best_val_accuracy if qat_result else None,
-                          "images_per_s": qat_result.images_per_s if qat_result else None,
-                          "history": qat_result.history if qat_result else []},
-            "onnx": export_result.to_dict() if export_result is not None else None,
-            "check": check.to_dict() if check is not None else None,
-            "summary": summary,
-            "files": {"report": str(out / "report.json"), "quantization": str(out / "quantization.json"),
-                      "onnx": str(onnx_path) if export_result is not None else None,
-                      "checkpoint": str(qat_dir / "last.pt") if qat_result else None,
-                      "best_checkpoint": qat_result.best_checkpoint if qat_result else None,
-                      "float_checkpoint": str(float_dir / "last.pt") if float_result else None},
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "device": str(device), "world_size": dist_info.world_size,
-            "versions": {"qat_ste": qat_ste.__version__, "torch": str(torch.__version__)},
-        }
+        report = _export_stage(run, qmodel)
+        run.timings["total_s"] = time.perf_counter() - started
+        run.world_size = dist_info.world_size
+        document = _report_document(run, quant, report)
         atomic_write_json(out / "report.json", document)
-        say("")
-        say(_summary_table(document))
-        say(f"\nwrote {out / 'report.json'}")
-        if check is not None and not check.ok:
-            say("the ONNX check FAILED: " + "; ".join(check.failures))
+        run.say("")
+        run.say(_summary_table(document))
+        run.say(f"\nwrote {out / 'report.json'}")
+        if run.check is not None and not run.check.ok:
+            run.say("the ONNX check FAILED: " + "; ".join(run.check.failures))
             return EXIT_FAILED
         return EXIT_OK
     finally:
@@ -819,8 +903,9 @@ def _summary_table(document: dict[str, Any]) -> str:
         ("float accuracy", _pct(s["float_accuracy"])),
         ("calibrated accuracy", _pct(s["calibrated_accuracy"])),
         ("quantized accuracy", _pct(s["quantized_accuracy"])),
-        ("ORT accuracy", _pct(s["onnx_accuracy"]) + (f" (PyTorch {_pct(s['torch_accuracy_on_check_samples'])} on "
-                                                    f"the same {s['check_samples']} images)" if s["check_samples"] else "")),
+        ("ORT accuracy", _pct(s["onnx_accuracy"]) + (
+            f" (PyTorch {_pct(s['torch_accuracy_on_check_samples'])} on the same {s['check_samples']} images)"
+            if s["check_samples"] else "")),
         ("code parity (per site)", _pct(s["code_parity"])),
         ("code agreement (end to end)", _pct(s["code_agreement"])),
         ("top-1 agreement", _pct(s["top1_agreement"])),

@@ -158,7 +158,8 @@ def test_corrupt_and_foreign_checkpoints_exit_2(converted, tmp_path, capsys):
     corrupt.write_bytes((converted / "qat" / "last.pt").read_bytes()[:5000])
     assert main(["export", "--checkpoint", str(corrupt), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(converted / "float" / "last.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    float_checkpoint = str(converted / "float" / "last.pt")
+    assert main(["export", "--checkpoint", float_checkpoint, "--out", str(tmp_path / "x.onnx")]) == 2
     assert "float pre-training checkpoint" in capsys.readouterr().err
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)

@@ -529,12 +529,12 @@ def test_loader_resumes_mid_epoch_exactly_with_augmentation() -> None:
     resumed.set_epoch(2)  # a training loop re-announcing the epoch does not rewind
     rest = list(resumed)
     assert len(rest) == len(expected) - 3
-    for (x, y), (x_ref, y_ref) in zip(rest, expected[3:]):
+    for (x, y), (x_ref, y_ref) in zip(rest, expected[3:], strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert resumed.state_dict()["epoch"] == 3 and resumed.state_dict()["batch_index"] == 0
     # A break and a new loop continue where the old one stopped.
     first_rest = list(first)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first_rest, expected[3:]))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first_rest, expected[3:], strict=True))
     with pytest.raises(QatSteError, match="batch_size=6, this loader has batch_size=5"):
         TensorLoader(dataset, 5, seed=7).load_state_dict(state)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -122,8 +123,10 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             if module.groups != 1:
                 raise QatSteError(f"the first convolution {name} is grouped; cannot change its input channels",
                                   "use data with the model's channel count")
-            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                            module.dilation, 1, module.bias is not None, module.padding_mode)
+            geometry: dict[str, Any] = {"kernel_size": module.kernel_size, "stride": module.stride,
+                                        "padding": module.padding, "dilation": module.dilation}
+            new = nn.Conv2d(in_channels, module.out_channels, **geometry, groups=1, bias=module.bias is not None,
+                            padding_mode=module.padding_mode)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
@@ -171,7 +174,7 @@ def build_model(spec: ModelSpec, num_classes: int, in_channels: int, image_size:
                           "pip install 'qat_ste[timm]' (or timm)") from None
     if not timm.is_model(spec.name):
         raise _unknown_model(spec, timm.list_models())
-    base = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    base: dict[str, Any] = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
     try:
         return timm.create_model(spec.name, img_size=image_size, **base)
     except TypeError:  # CNNs take no img_size
@@ -227,7 +230,7 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state dict file (DDP ``module.`` and compile ``_orig_mod.`` prefixes removed)."""
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # many formats and damages raise many types
+    except Exception as error:  # noqa: BLE001 - many formats and damages raise many types
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise QatSteError(f"cannot read weights file {file}: {first}",
                           "pass a state dict saved with torch.save(model.state_dict(), path)") from None
@@ -255,7 +258,8 @@ def _weights_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
               for k in own if k in state and state[k].shape != own[k].shape]
     parts = []
-    for label, items in (("missing from the file", missing), ("unexpected", unexpected), ("of the wrong shape", shapes)):
+    labelled = (("missing from the file", missing), ("unexpected", unexpected), ("of the wrong shape", shapes))
+    for label, items in labelled:
         if items:
             more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
             parts.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:shown])}{more}")

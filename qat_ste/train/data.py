@@ -35,9 +35,10 @@ import struct
 import types
 import warnings
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,13 +227,13 @@ class TensorImageDataset(torch.utils.data.Dataset):
         """Number of images per class (int64, length num_classes)."""
         return torch.bincount(self.labels.cpu(), minlength=self.info.num_classes)
 
-    def to(self, device: torch.device | str) -> "TensorImageDataset":
+    def to(self, device: torch.device | str) -> TensorImageDataset:
         """A copy whose tensors live on ``device`` (e.g. the whole set on the GPU)."""
         return TensorImageDataset(
             self.images.to(device), self.labels.to(device), self.info, self.augment, self.crop_padding
         )
 
-    def with_augment(self, augment: bool) -> "TensorImageDataset":
+    def with_augment(self, augment: bool) -> TensorImageDataset:
         """The same data (shared, not copied) with augmentation switched on or off."""
         return TensorImageDataset(self.images, self.labels, self.info, augment, self.crop_padding)
 
@@ -440,7 +441,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as error:
-        raise QatSteError(f"cannot read {path}: {error.strerror or error}", "check the path and permissions")
+        raise QatSteError(f"cannot read {path}: {error.strerror or error}", "check the path and permissions") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -448,7 +449,7 @@ def _read_bytes(path: Path) -> bytes:
             raise QatSteError(
                 f"{path} is a truncated or corrupt gzip file ({error})",
                 "copy the file again from its source (compare its size and md5)",
-            )
+            ) from None
     return raw
 
 
@@ -536,13 +537,13 @@ def load_mnist(
     folder = _mnist_folder(Path(folder).expanduser())
     stems = _MNIST_FILES[held_out]
     found = [_find_idx(folder, stem) for stem in stems]
-    missing = [stem for stem, path in zip(stems, found) if path is None]
+    missing = [stem for stem, path in zip(stems, found, strict=True) if path is None]
     if missing:
         raise QatSteError(
             f"expected the four MNIST IDX files in {folder}; missing {', '.join(missing)} (.gz or raw)",
             _MNIST_FIX,
         )
-    image_path, label_path = found
+    image_path, label_path = (path for path in found if path is not None)
     images = read_idx(image_path, expected_magic=0x803)
     labels = read_idx(label_path, expected_magic=0x801)
     if images.shape[0] != labels.shape[0]:
@@ -620,17 +621,17 @@ def _load_cifar_pickle(path: Path) -> dict:
         with open(path, "rb") as handle:
             content = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
     except OSError as error:
-        raise QatSteError(f"cannot read {path}: {error.strerror or error}", "check the path and permissions")
+        raise QatSteError(f"cannot read {path}: {error.strerror or error}", "check the path and permissions") from None
     except _RefusedPickle as error:
         raise QatSteError(
             f"{path} asks to load {error}, not only numpy arrays; refusing to unpickle it",
             "use the genuine CIFAR-10 python batches (cifar-10-python.tar.gz)",
-        )
-    except Exception as error:  # truncated or corrupt pickles raise many different types
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt pickles raise many different types
         raise QatSteError(
             f"{path} is not a readable CIFAR-10 batch (truncated or corrupt: {type(error).__name__}: {error})",
             "extract cifar-10-python.tar.gz again",
-        )
+        ) from None
     if not isinstance(content, dict):
         raise QatSteError(f"{path} does not hold a CIFAR-10 batch dict", "extract cifar-10-python.tar.gz again")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in content.items()}
@@ -684,7 +685,7 @@ def load_cifar10(folder: str | Path, split: str = "train", augment: bool | None 
         label_parts.append(labels)
     _require_two_classes(len(np.unique(np.concatenate(label_parts))), f"{folder} ({', '.join(names)})",
                          "classes (CIFAR-10 has 10)", "extract cifar-10-python.tar.gz again")
-    class_names = CIFAR10_CLASSES
+    class_names: tuple[str, ...] = CIFAR10_CLASSES
     meta_path = folder / "batches.meta"
     if meta_path.is_file():
         meta = _load_cifar_pickle(meta_path)
@@ -700,9 +701,9 @@ def load_cifar10(folder: str | Path, split: str = "train", augment: bool | None 
         std=CIFAR10_STD,
         class_names=class_names,
     )
-    images = torch.from_numpy(np.concatenate(image_parts))
-    labels = torch.from_numpy(np.concatenate(label_parts))
-    return TensorImageDataset(images, labels, info, (not held_out) if augment is None else bool(augment))
+    return TensorImageDataset(torch.from_numpy(np.concatenate(image_parts)),
+                              torch.from_numpy(np.concatenate(label_parts)), info,
+                              (not held_out) if augment is None else bool(augment))
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,14 +760,14 @@ def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL warns at 1-2x its limit
-            with Image.open(path) as image:
-                image = image.convert(mode)
+            with Image.open(path) as opened:
+                image = opened.convert(mode)
                 if image.size != (size[1], size[0]):
                     image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 array = np.asarray(image, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _decompression_bomb(path, error) from None
-    except Exception as error:  # PIL's decoders raise many types (OSError, SyntaxError, TypeError, ...)
+    except Exception as error:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, TypeError)
         detail = str(error).strip() or type(error).__name__
         raise QatSteError(f"cannot read image {path} ({detail[:300]})", "replace or delete the file") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -792,6 +793,53 @@ def _require_two_classes(found: int, where: str, what: str, fix: str) -> None:
     if found < 2:
         raise QatSteError(f"{found} class{'' if found == 1 else 'es'} found in {where}: a classifier needs at "
                           f"least 2 {what}", fix)
+
+
+def _imagefolder_classes(root: Path, split: str) -> tuple[list[str], Path, bool]:
+    """(class names, the folder holding the split's class folders, whether the split is taken by
+    ``val_fraction``) of an image folder; fewer than 2 classes are refused."""
+    if (root / "train").is_dir():  # split layout
+        chosen = next((root / name for name in _SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
+        if chosen is None:
+            raise QatSteError(
+                f"{root} has a train/ folder but no {'/'.join(_SPLIT_FOLDERS[split])} folder for split {split!r}",
+                f"add {root / _SPLIT_FOLDERS[split][0]}/<class>/ folders, or use a flat FOLDER/<class>/ layout",
+            )
+        classes = _class_folders(root / "train")
+        unknown = sorted(set(_class_folders(chosen)) - set(classes))
+        if unknown:
+            raise QatSteError(
+                f"{chosen} has classes {', '.join(unknown)} that {root / 'train'} lacks",
+                "use the same class subfolders in every split",
+            )
+        source, split_by_fraction = chosen, False
+    else:
+        classes = _class_folders(root)
+        source, split_by_fraction = root, True
+    if not classes:
+        raise QatSteError(f"{source} has no class subfolders", _IMAGEFOLDER_FIX)
+    _require_two_classes(len(classes), str(root / "train" if not split_by_fraction else root), "class folders",
+                         "add a subfolder of images for each further class")
+    return classes, source, split_by_fraction
+
+
+def _imagefolder_files(source: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files under ``source/<class>/`` and their class indices."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        class_dir = source / name
+        if not class_dir.is_dir():
+            continue  # a class missing from a held-out split simply has no images there
+        found = _image_files(class_dir)
+        if not found:
+            raise QatSteError(
+                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})",
+                "add images or remove the empty folder",
+            )
+        files.extend(found)
+        labels.extend([index] * len(found))
+    return files, labels
 
 
 def load_imagefolder(
@@ -822,43 +870,8 @@ def load_imagefolder(
     if height < 1 or width < 1:
         raise QatSteError(f"size must be positive, got {size}", "use e.g. size=32")
 
-    if (root / "train").is_dir():  # split layout
-        chosen = next((root / name for name in _SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
-        if chosen is None:
-            raise QatSteError(
-                f"{root} has a train/ folder but no {'/'.join(_SPLIT_FOLDERS[split])} folder for split {split!r}",
-                f"add {root / _SPLIT_FOLDERS[split][0]}/<class>/ folders, or use a flat FOLDER/<class>/ layout",
-            )
-        classes = _class_folders(root / "train")
-        unknown = sorted(set(_class_folders(chosen)) - set(classes))
-        if unknown:
-            raise QatSteError(
-                f"{chosen} has classes {', '.join(unknown)} that {root / 'train'} lacks",
-                "use the same class subfolders in every split",
-            )
-        source, split_by_fraction = chosen, False
-    else:
-        classes = _class_folders(root)
-        source, split_by_fraction = root, True
-    if not classes:
-        raise QatSteError(f"{source} has no class subfolders", _IMAGEFOLDER_FIX)
-    _require_two_classes(len(classes), str(root / "train" if not split_by_fraction else root), "class folders",
-                         "add a subfolder of images for each further class")
-
-    files: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
-        class_dir = source / name
-        if not class_dir.is_dir():
-            continue  # a class missing from a held-out split simply has no images there
-        found = _image_files(class_dir)
-        if not found:
-            raise QatSteError(
-                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})",
-                "add images or remove the empty folder",
-            )
-        files.extend(found)
-        labels.extend([index] * len(found))
+    classes, source, split_by_fraction = _imagefolder_classes(root, split)
+    files, labels = _imagefolder_files(source, classes)
     if split_by_fraction:
         train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         keep = val_idx if held_out else train_idx
@@ -927,7 +940,7 @@ def load_digits(
         raise QatSteError(
             "the digits data set needs scikit-learn, which is not installed",
             "pip install 'qat_ste[data]' (or scikit-learn), or use --data synthetic",
-        )
+        ) from None
     bunch = sklearn_load_digits()
     pixels = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255)
     images = torch.from_numpy(pixels.astype(np.uint8)).unsqueeze(1)  # 1797 x 1 x 8 x 8

@@ -1064,9 +1064,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        _fail(f"{type(error).__name__}: {first[:400]}",
-              "check the paths and that the model fits the data (e.g. a larger --image-size for deep models); "
-              "set QAT_STE_DEBUG=1 to see the traceback")
+        cause = ("check the paths, their permissions and the free disk space" if isinstance(error, OSError) else
+                 "check that the model fits the data (e.g. a larger --image-size for deep models)")
+        _fail(f"{type(error).__name__}: {first[:400]}", f"{cause}; set QAT_STE_DEBUG=1 to see the traceback")
         return EXIT_USAGE
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat_ste.cli import main
+from qat_ste.cli import COMMANDS, main
 from qat_ste.train import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -462,3 +462,14 @@ def test_sigterm_stops_convert_with_a_checkpoint_and_exit_143(tmp_path):
            f"--out {out} --resume" in stdout
     state = load_checkpoint(out / "float" / "last.pt")
     assert state["step"] >= 1 and not (out / "report.json").exists()
+
+
+def test_an_os_error_is_not_blamed_on_the_image_size(monkeypatch, capsys):
+    def full_disk(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(COMMANDS, "convert", full_disk)
+    assert main(["convert"]) == 2
+    err = capsys.readouterr().err
+    assert "OSError: [Errno 28] No space left on device" in err and "free disk space" in err
+    assert "image-size" not in err

@@ -244,8 +244,9 @@ def check_integrity(path: str | os.PathLike) -> str | None:
 
 def _stored_digest(tail: bytes) -> str | None:
     record = tail[-(22 + _DIGEST_COMMENT_LEN):]
-    if (len(record) != 22 + _DIGEST_COMMENT_LEN or record[:4] != _EOCD
-            or record[20:22] != _DIGEST_COMMENT_LEN.to_bytes(2, "little") or not record[22:].startswith(_DIGEST_PREFIX)):
+    length = _DIGEST_COMMENT_LEN.to_bytes(2, "little")
+    if (len(record) != 22 + _DIGEST_COMMENT_LEN or record[:4] != _EOCD or record[20:22] != length
+            or not record[22:].startswith(_DIGEST_PREFIX)):
         return None
     text = record[22 + len(_DIGEST_PREFIX):].decode("ascii", errors="replace")
     return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
@@ -280,7 +281,7 @@ def _crc_failure(path: Path) -> str | None:
         if "CRC" in str(error):
             return f"CRC mismatch in member {member}"
         return f"damaged zip header of member {member!r} ({str(error).strip()[:200]})"
-    except Exception as error:  # a damaged directory raises many types (RuntimeError: "encrypted", ...)
+    except Exception as error:  # noqa: BLE001 - a damaged directory raises many types (RuntimeError, ...)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         return f"its zip directory cannot be read ({type(error).__name__}: {first})"
     return None

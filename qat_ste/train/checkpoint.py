@@ -104,8 +104,8 @@ def _load_error(path: Path, what: str, error: BaseException) -> QatSteError:
             name = found.group(1).strip().strip("`")[:200]
             return QatSteError(
                 f"refused: {what} {path} contains code/objects that are not plain tensors (global {name})",
-                f"load only files written by qat_ste (qat-ste convert, qat_ste.train.train); a file that "
-                f"references code is never loaded: ask its author for a plain state dict of tensors")
+                "load only files written by qat_ste (qat-ste convert, qat_ste.train.train); a file that "
+                "references code is never loaded: ask its author for a plain state dict of tensors")
     return QatSteError(f"cannot read {what} {path}: {_core_message(error)}", _damaged_fix(path))
 
 
@@ -151,7 +151,7 @@ def _is_intact_checkpoint(path: Path) -> bool:
         if not zipfile.is_zipfile(path) or check_integrity(path) is not None:
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # any failure means: not a usable alternative
+    except Exception:  # noqa: BLE001 - any failure means: not a usable alternative
         return False
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 

@@ -11,7 +11,14 @@ from .config import QuantConfig
 from .errors import QatSteError
 from .export import CheckReport, ExportResult, check_onnx, export_onnx
 from .quantize import (
-    AlphaProjector, alpha_parameters, calibrate, check_steps, project_alphas, quant_modules, quantize, report,
+    AlphaProjector,
+    alpha_parameters,
+    calibrate,
+    check_steps,
+    project_alphas,
+    quant_modules,
+    quantize,
+    report,
 )
 from .quantizer.module import QuantAct
 from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
@@ -19,6 +26,7 @@ from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlphaProjector", "CheckReport", "ExportResult", "QatSteError", "QuantAct", "check_onnx", "export_onnx", "QuantConfig", "STE", "alpha_parameters", "calibrate", "check_steps", "get_ste",
-    "list_stes", "project_alphas", "quant_modules", "quantize", "register_ste", "report", "unregister_ste",
+    "STE", "AlphaProjector", "CheckReport", "ExportResult", "QatSteError", "QuantAct", "QuantConfig",
+    "alpha_parameters", "calibrate", "check_onnx", "check_steps", "export_onnx", "get_ste", "list_stes",
+    "project_alphas", "quant_modules", "quantize", "register_ste", "report", "unregister_ste",
 ]

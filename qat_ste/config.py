@@ -132,7 +132,7 @@ class QuantConfig(_QuantFields):
         return self.step_init
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "QuantConfig":
+    def from_kwargs(cls, **kwargs: Any) -> QuantConfig:
         """A config from quantize()'s keyword options; unknown names are refused with the known ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known - set(RENAMED_OPTIONS))
@@ -156,7 +156,7 @@ class QuantConfig(_QuantFields):
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         """The config stored by :meth:`to_dict` (missing fields take their defaults; the deprecated
         names ``alpha`` / ``alpha_init`` are accepted, e.g. from older checkpoints)."""
         if not isinstance(data, dict):
@@ -184,7 +184,7 @@ class QuantConfig(_QuantFields):
             return False
         return not any(fnmatch.fnmatchcase(site, p) for p in self.exclude)
 
-    def for_site(self, site: str) -> "QuantConfig":
+    def for_site(self, site: str) -> QuantConfig:
         """This config with the overrides whose pattern matches ``site`` applied."""
         cfg = self
         for pattern, opts in self.overrides.items():

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,8 @@ KIND_NAMES = (
 )
 GATE_KINDS = ("sigmoid", "hardsigmoid", "softmax")
 
-KindOfModule = Callable[[nn.Module], ActivationKind]
+#: the kind of an instance of an activation class (its arguments: ``m.min_val``, ``m.alpha``...)
+KindOfModule = Callable[[Any], ActivationKind]
 
 
 def _hardtanh_kind(min_val: float, max_val: float, name: str = "hardtanh") -> ActivationKind:
@@ -105,6 +107,10 @@ _TIMM_CLASS_KINDS: dict[str, tuple[tuple[str, ActivationKind], ...]] = {
 }
 
 
+def _constant_module(kind: ActivationKind) -> KindOfModule:
+    return lambda m: kind
+
+
 @functools.lru_cache(maxsize=8)
 def _timm_table(loaded: tuple[ModuleType, ...]) -> tuple[tuple[type, KindOfModule], ...]:
     table: list[tuple[type, KindOfModule]] = []
@@ -112,7 +118,7 @@ def _timm_table(loaded: tuple[ModuleType, ...]) -> tuple[tuple[type, KindOfModul
         for cls_name, kind in _TIMM_CLASS_KINDS[module.__name__]:
             cls = getattr(module, cls_name, None)
             if isinstance(cls, type):
-                table.append((cls, lambda m, kind=kind: kind))
+                table.append((cls, _constant_module(kind)))
     return tuple(table)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -146,7 +147,7 @@ def check_steps(model: nn.Module) -> None:
             bad_flags = torch.stack(flags).tolist()
         else:
             bad_flags = [bool(f) for f in flags]
-    bad = [_describe_step(name, m) for (name, m), is_bad in zip(sites, bad_flags) if is_bad]
+    bad = [_describe_step(name, m) for (name, m), is_bad in zip(sites, bad_flags, strict=True) if is_bad]
     if bad:
         raise QatSteError(
             f"{len(bad)} of {len(sites)} quantized site(s) have a step that is not a finite number > 0: "
@@ -276,8 +277,8 @@ def _observe(
                     if fault is not None and not keep_going:
                         break
     finally:
-        for m, training in modes.items():
-            m.training = training
+        for module, training in modes.items():
+            module.training = training
     return samples, seen, fault
 
 
@@ -286,7 +287,7 @@ def _first_fault(index: int, batch: Any, counts: dict[int, torch.Tensor], numels
     """A _NonFinite for this batch if some site saw non-finite values (one synchronisation)."""
     keys = list(counts)
     table = torch.stack([counts[k].cpu() for k in keys]).tolist()
-    bad = [(k, row) for k, row in zip(keys, table) if any(row)]
+    bad = [(k, row) for k, row in zip(keys, table, strict=True) if any(row)]
     if not bad:
         return None
     first, row = bad[0]
@@ -388,8 +389,9 @@ def _average_across_ranks(ranges: list[_Range], faults: int) -> tuple[list[_Rang
     values = flat[1:] / world
     out: list[_Range] = []
     offset = 0
-    for (m, lo, hi), n in zip(ranges, sizes):
-        out.append((m, values[offset:offset + n].reshape(lo.shape), values[offset + n:offset + 2 * n].reshape(hi.shape)))
+    for (m, lo, hi), n in zip(ranges, sizes, strict=True):
+        lo_avg, hi_avg = values[offset:offset + n], values[offset + n:offset + 2 * n]
+        out.append((m, lo_avg.reshape(lo.shape), hi_avg.reshape(hi.shape)))
         offset += 2 * n
     return out, faults_elsewhere
 
@@ -399,7 +401,7 @@ def _set_ranges(ranges: list[_Range]) -> None:
     if not ranges:
         return
     finite = torch.stack([torch.isfinite(lo).all() & torch.isfinite(hi).all() for _, lo, hi in ranges]).tolist()
-    bad = [m.site or m.original for (m, _, _), ok in zip(ranges, finite) if not ok]
+    bad = [m.site or m.original for (m, _, _), ok in zip(ranges, finite, strict=True) if not ok]
     if bad:
         raise QatSteError(f"calibration gave non-finite ranges at {len(bad)} site(s): {', '.join(bad[:5])}; "
                           "no step was set", "calibrate with finite data (check the batches and the model's outputs)")

@@ -11,8 +11,8 @@ Boundary convention (the authors' code): ``u <= lo`` gets the lower branch, ``u 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

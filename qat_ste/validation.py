@@ -5,7 +5,8 @@ imports nothing from qat_ste but the error type). Each returns the value it acce
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import QatSteError
 

@@ -14,7 +14,12 @@ from scipy import integrate, optimize, special, stats
 import qat_ste
 from qat_ste import QatSteError
 from qat_ste.quantizer.alpha import (
-    AUTHORS_STEP, HALF_GAUSSIAN_STEP, INIT_METHODS, fixed_step, range_from_samples, step_and_zero_point,
+    AUTHORS_STEP,
+    HALF_GAUSSIAN_STEP,
+    INIT_METHODS,
+    fixed_step,
+    range_from_samples,
+    step_and_zero_point,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -50,7 +55,7 @@ def test_closed_form_matches_numerical_integration() -> None:
         for k in range(L + 1):
             lo = max((k - 0.5) * alpha, 0.0)
             hi = (k + 0.5) * alpha if k < L else np.inf
-            quad += integrate.quad(lambda x, k=k: (x - k * alpha) ** 2 * 2 * stats.norm.pdf(x), lo, hi,
+            quad += integrate.quad(lambda x, k=k, alpha=alpha: (x - k * alpha) ** 2 * 2 * stats.norm.pdf(x), lo, hi,
                                    epsabs=1e-13, epsrel=1e-11)[0]
         assert _half_gaussian_mse(alpha, bits) == pytest.approx(quad, rel=1e-9, abs=1e-13)
 
@@ -362,7 +367,7 @@ def test_optimizer_built_before_per_channel_calibration_trains_the_models_steps(
     assert {id(a) for a in after} <= _optimizer_params(optimizer)
     calibrated = [a.detach().clone() for a in after]
     _train_steps(q, optimizer, batches)
-    for a, before in zip(qat_ste.alpha_parameters(q), calibrated):
+    for a, before in zip(qat_ste.alpha_parameters(q), calibrated, strict=True):
         assert not torch.equal(a.detach(), before)  # the optimizer updated the model's steps
     with torch.no_grad():
         after[0].fill_(-1.0)
@@ -379,11 +384,11 @@ def test_optimizer_keeps_the_steps_through_loading_a_per_channel_state(batches) 
     fresh.load_state_dict(source.state_dict())
     loaded = qat_ste.alpha_parameters(fresh)
     assert all(a is s for a, s in zip(loaded, steps, strict=True))
-    for a, b in zip(loaded, qat_ste.alpha_parameters(source)):
+    for a, b in zip(loaded, qat_ste.alpha_parameters(source), strict=True):
         assert a.shape == (6,) and torch.equal(a.detach(), b.detach())
     assert {id(a) for a in loaded} <= _optimizer_params(optimizer)
     _train_steps(fresh, optimizer, batches)
-    for a, b in zip(qat_ste.alpha_parameters(fresh), qat_ste.alpha_parameters(source)):
+    for a, b in zip(qat_ste.alpha_parameters(fresh), qat_ste.alpha_parameters(source), strict=True):
         assert not torch.equal(a.detach(), b.detach())
     # and back: a per-tensor state into the per-channel module, same objects again
     per_tensor = qat_ste.quantize(TinyResNet(), bits=4, step_init=0.3)

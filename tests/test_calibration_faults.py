@@ -245,7 +245,8 @@ def test_two_gloo_ranks_calibrate_identically_with_one_collective(tmp_path, faul
 
 def test_meta_device_model_is_refused_by_calibrate_and_quantize() -> None:
     q = qat_ste.quantize(_model(), bits=4).to("meta")
-    with pytest.raises(QatSteError, match="calibrate\\(\\): 8 parameter\\(s\\)/buffer\\(s\\) .* on the meta device") as e:
+    meta = "calibrate\\(\\): 8 parameter\\(s\\)/buffer\\(s\\) .* on the meta device"
+    with pytest.raises(QatSteError, match=meta) as e:
         qat_ste.calibrate(q, [torch.randn(1, 3, 4, 4, device="meta")])
     assert "model.to_empty(device=" in e.value.fix and "load_state_dict" in e.value.fix
     with torch.device("meta"):

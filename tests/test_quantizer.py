@@ -217,7 +217,7 @@ def test_quantact_input_grad_generic_chain_rule(ste: str) -> None:
     dgelu = xd.grad
     y = F.gelu(x.detach())
     expected = []
-    for yi, gi, di in zip(y.tolist(), g.tolist(), dgelu.tolist()):
+    for yi, gi, di in zip(y.tolist(), g.tolist(), dgelu.tolist(), strict=True):
         if ste == "identity":
             mu = 1.0
         elif ste == "relu":
@@ -242,7 +242,7 @@ G_A = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
 def test_lsq_alpha_grad_hand_values() -> None:
     # dy/dalpha: 0 below (r <= 0), round(r) - r inside (0 < r < 3), L = 3 at/above (r >= 3)
     d = [0.0, 0 - 0.2, 1 - 0.6, 1 - 1.2, 3.0, 3.0, 3.0, 0.0]
-    total = sum(g * v for g, v in zip(G_A, d))
+    total = sum(g * v for g, v in zip(G_A, d, strict=True))
     assert total == pytest.approx(2 * -0.2 + 3 * 0.4 + 4 * -0.2 + 3 * (5 + 6 + 7))
     alpha = torch.tensor(0.5, requires_grad=True)
     _fq(torch.tensor(U_A), alpha, bits=2, mode="lsq", scale=0.125).backward(torch.tensor(G_A))
@@ -259,7 +259,7 @@ def test_pact_alpha_grad_hand_values() -> None:
 def test_bcgd_alpha_grad_hand_values_and_clamp() -> None:
     # dsigma/dalpha: 0 (u <= 0), 2^(b-1) = 2 (0 < u <= 1.5), L = 3 (u > 1.5)
     d = [0, 2, 2, 2, 2, 3, 3, 0]
-    total = sum(g * v for g, v in zip(G_A, d))  # 2*(2+3+4+5) + 3*(6+7) = 67
+    total = sum(g * v for g, v in zip(G_A, d, strict=True))  # 2*(2+3+4+5) + 3*(6+7) = 67
     assert total == 67
     for factor, expected in ((1.0, 0.67), (0.1, 0.067), (10.0, 1.0), (-10.0, -1.0), (-1.0, -0.67)):
         alpha = torch.tensor(0.5, requires_grad=True)
@@ -284,7 +284,7 @@ def _np_alpha_grad(mode, u, g, alpha, z, L, rounding="nearest"):
     for c in range(C):
         a, zc = float(alpha[c]), float(z[c])
         lo, hi = -zc * a, (L - zc) * a
-        for uu, gg in zip(u[:, c].ravel(), g[:, c].ravel()):
+        for uu, gg in zip(u[:, c].ravel(), g[:, c].ravel(), strict=True):
             r = np.float32(uu) / np.float32(a)
             t = np.rint(r) if rounding == "nearest" else np.ceil(r)
             if mode == "lsq":
@@ -568,3 +568,10 @@ def test_set_range_refuses_a_non_finite_step() -> None:
     with pytest.raises(QatSteError, match="non-finite step"):
         lazy(torch.tensor([1.0, float("inf")]))
     assert not lazy.is_initialized
+
+
+def test_generic_kind_without_a_float_function_says_so() -> None:
+    qa = QuantAct(GELU, step_init=0.1)
+    with pytest.raises(QatSteError, match="of kind 'gelu' has no float function to run") as e:
+        qa(torch.randn(3))
+    assert "second argument" in e.value.fix

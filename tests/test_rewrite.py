@@ -347,7 +347,7 @@ def test_nested_children() -> None:
     rows = sites(q)
     assert set(rows) == {"m1.inner.act", "m1.inner.silu_fn1", "m1.act", "m2.inner.act", "m2.inner.silu_fn1",
                          "m2.act", "relu_fn1"}
-    for name, r in rows.items():
+    for name in rows:
         assert q.get_submodule(name) is next(s.module for s in qat_ste.report(q).sites if s.name == name)
     assert rows["m1.inner.silu_fn1"]["original"] == "F.silu" and rows["m1.inner.silu_fn1"]["method"] == "fx rewrite"
     assert rows["m1.act"]["original"] == "nn.GELU" and rows["m1.act"]["method"] == "module swap"

@@ -2,7 +2,8 @@
 
 During export every :class:`~qat_ste.QuantAct` routes its float value ``u`` through
 ``torch.ops.qat_ste.quant_dequant`` (each module is put in export mode with
-:meth:`QuantAct.exporting <qat_ste.QuantAct.exporting>` for the duration of :func:`export_routing`). The op computes exactly what QuantAct computes, and
+:meth:`QuantAct.exporting <qat_ste.QuantAct.exporting>` for the duration of
+:func:`export_routing`). The op computes exactly what QuantAct computes, and
 :func:`translate_quant_dequant` lowers it to
 
     QuantizeLinear(uint8) -> [Clip(uint8, qmin, qmax) when the range is narrower than uint8] -> DequantizeLinear
@@ -16,8 +17,9 @@ and a DequantizeLinear with scale alpha.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -71,8 +73,9 @@ def translate_quant_dequant(u, scale, zero_point, dq_scale, qmin: int, qmax: int
     """onnxscript lowering of ``qat_ste::quant_dequant`` (uint8 containers; later passes may narrow them)."""
     import numpy as np
     import onnx_ir as ir
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
 
+    op: Any = opset18  # graph building: the values are the exporter's symbolic tensors, not onnx types
     zp = op.Cast(zero_point, to=ir.DataType.UINT8)
     q = op.QuantizeLinear(u, scale, zp, axis=axis)
     q.producer().metadata_props[SITE_INDEX_KEY] = str(site)

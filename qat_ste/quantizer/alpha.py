@@ -32,7 +32,8 @@ def fixed_step(bits: int, rounding: str = "nearest") -> float:
 
 
 def _quant_error(x: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, alpha: torch.Tensor, levels: int):
-    """Mean squared quantization error per channel; ``x``, ``target``: ``channels x n``, ``lo``, ``alpha``: ``(channels,)``."""
+    """Mean squared quantization error per channel; ``x``, ``target``: ``channels x n``; ``lo``,
+    ``alpha``: ``(channels,)``."""
     lo, alpha = lo[:, None], alpha[:, None]  # one value per row of x
     z = zero_point_for(lo, alpha, levels)
     q = quantize_codes(x, alpha, z, levels)

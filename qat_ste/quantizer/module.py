@@ -6,7 +6,8 @@ import contextlib
 import contextvars
 import copy
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from ..errors import QatSteError
 from ..kinds import ActivationKind
 from ..ste import STE, get_ste
 from ..validation import check_alpha_init, check_bits, check_choice, check_step_init  # noqa: F401 - re-exported
-from .alpha import BCGD_RANGE, ALPHA_MIN, fixed_step, range_from_samples, step_and_zero_point
+from .alpha import ALPHA_MIN, BCGD_RANGE, fixed_step, range_from_samples, step_and_zero_point
 from .functional import ALPHA_MODES, ROUNDING_MODES, fake_quantize, lsq_grad_scale, quantize_codes
 
 #: set while a QuantAct evaluates the float function it wraps, so that call-site interception
@@ -52,6 +53,12 @@ class QuantAct(nn.Module):
     (calibration); inside ``with q.exporting(fn):`` it returns ``fn(q, u)`` (ONNX export).
     """
 
+    alpha: torch.Tensor
+    zero_point: torch.Tensor
+    initialized: torch.Tensor
+    fn: nn.Module
+    fn_call: Callable[..., torch.Tensor] | None
+
     def __init__(
         self,
         kind: ActivationKind,
@@ -81,7 +88,7 @@ class QuantAct(nn.Module):
         if isinstance(fn, nn.Module):
             self.fn = fn
             if hasattr(fn, "inplace"):
-                fn.inplace = False
+                cast(Any, fn).inplace = False  # out of place: the quantizer's input is read again
         else:
             self.fn_call = fn
         if alpha_init is not None:
@@ -112,7 +119,7 @@ class QuantAct(nn.Module):
         return "export" if self._export_fn is not None else "quantize"
 
     @contextlib.contextmanager
-    def observing(self, callback: Observer) -> Iterator["QuantAct"]:
+    def observing(self, callback: Observer) -> Iterator[QuantAct]:
         """Within the block, forward calls ``callback(self, u)`` with the float value ``u`` the
         quantizer would see and returns the float activation (calibration). Restored on exit."""
         previous = self._observer
@@ -123,7 +130,7 @@ class QuantAct(nn.Module):
             self._observer = previous
 
     @contextlib.contextmanager
-    def exporting(self, fn: ExportFn) -> Iterator["QuantAct"]:
+    def exporting(self, fn: ExportFn) -> Iterator[QuantAct]:
         """Within the block, forward returns ``fn(self, u)`` (e.g. an export op) instead of the
         fake quantizer. Restored on exit."""
         previous = self._export_fn
@@ -205,6 +212,10 @@ class QuantAct(nn.Module):
         if self.quantizes_input:
             return x
         fn = self.fn if "fn" in self._modules else self.fn_call
+        if fn is None:
+            raise QatSteError(f"quantized activation {self.site or self.original or self.kind.name} of kind "
+                              f"{self.kind.name!r} has no float function to run",
+                              "pass the activation (module or function) as QuantAct's second argument")
         if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set(): graph break
             return fn(x, *args, **kwargs)
         token = INSIDE_QUANT_ACT.set(True)
@@ -314,6 +325,6 @@ def _assign_(target: torch.Tensor, value: torch.Tensor) -> None:
     if target.shape == value.shape:
         target.copy_(value)
         return
-    target.set_(value.clone())
+    target.data = value.clone()
     if target.grad is not None:  # a gradient of the old shape cannot be accumulated into
         target.grad = None

@@ -1,8 +1,8 @@
 """The rewrite's view of activation calls: in-place variants and their out-of-place equivalents.
 
 The kind registry itself (which modules, functions and Tensor methods are activations, and how
-each is quantized) lives in :mod:`qat_ste.kinds`; its names are re-exported here for code that
-imported them from this module.
+each is quantized) lives in :mod:`qat_ste.kinds`; its names stay readable from this module (a
+module ``__getattr__``) for code that imported them from here.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kinds import (  # noqa: F401 - re-exported for compatibility
-    GATE_KINDS, GELU, HARDMISH, HARDSIGMOID, HARDSWISH, KIND_NAMES, LEAKY_RELU, MISH, PRELU, QUICKGELU, RELU,
-    RELU6, SELU, SIGMOID, SILU, SOFTMAX, TANH, ActivationKind, function_kind, function_name, method_kind,
-    module_kind,
-)
+from .. import kinds
 
 #: in-place activation functions and the out-of-place function each stands for
 OUT_OF_PLACE: dict[Any, Any] = {
@@ -31,6 +27,14 @@ INPLACE_ARG_POSITION: dict[Any, int] = {
 #: functions and methods that modify their input in place
 INPLACE_FUNCTIONS = frozenset(OUT_OF_PLACE)
 INPLACE_METHODS = frozenset({"relu_", "sigmoid_", "tanh_"})
+
+
+def __getattr__(name: str) -> Any:
+    """The kind registry's names (``RELU``, ``module_kind``...) for code that imported them from here;
+    they live in :mod:`qat_ste.kinds`."""
+    if not name.startswith("__") and hasattr(kinds, name):
+        return getattr(kinds, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_inplace_call(fn_or_method: Any, kwargs: dict | None = None, args: tuple = ()) -> bool:

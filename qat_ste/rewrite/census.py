@@ -44,7 +44,7 @@ def classify_torch_function(func: Any, args: tuple, kwargs: dict) -> tuple[str, 
 
 
 class _CensusMode(TorchFunctionMode):
-    def __init__(self, census: "_Census") -> None:
+    def __init__(self, census: _Census) -> None:
         super().__init__()
         self.census = census
 
@@ -60,7 +60,7 @@ class _CensusMode(TorchFunctionMode):
 
 class _Census:
     def __init__(self, model: nn.Module) -> None:
-        self.paths = {}
+        self.paths: dict[int, str] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(m), name)
         self.stack: list[str] = []

@@ -197,7 +197,7 @@ def _trace_owners(model: nn.Module) -> _Analysis:
     for path, g in graphs.items():
         for node in g.nodes:
             if node.op == "call_module":
-                sub = modules[path].get_submodule(node.target)
+                sub = modules[path].get_submodule(str(node.target))
                 if module_kind(sub) is not None and not _inlined_call(path, node.target, graphs, modules):
                     static_calls[id(sub)] += 1
 
@@ -345,11 +345,11 @@ def _make_quant_act(site: _Planned, fn: Any, cfg: QuantConfig) -> QuantAct:
 
 def _node_is_site(node: fx.Node, owner: nn.Module, shared: set[int]) -> bool:
     if node.op == "call_module":
-        return id(owner.get_submodule(node.target)) in shared
+        return id(owner.get_submodule(str(node.target))) in shared
     if node.op == "call_function":
         return function_kind(node.target, node.args, node.kwargs) is not None
     if node.op == "call_method":
-        return method_kind(node.target) is not None
+        return method_kind(str(node.target)) is not None
     return False
 
 
@@ -369,7 +369,7 @@ def _inplace_module_input_reused(node: fx.Node, owner: nn.Module) -> bool:
     float model relies on the mutation, which the out-of-place quantizer does not do."""
     if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    sub = owner.get_submodule(node.target)
+    sub = owner.get_submodule(str(node.target))
     if module_kind(sub) is None or not getattr(sub, "inplace", False):
         return False
     later = [u for u in node.args[0].users if u is not node and _after(u, node)]
@@ -389,7 +389,7 @@ def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], cou
                names: _AttrNames) -> _Planned | None:
     prefix = f"{path}." if path else ""
     if node.op == "call_module":
-        sub = owner.get_submodule(node.target)
+        sub = owner.get_submodule(str(node.target))
         kind = module_kind(sub)
         if kind is None or id(sub) not in shared:
             return None
@@ -402,7 +402,7 @@ def _plan_node(node: fx.Node, owner: nn.Module, path: str, shared: set[int], cou
         kind = function_kind(node.target, node.args, node.kwargs)
         fname = function_name(node.target)
     elif node.op == "call_method":
-        kind = method_kind(node.target)
+        kind = method_kind(str(node.target))
         fname = function_name(node.target)
     else:
         return None
@@ -436,7 +436,7 @@ def _decide(planned: list[_Planned], cfg: QuantConfig) -> dict[int, tuple[bool, 
             out[id(s)] = (False, "excluded by include/exclude patterns")
         else:
             out[id(s)] = (True, "")
-    chosen = sorted((s for s in planned if out[id(s)][0] and s.order is not None), key=lambda s: s.order)
+    chosen = sorted((s for s in planned if out[id(s)][0] and s.order is not None), key=lambda s: s.order or 0)
     if cfg.keep_first and chosen:
         out[id(chosen[0])] = (False, "keep_first: first activation left float")
     if cfg.keep_last and chosen:
@@ -460,7 +460,7 @@ def _apply_fx_rewrite(owner: nn.Module, graph: fx.Graph, items: list, redirects:
     changed = bool(redirects)
     for node, site in items:
         if node.op == "call_module":
-            sub = owner.get_submodule(node.target)
+            sub = owner.get_submodule(str(node.target))
             qa = make(site, sub)
             if qa is None:
                 continue

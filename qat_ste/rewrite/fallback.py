@@ -13,7 +13,7 @@ report marks such sites ``runtime fallback``.
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
@@ -23,12 +23,12 @@ from .activations import strip_inplace
 from .census import classify_torch_function
 
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("qat_ste_depth", default=0)
-_FRAME: contextvars.ContextVar["_Frame | None"] = contextvars.ContextVar("qat_ste_frame", default=None)
+_FRAME: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar("qat_ste_frame", default=None)
 
 
 class _Frame:
-    def __init__(self, owner: nn.Module) -> None:
-        self.owner = owner
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner  # a module with the dynamic attributes _qat_runtime_sites and its quantizers
         self.depth = _DEPTH.get()
         self.counts: dict[str, int] = {}
 
@@ -38,7 +38,7 @@ class _Frame:
         return i
 
 
-def _enter_child(module: nn.Module, args: Any) -> None:
+def _enter_child(module: Any, args: Any) -> None:
     module._qat_depth_token = _DEPTH.set(_DEPTH.get() + 1)
 
 
@@ -67,7 +67,7 @@ class _DispatchMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _runtime_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _runtime_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     frame = _Frame(self)
     token = _FRAME.set(frame)
     try:
@@ -94,9 +94,9 @@ class CallOrderDispatch(nn.Module):
         frame = _FRAME.get()
         if frame is not None and getattr(frame.owner, "_qat_runtime_sites", None) is not None:
             index = frame.next_index(self.key)
-            if index < len(self.per_call) and self.per_call[index] is not None \
-                    and hasattr(frame.owner, self.per_call[index]):
-                return getattr(frame.owner, self.per_call[index])(x, *args, **kwargs)
+            attr = self.per_call[index] if index < len(self.per_call) else None
+            if attr is not None and hasattr(frame.owner, attr):
+                return getattr(frame.owner, attr)(x, *args, **kwargs)
         return self.original(x, *args, **kwargs)
 
 
@@ -107,11 +107,11 @@ def install_runtime_dispatch(owner: nn.Module, functional_sites: dict[str, str])
     the QuantAct registered on the owner.
     """
     base = type(owner)
-    owner._qat_runtime_sites = dict(functional_sites)
+    cast(Any, owner)._qat_runtime_sites = dict(functional_sites)
     owner.__class__ = type(base.__name__, (base,), {
         "forward": _runtime_forward, "_qat_base_class": base, "__module__": base.__module__})
     for child in owner.modules():
         if child is not owner and not getattr(child, "_qat_depth_hooked", False):
             child.register_forward_pre_hook(_enter_child)
             child.register_forward_hook(_leave_child, always_call=True)
-            child._qat_depth_hooked = True
+            cast(Any, child)._qat_depth_hooked = True

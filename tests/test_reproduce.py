@@ -54,7 +54,7 @@ def test_recipes_match_the_papers_section_5(recipes):
             assert (schedule.optimizer, schedule.momentum, schedule.weight_decay) == ("sgd", 0.9, 1e-4)
             assert schedule.schedule == "multistep"
     assert recipes.nets["lenet5"].dataset == "mnist" and not recipes.nets["lenet5"].augment
-    assert (recipes.alpha, recipes.bn_affine) == ("fixed", False)
+    assert (recipes.alpha_mode, recipes.bn_affine) == ("fixed", False)
     assert recipes.grid_nets == ("lenet5", "vgg11", "resnet20")
     assert recipes.grid_bits == (2, 4)
     assert recipes.grid_stes == ("identity", "relu", "clipped_relu")
@@ -98,6 +98,18 @@ def test_bad_recipes_file_is_reported(tmp_path):
     data = json.loads((REPO / "qat_ste" / "zoo" / "recipes.json").read_text())
     data["nets"]["lenet5"]["quant"]["epochs"] = 0
     with pytest.raises(QatSteError, match="epochs"):
+        parse_recipes(data)
+
+
+def test_recipes_alpha_mode_and_the_old_name(recipes):
+    data = json.loads((REPO / "qat_ste" / "zoo" / "recipes.json").read_text())
+    assert data["quantization"]["alpha_mode"] == "fixed" and "alpha" not in data["quantization"]
+    with pytest.warns(DeprecationWarning, match="Recipes.alpha is deprecated; use Recipes.alpha_mode"):
+        assert recipes.alpha == "fixed"
+    data["quantization"]["alpha"] = data["quantization"].pop("alpha_mode")  # a file written before the rename
+    assert parse_recipes(data).alpha_mode == "fixed"
+    del data["quantization"]["alpha"]
+    with pytest.raises(QatSteError, match="quantization lacks 'alpha_mode'"):
         parse_recipes(data)
 
 

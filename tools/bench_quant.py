@@ -83,7 +83,7 @@ def main() -> int:
         float_model = torchvision.models.get_model(name).to(device)
         if cuda:
             float_model = float_model.to(memory_format=torch.channels_last)
-        qmodel = qat_ste.quantize(float_model, bits=args.bits, ste="clipped_relu", alpha="lsq")
+        qmodel = qat_ste.quantize(float_model, bits=args.bits, ste="clipped_relu", alpha_mode="lsq")
         qat_ste.calibrate(qmodel, [x[: min(batch, 16)]])
         for label, compiled in variants:
             f = torch.compile(float_model) if compiled else float_model

@@ -77,7 +77,7 @@ def bench(model_name: str, setting: Setting, steps: int, warmup: int, base: Trai
     torch.manual_seed(0)
     float_model = build_model(spec, 10, 3, setting.image_size)
     example = torch.randn(1, 3, setting.image_size, setting.image_size)
-    quantized = qat_ste.quantize(float_model, bits=bits, alpha="lsq", example_input=example)
+    quantized = qat_ste.quantize(float_model, bits=bits, alpha_mode="lsq", example_input=example)
     float_rate = images_per_second(float_model, data, setting, steps, warmup, base)
     quant_rate = images_per_second(quantized, data, setting, steps, warmup, base)
     return {

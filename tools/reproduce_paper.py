@@ -347,7 +347,8 @@ def build_model(net: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
 
 def quantized_model(net: str, bits: int, ste: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
     """The zoo network with every ReLU quantized (fixed alpha by default, as [P1])."""
-    return qat_ste.quantize(build_model(net, data, recipes), bits, ste, alpha=recipes.alpha, rounding=recipes.rounding)
+    return qat_ste.quantize(build_model(net, data, recipes), bits, ste, alpha_mode=recipes.alpha_mode,
+                            rounding=recipes.rounding)
 
 
 def run_settings(spec: RunSpec, data: NetData, recipes: Recipes, options: GridOptions,
@@ -358,7 +359,7 @@ def run_settings(spec: RunSpec, data: NetData, recipes: Recipes, options: GridOp
         "data": data.label, "train_images": len(data.train), "val_images": len(data.val),
         "augment": data.train.augment, "subset_seed": options.seed, "seed": options.seed,
         "phases": [{"label": label, **s.to_dict()} for label, s in spec.phases],
-        "alpha": recipes.alpha if spec.kind != "float" else None,
+        "alpha": recipes.alpha_mode if spec.kind != "float" else None,  # key kept: stored runs resume
         "rounding": recipes.rounding if spec.kind != "float" else None,
         "bn_affine": recipes.bn_affine, "starts_from": parent_fingerprint,
     }
@@ -392,7 +393,7 @@ def _starting_model(spec: RunSpec, data: NetData, recipes: Recipes, parent_weigh
     if spec.kind == "grid":  # from the float weights, then quantize
         model = build_model(spec.net, data, recipes)
         model.load_state_dict(state)
-        return qat_ste.quantize(model, spec.bits, spec.ste, alpha=recipes.alpha, rounding=recipes.rounding)
+        return qat_ste.quantize(model, spec.bits, spec.ste, alpha_mode=recipes.alpha_mode, rounding=recipes.rounding)
     # instability: the same quantized network with another STE (the STE only changes the backward pass)
     model = quantized_model(spec.net, spec.bits, spec.ste, data, recipes)
     model.load_state_dict(state)

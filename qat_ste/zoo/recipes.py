@@ -15,6 +15,7 @@ one place to read and edit them); this module turns that file into typed, valida
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib.resources import files
@@ -170,13 +171,19 @@ class Recipes:
     grid_nets: tuple[str, ...]
     grid_bits: tuple[int, ...]
     grid_stes: tuple[str, ...]
-    alpha: str
+    alpha_mode: str  # how the steps are trained (fixed in [P1])
     rounding: str
     bn_affine: bool
     paper_table1: Mapping[tuple[str, int, str], PaperResult]
     instability: tuple[InstabilityRun, ...]
     open_choices: Mapping[str, str]
     source: str = ""
+
+    @property
+    def alpha(self) -> str:
+        """Deprecated alias of ``alpha_mode``."""
+        warnings.warn("Recipes.alpha is deprecated; use Recipes.alpha_mode", DeprecationWarning, stacklevel=2)
+        return self.alpha_mode
 
     def paper_result(self, net: str, bits: int, ste: str) -> PaperResult | None:
         """[P1] Table 1's numbers for one cell, or None if the paper has none."""
@@ -205,6 +212,12 @@ def _schedule(values: Any, where: str) -> Schedule:
     args = dict(values)
     args["milestones"] = tuple(args.get("milestones", ()))
     return Schedule(**args)
+
+
+def _alpha_mode_key(quant: Any) -> str:
+    """``alpha_mode``, or ``alpha`` in recipe files written before the rename."""
+    old = isinstance(quant, Mapping) and "alpha" in quant and "alpha_mode" not in quant
+    return "alpha" if old else "alpha_mode"
 
 
 def parse_recipes(data: Mapping[str, Any]) -> Recipes:
@@ -264,7 +277,7 @@ def parse_recipes(data: Mapping[str, Any]) -> Recipes:
         grid_nets=grid_nets,
         grid_bits=tuple(int(b) for b in _need(grid, "bits", "grid")),
         grid_stes=tuple(_need(grid, "stes", "grid")),
-        alpha=str(_need(quant, "alpha", "quantization")),
+        alpha_mode=str(_need(quant, _alpha_mode_key(quant), "quantization")),
         rounding=str(quant.get("rounding", "nearest")),
         bn_affine=bool(_need(quant, "bn_affine", "quantization")),
         paper_table1=table,

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .config import QuantConfig
 from .errors import QatSteError
+from .nn_utils import preserve_modes
 from .quantizer.alpha import INIT_METHODS
 from .quantizer.module import QuantAct
 from .rewrite.engine import analyse_and_rewrite
@@ -258,27 +259,21 @@ def _observe(
             numels[key] = numels.get(key, 0) + u.numel()
 
     fault: _NonFinite | None = None
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     seen = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            for _, m in quant_modules(model):
-                stack.enter_context(m.observing(observe))
-            for batch in batches:
-                if num_batches is not None and seen >= num_batches:
+    with preserve_modes(model, training=False), contextlib.ExitStack() as stack:
+        for _, m in quant_modules(model):
+            stack.enter_context(m.observing(observe))
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            counts.clear()
+            numels.clear()
+            _run_model(model, batch)
+            seen += 1
+            if fault is None and counts:
+                fault = _first_fault(seen - 1, batch, counts, numels, names)
+                if fault is not None and not keep_going:
                     break
-                counts.clear()
-                numels.clear()
-                _run_model(model, batch)
-                seen += 1
-                if fault is None and counts:
-                    fault = _first_fault(seen - 1, batch, counts, numels, names)
-                    if fault is not None and not keep_going:
-                        break
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return samples, seen, fault
 
 

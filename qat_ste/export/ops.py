@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..nn_utils import preserve_modes
 from ..quantizer.functional import quantize_codes
 from ..quantizer.module import QuantAct, channel_axis_of
 
@@ -131,16 +132,10 @@ def export_routing(
 ) -> Iterator[None]:
     """Within the block, every site of ``sites`` runs ``hook(site)`` (default: the Q/DQ custom op)
     and the model is in eval mode; both are restored on exit."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with contextlib.ExitStack() as stack:
-            for s in sites:
-                stack.enter_context(s.module.exporting(hook(s) if hook is not None else _routing_hook(s.index)))
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with preserve_modes(model, training=False), contextlib.ExitStack() as stack:
+        for s in sites:
+            stack.enter_context(s.module.exporting(hook(s) if hook is not None else _routing_hook(s.index)))
+        yield
 
 
 def reference_codes(module: QuantAct, u: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..config import QuantConfig
 from ..errors import QatSteError
 from ..kinds import ActivationKind, function_kind, function_name, method_kind, module_kind
+from ..nn_utils import preserve_modes
 from ..quantizer.module import QuantAct
 from .activations import is_inplace_call, strip_inplace
 from .census import CallEvent, count_activation_calls
@@ -130,13 +131,8 @@ def _default_example_input(model: nn.Module) -> torch.Tensor | None:
 
 def _run_census(model: nn.Module, example_input: Any) -> list[CallEvent]:
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with preserve_modes(model, training=False):
         return count_activation_calls(model, *inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @dataclass

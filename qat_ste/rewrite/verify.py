@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..config import QuantConfig
+from ..nn_utils import preserve_modes
 from ..quantizer.module import QuantAct
 from .census import count_activation_calls
 
@@ -47,11 +48,5 @@ def check_coverage(float_model: nn.Module, qmodel: nn.Module, *inputs: Any,
 
 
 def _census_in_mode(model: nn.Module, inputs: tuple, training: bool) -> list:
-    modes = {m: m.training for m in model.modules()}
-    model.train(training)
-    try:
-        with torch.no_grad():
-            return count_activation_calls(model, *inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with preserve_modes(model, training=training), torch.no_grad():
+        return count_activation_calls(model, *inputs)

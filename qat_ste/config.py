@@ -9,6 +9,7 @@ for one release (constructor, :meth:`QuantConfig.from_kwargs`, :meth:`QuantConfi
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -191,3 +192,13 @@ class QuantConfig(_QuantFields):
             if fnmatch.fnmatchcase(site, pattern):
                 cfg = replace(cfg, overrides={}, **opts)
         return cfg
+
+
+def _signature() -> inspect.Signature:
+    """QuantConfig's call signature for help() and editors: the fields, then the deprecated aliases."""
+    fields_sig = inspect.signature(_QuantFields)
+    aliases = [inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None) for old in RENAMED_OPTIONS]
+    return fields_sig.replace(parameters=[*fields_sig.parameters.values(), *aliases])
+
+
+QuantConfig.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -985,6 +986,8 @@ def test_config_new_names_and_deprecated_aliases() -> None:
     assert e.value.fix == "pass alpha_mode= only"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.alpha_mode = "lsq"
+    names = list(inspect.signature(QuantConfig).parameters)  # what help() and editors show
+    assert names[:4] == ["bits", "ste", "alpha_mode", "step_init"] and names[-2:] == ["alpha", "alpha_init"]
 
 
 def test_quantize_accepts_the_deprecated_names_with_a_warning() -> None:

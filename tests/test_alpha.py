@@ -247,12 +247,12 @@ def test_calibrate_initialises_every_site(method: str, batches) -> None:
     q = qat_ste.quantize(model, bits=4)
     sites = dict(qat_ste.quant_modules(q))
     assert set(sites) == {"act1", "gelu_fn1", "relu_fn1"}
-    assert not any(m._initialized for m in sites.values())
+    assert not any(m.is_initialized for m in sites.values())
     assert qat_ste.calibrate(q, batches, method=method) is q
     assert q.training  # modes restored
     inputs = _site_inputs(model, batches)
     for name, m in sites.items():
-        assert m._initialized and bool(m.initialized) and m.alpha.shape == ()
+        assert m.is_initialized and bool(m.initialized) and m.alpha.shape == ()
         u = inputs[name]
         if method == "max":
             if m.quantizes_input:
@@ -306,7 +306,7 @@ def test_calibrate_errors(batches) -> None:
     with pytest.raises(QatSteError, match="unknown calibration method 'minmax'") as e:
         qat_ste.calibrate(q, batches, method="minmax")
     assert "mse" in str(e.value)
-    assert not q.act1._initialized
+    assert not q.act1.is_initialized
     assert q.act1.mode == "quantize"  # cleaned up after the failure
 
 

@@ -158,7 +158,7 @@ def test_cuda_matches_cpu(no_tf32, per_channel: bool) -> None:
             y = u
         else:
             y = cpu_site.float_function(u).detach()
-        a, z = cpu_site._grid(y)
-        ga, gz = gpu_site._grid(y.cuda())
+        a, z = cpu_site.grid(y)
+        ga, gz = gpu_site.grid(y.cuda())
         levels = cpu_site.levels
         assert torch.equal(quantize_codes(y, a, z, levels), quantize_codes(y.cuda(), ga, gz, levels).cpu()), name

@@ -216,7 +216,7 @@ def test_export_leaves_the_model_unchanged(exports) -> None:
     model.train()
     export_onnx(model, exports.directory / "again.onnx", x[:1])
     assert model.training and all(m.training for m in model.modules())
-    assert all(m._export_fn is None for _, m in qat_ste.quant_modules(model))
+    assert all(m.mode == "quantize" for _, m in qat_ste.quant_modules(model))
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), before)

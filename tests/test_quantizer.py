@@ -396,7 +396,7 @@ def test_training_forward_lazy_init() -> None:
     qa = QuantAct(RELU, bits=4, alpha_mode="lsq").train()
     assert "uninitialised" in repr(qa)
     qa(x)
-    assert bool(qa.initialized) and qa._initialized
+    assert bool(qa.initialized) and qa.is_initialized
     # lsq init: 2 * mean|x| / sqrt(L)
     assert qa.alpha.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-5)
     # a second call keeps it
@@ -448,7 +448,7 @@ def test_per_channel_calibration_and_state_dict_round_trip() -> None:
     assert fresh.alpha.shape == ()
     fresh.load_state_dict(sd)  # strict; alpha and zero point change shape
     assert fresh.alpha.shape == (5,) and isinstance(fresh.alpha, nn.Parameter)
-    assert torch.equal(fresh.zero_point, qa.zero_point) and fresh._initialized
+    assert torch.equal(fresh.zero_point, qa.zero_point) and fresh.is_initialized
     fresh.eval()
     qa.eval()
     assert torch.equal(fresh(x), qa(x))

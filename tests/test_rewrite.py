@@ -798,7 +798,7 @@ def test_train_and_eval_run() -> None:
     q.train()
     out = q(x)
     out.sum().backward()
-    assert all(mod._initialized for _, mod in qat_ste.quant_modules(q))
+    assert all(mod.is_initialized for _, mod in qat_ste.quant_modules(q))
     assert all(p.grad is not None for p in qat_ste.alpha_parameters(q))
     q.eval()
     with torch.no_grad():
@@ -862,7 +862,7 @@ def test_state_dict_into_fresh_quantized_copy(factory, per_channel: bool) -> Non
     fresh = qat_ste.quantize(factory(), bits=BITS, per_channel=per_channel, **kw)
     result = fresh.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert all(mod._initialized for _, mod in qat_ste.quant_modules(fresh))
+    assert all(mod.is_initialized for _, mod in qat_ste.quant_modules(fresh))
     x = torch.randn(2, 3, 5, 5)
     q.eval()
     fresh.eval()
@@ -912,7 +912,7 @@ def _train_step_and_coverage(m: nn.Module, size: int = 32, config: QuantConfig |
     assert grads and all(torch.isfinite(g).all() for g in grads)
     alphas = qat_ste.alpha_parameters(q)
     assert alphas and all(a.grad is not None and torch.isfinite(a.grad).all() for a in alphas)
-    assert all(mod._initialized for _, mod in qat_ste.quant_modules(q))  # lazy init in training mode
+    assert all(mod.is_initialized for _, mod in qat_ste.quant_modules(q))  # lazy init in training mode
     cov = check_coverage(m, q, x[:1], config=config)
     assert cov.ok, cov
     return q, cov

@@ -197,7 +197,7 @@ def _capture_hook(store: dict[str, list[torch.Tensor]]):
     def for_site(site: RoutedSite):
         def run(module, u: torch.Tensor) -> torch.Tensor:
             store.setdefault(site.name, []).append(u.detach().float().cpu())
-            step, zero_point = module._grid(u)
+            step, zero_point = module.grid(u)
             return ((reference_codes(module, u) - zero_point) * step).to(u.dtype)
         return run
     return for_site
@@ -365,7 +365,7 @@ def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any], v
         u_onnx = torch.from_numpy(values[t.input])
         codes_onnx = torch.from_numpy(values[codes_as[t.codes]].astype(np.float32))
         expected = reference_codes(module, u_onnx)
-        step, zero_point = module._grid(u_onnx)
+        step, zero_point = module.grid(u_onnx)
         y_expected = ((expected - zero_point.cpu()) * step.detach().cpu()).float().numpy()
         counts.values += expected.numel()
         counts.parity += int((expected == codes_onnx).sum())

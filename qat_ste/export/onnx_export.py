@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
-from ..quantizer.module import QuantAct, channel_axis_of, check_choice
+from ..quantizer.module import QuantAct, channel_axis_of
+from ..validation import check_choice
 from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
 
 FORMS = ("deploy", "spec")
@@ -162,7 +163,7 @@ def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor
         def run(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
             per_channel = module.alpha.dim() == 1
             seen[site.index] = (u.dim(), channel_axis_of(u) % u.dim() if per_channel else None)
-            alpha, zero_point = module._grid(u)
+            alpha, zero_point = module.grid(u)
             return ((reference_codes(module, u) - zero_point) * alpha).to(u.dtype)
         return run
 

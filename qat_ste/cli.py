@@ -261,59 +261,16 @@ def _check_thresholds(args: argparse.Namespace) -> None:
 
 # ---- QuantConfig from options, a JSON file and checkpoint metadata ----------------------------
 
-#: agreed names (issue 13) of QuantConfig fields -> their older names (deprecated aliases)
-QUANT_RENAMES = {"alpha_mode": "alpha", "step_init": "alpha_init"}
-#: QuantConfig fields the options of _add_quant_arguments set (dest names, in agreed vocabulary)
+#: QuantConfig fields the options of _add_quant_arguments set (dest names)
 QUANT_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "include", "exclude",
                  "overrides", "keep_first", "keep_last", "kinds", "quantize_gates")
 
 
-def quant_field_names(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (QuantConfig fields, or per-site override options, under the agreed or the old
-    names, ``-`` or ``_``) with the names the installed QuantConfig has. The one place that maps
-    the vocabulary; per-site ``overrides`` are mapped too."""
-    from dataclasses import fields
-
-    from .config import QuantConfig
-
-    present = {f.name for f in fields(QuantConfig)}
-    old_to_new = {old: new for new, old in QUANT_RENAMES.items()}
-    mapped: dict[str, Any] = {}
-    for key, value in values.items():
-        agreed = old_to_new.get(key.replace("-", "_"), key.replace("-", "_"))
-        name = agreed if agreed in present or QUANT_RENAMES.get(agreed) not in present else QUANT_RENAMES[agreed]
-        if name == "overrides" and isinstance(value, dict):
-            value = {pattern: quant_field_names(opts) if isinstance(opts, dict) else opts
-                     for pattern, opts in value.items()}
-        mapped[name] = value
-    return mapped
-
-
-def quant_plain(quant: Any) -> dict[str, Any]:
-    """Every field of a QuantConfig as plain JSON values under the agreed names (tuples as lists):
-    what checkpoints and report.json store."""
-    from dataclasses import fields
-
-    old_to_new = {old: new for new, old in QUANT_RENAMES.items()}
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        return value
-
-    document = {old_to_new.get(f.name, f.name): plain(getattr(quant, f.name)) for f in fields(quant)}
-    document["overrides"] = {pattern: {old_to_new.get(k, k): v for k, v in opts.items()}
-                             for pattern, opts in document.get("overrides", {}).items()}
-    return document
-
-
 def quant_from_plain(values: dict[str, Any]) -> Any:
-    """The QuantConfig of a plain dict (checkpoint metadata, --quant-config; either vocabulary)."""
+    """The QuantConfig of a plain dict (checkpoint metadata, --quant-config; old names accepted)."""
     from .config import QuantConfig
 
-    return QuantConfig.from_kwargs(**quant_field_names(values))
+    return QuantConfig.from_dict(values)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -374,7 +331,10 @@ def _quant_config(args: argparse.Namespace) -> Any:
     kinds = given.get("kinds")
     if isinstance(kinds, str):
         given["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
-    values = {**quant_field_names(values), **quant_field_names({k: v for k, v in given.items() if v is not None})}
+    from .config import renamed_options
+
+    values = {**renamed_options(values, f"--quant-config {args.quant_config}"),
+              **{k: v for k, v in given.items() if v is not None}}
     return quant_from_plain(values)
 
 
@@ -427,7 +387,7 @@ def _metadata(spec: Any, data: str, info: Any, stage: str, quant: Any | None,
     return {
         "kind": CONVERT_FORMAT, "stage": stage, "model": str(spec), "data": data,
         "num_classes": info.num_classes, "in_channels": info.channels, "image_size": list(info.image_size),
-        "quant": None if quant is None else quant_plain(quant), "calibration": calibration,
+        "quant": None if quant is None else quant.to_dict(), "calibration": calibration,
         "title": f"{spec} on {data} ({stage})",
     }
 
@@ -594,6 +554,14 @@ def _remove_stale_temp_files(out: Path) -> None:
             remove_stale_temp_files(folder)
 
 
+def _drop_resume_points(out: Path) -> None:
+    """--overwrite: the old run's last.pt files go at once, so that a later --resume cannot continue
+    the old run's stage after the new run's; its results (best.pt, report.json, model.onnx) stay until
+    the new run replaces them."""
+    for stage in ("float", "qat"):
+        (out / stage / "last.pt").unlink(missing_ok=True)
+
+
 def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
     """Load --weights (refused unless it fits, or --allow-partial); the names left at random init."""
     from .train.build import load_weights_file
@@ -721,7 +689,7 @@ def _quantize_stage(run: _ConvertRun, quant: Any) -> Any:
     qmodel = _quantize(run.model, quant, _example_input(run.val_set).to(run.device))
     report = qat_ste.report(qmodel)
     run.say(f"\n== quantized: {len(report.quantized)} site(s) at {quant.bits} bits, STE {quant.ste}, "
-            f"alpha mode {quant_plain(quant)['alpha_mode']} ({len(report.skipped)} left float) ==")
+            f"alpha mode {quant.to_dict()['alpha_mode']} ({len(report.skipped)} left float) ==")
     if run.resume_from("qat") is None:
         _calibrate(qmodel, run.train_set, args.calib_method, args.calib_batches, args.batch_size, args.seed)
         run.calibrated_eval = evaluate(qmodel, run.val_set, 256, run.device)
@@ -784,7 +752,7 @@ def _report_document(run: _ConvertRun, quant: Any, report: Any) -> dict[str, Any
 
     import qat_ste
 
-    plain_quant, args, out = quant_plain(quant), run.args, run.out
+    plain_quant, args, out = quant.to_dict(), run.args, run.out
     float_result, qat_result = run.float_result, run.qat_result
     return {
         "format": CONVERT_FORMAT,
@@ -837,6 +805,8 @@ def _convert(args: argparse.Namespace) -> int:
         if dist_info.is_main:
             _remove_stale_temp_files(out)
         _prepare_model(run, image_size)
+        if dist_info.is_main and args.overwrite:
+            _drop_resume_points(out)  # once the data and the model are known to load
         stopped = _float_stage(run)
         if stopped is not None and stopped.stopped_early:
             return _stopped(stopped, out, run.say)
@@ -1026,7 +996,8 @@ def _fail(problem: str, fix: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``qat-ste`` command line; returns the exit code (0 ok, 1 failed check/run, 2 bad input)."""
+    """Run the ``qat-ste`` command line; returns the exit code: 0 ok, 1 failed check or run (or an internal
+    error, reported as a bug), 2 bad input or environment, 130/143 stopped by SIGINT/SIGTERM."""
     debug = os.environ.get("QAT_STE_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -1060,14 +1031,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"a required package is missing ({error})",
               "install the extras: pip install 'qat_ste[onnx,timm,data,plot]'")
         return EXIT_USAGE
-    except (OSError, RuntimeError, ValueError, MemoryError) as error:
+    except OSError as error:  # the environment: paths, permissions, disk space
         if debug:
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        cause = ("check the paths, their permissions and the free disk space" if isinstance(error, OSError) else
-                 "check that the model fits the data (e.g. a larger --image-size for deep models)")
-        _fail(f"{type(error).__name__}: {first[:400]}", f"{cause}; set QAT_STE_DEBUG=1 to see the traceback")
+        _fail(f"{type(error).__name__}: {_first_line(error)[:400]}",
+              "check the paths, their permissions and the free disk space; set QAT_STE_DEBUG=1 to see the traceback")
         return EXIT_USAGE
+    except Exception as error:  # noqa: BLE001 - anything else is ours: say so, briefly
+        if debug:
+            raise
+        return _internal_error(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _internal_error(error: Exception) -> int:
+    """An error qat_ste did not turn into a clear message: exit 1, never blamed on the user's input."""
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        _fail(f"out of memory: {_first_line(error)[:300]}", "lower --batch-size (or --image-size), or use a larger device")
+        return EXIT_FAILED
+    print(f"qat-ste: internal error: {type(error).__name__}: {_first_line(error)[:400]}\n"
+          "  This is a bug in qat_ste (or an input it fails to check). Please report it with the traceback "
+          "that QAT_STE_DEBUG=1 shows.", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

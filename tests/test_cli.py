@@ -276,6 +276,25 @@ def test_convert_overwrite_replaces_files_as_it_writes_them(tmp_path, capsys):
     assert not stale.exists()  # stale temporary files of a killed run are removed at the start
 
 
+def test_overwrite_drops_the_old_runs_resume_points_but_keeps_its_results(tmp_path, capsys):
+    """An --overwrite run stopped early must not leave the old run's last.pt for a later --resume to
+    continue; the old results stay until the new run replaces them."""
+    out = tmp_path / "run"
+    for stage in ("float", "qat"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "last.pt").write_bytes(b"the old run's checkpoint")
+    (out / "qat" / "best.pt").write_bytes(b"the old run's best model")
+    argv = ["convert", "--out", str(out), "--overwrite", "--float-epochs", "0", "--epochs", "0",
+            "--calib-batches", "1", "--no-export", "--no-progress", "--data", "nonexistent-spec"]
+    assert main(argv) == 2  # bad input: refused before anything is removed
+    assert (out / "qat" / "last.pt").exists()
+    argv[-1] = "digits"
+    assert main(argv) == 0
+    assert not (out / "float" / "last.pt").exists() and not (out / "qat" / "last.pt").exists()
+    assert (out / "qat" / "best.pt").read_bytes() == b"the old run's best model"  # no new best.pt with 0 epochs
+    capsys.readouterr()
+
+
 def test_export_refuses_its_own_input_and_existing_files(converted, tmp_path, capsys):
     checkpoint = converted / "qat" / "last.pt"
     before = checkpoint.read_bytes()
@@ -473,3 +492,27 @@ def test_an_os_error_is_not_blamed_on_the_image_size(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "OSError: [Errno 28] No space left on device" in err and "free disk space" in err
     assert "image-size" not in err
+
+
+def test_an_internal_error_exits_1_and_says_it_is_a_bug(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("shape '[-1, 400]' is invalid for input of size 123\n  with more detail")
+
+    monkeypatch.setitem(COMMANDS, "convert", broken)
+    assert main(["convert"]) == 1
+    err = capsys.readouterr().err
+    assert "qat-ste: internal error: RuntimeError: shape '[-1, 400]' is invalid for input of size 123" in err
+    assert "This is a bug in qat_ste" in err and "QAT_STE_DEBUG=1" in err and "more detail" not in err
+    monkeypatch.setenv("QAT_STE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="shape"):
+        main(["convert"])
+
+
+def test_out_of_memory_exits_1_with_the_batch_size_fix(monkeypatch, capsys):
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(COMMANDS, "convert", oom)
+    assert main(["convert"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in err and "lower --batch-size" in err

@@ -692,6 +692,19 @@ def _differences(key: str, saved: Any, now: Any) -> list[str]:
     return [] if saved == now else [f"{key}: {saved!r} -> {now!r}"]
 
 
+def _open_out_dir(run: _Run, say: Callable[[str], None]) -> MetricsLog:
+    """Create out_dir, remove the temporary files an interrupted write left there, open the log."""
+    out_dir = Path(str(run.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temp_files(out_dir)
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) that an interrupted write left in {out_dir}: "
+            + ", ".join(p.name for p in removed[:5]))
+    log = MetricsLog(out_dir, run.config.log_format, tensorboard=run.config.tensorboard)
+    log.restart(run.history)
+    return log
+
+
 def _stop_message(run: _Run, reason: str) -> str:
     """What a stopped run prints: why, where, and how to continue."""
     if run.last_checkpoint is None:
@@ -1086,15 +1099,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
         run.last_checkpoint = resume_from
         say(f"resumed from {resume_from}: epoch {run.epoch + 1}, step {run.step}")
 
-    log = None
-    if run.files:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temp_files(out_dir)
-        if removed:
-            say(f"removed {len(removed)} temporary file(s) that an interrupted write left in {out_dir}: "
-                + ", ".join(p.name for p in removed[:5]))
-        log = MetricsLog(out_dir, config.log_format, tensorboard=config.tensorboard)
-        log.restart(run.history)
+    log = _open_out_dir(run, say) if run.files else None
     stop_reason = ""
     try:
         with _StopRequest() as stop:

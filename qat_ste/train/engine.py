@@ -617,7 +617,7 @@ def _as_train_loader(data: Any, config: TrainConfig, info: DistInfo, device: tor
 
 
 def _uninitialised_sites(model: nn.Module) -> list[str]:
-    return [name for name, m in quant_modules(model) if not m._initialized]
+    return [name for name, m in quant_modules(model) if not m.is_initialized]
 
 
 def _calibrate_if_needed(model: nn.Module, train_data: Any, config: TrainConfig, info: DistInfo,

@@ -68,9 +68,9 @@ def test_quantized_model_learns_digits(digits):
     torch.manual_seed(0)
     qmodel = qat_ste.quantize(small_cnn(in_channels=1), bits=2, ste="clipped_relu", alpha="lsq",
                               example_input=torch.randn(1, 1, 8, 8))
-    assert all(not m._initialized for _, m in qat_ste.quant_modules(qmodel))
+    assert all(not m.is_initialized for _, m in qat_ste.quant_modules(qmodel))
     result = train(qmodel, *digits, quick(epochs=3, calibrate_batches=1, calibrate_method="percentile"))
-    assert all(m._initialized for _, m in qat_ste.quant_modules(qmodel))  # calibrated by train()
+    assert all(m.is_initialized for _, m in qat_ste.quant_modules(qmodel))  # calibrated by train()
     assert result.final_val_accuracy > 0.5
     check = evaluate(qmodel, digits[1], batch_size=100)
     assert check["n"] == len(digits[1])

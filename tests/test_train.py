@@ -103,6 +103,14 @@ def test_evaluate_restores_mode_and_counts(synthetic):
     assert augmented == out  # evaluation never augments
 
 
+def test_evaluate_restores_each_modules_own_mode(synthetic):
+    model = small_cnn()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm in a model that trains
+    evaluate(model, synthetic[1], batch_size=128)
+    assert model.training and not model[1].training and model[5].training
+
+
 # ---- parameter groups and weight decay ----------------------------------------------------------
 
 

@@ -38,19 +38,17 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..atomic import remove_stale_temp_files
 from ..errors import QatSteError
-from ..validation import check_choice
+from ..nn_utils import logits_of
 from ..quantize import AlphaProjector, alpha_parameters, calibrate, quant_modules
 from .checkpoint import (
     CHECKPOINT_FORMAT, atomic_save, atomic_write_bytes, capture_rng_state, load_checkpoint, load_model_state,
@@ -61,8 +59,10 @@ from .distributed import (
     DistInfo, all_reduce_sum, barrier, env_world, gather_to_main, resolve_device, setup_distributed,
     teardown_distributed,
 )
-from .config import AMP_MODES, AUTO, OPTIMIZERS, SCHEDULES, TrainConfig, TrainingDiverged, TrainResult, check_int
+from .config import AMP_MODES, AUTO, OPTIMIZERS, SCHEDULES, TrainConfig, TrainingDiverged, TrainResult
+from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
+from .precision import autocast, input_dtype, prepare_inputs, resolve_flags, upcast
 
 __all__ = [
     "AMP_MODES", "AUTO", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "parameter_groups",
@@ -146,135 +146,6 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR following :func:`lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
-
-
-# =============================================================================================
-# Evaluation
-# =============================================================================================
-
-
-def _logits(output: Any) -> torch.Tensor:
-    """The class scores of a model's output (a tensor, a tuple whose first item they are, or an
-    object/dict with ``logits``), e.g. GoogLeNet's training-mode namedtuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise QatSteError(f"the model returned {type(output).__name__}, not class scores",
-                      "train a classifier whose forward returns a tensor of logits (N x classes)")
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 for the loss (bf16/fp16 autocast outputs are upcast)."""
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-
-
-def _autocast(device: torch.device, amp: str) -> ContextManager:
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return nullcontext()
-
-
-def _input_dtype(model: nn.Module, amp: str) -> torch.dtype | None:
-    """The dtype float inputs are cast to: the model's own when it is not float32 (e.g. a model
-    converted with .double()) and autocast is off; None keeps the inputs as they are."""
-    if amp != "off":
-        return None
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return None if dtype == torch.float32 else dtype
-
-
-def _prepare_inputs(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                    channels_last: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    if dtype is not None and images.is_floating_point():
-        images = images.to(dtype)
-    if channels_last and images.dim() == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _eval_batches(data: Any, batch_size: int, device: torch.device, rank: int, world: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, TensorImageDataset):
-        data = data.with_augment(False) if data.augment else data  # never evaluate augmented images
-        indices = torch.arange(rank, len(data), world)  # each rank its share, no padding
-        for start in range(0, len(indices), batch_size):
-            yield data.get_batch(indices[start:start + batch_size], None, device)
-    elif isinstance(data, TensorLoader):
-        position = data.state_dict()
-        try:
-            yield from data
-        finally:
-            data.load_state_dict(position)
-    else:
-        for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise QatSteError("evaluate() needs batches of (images, labels)",
-                                  "pass a TensorImageDataset, a TensorLoader or a DataLoader of (x, y)")
-            yield batch[0], batch[1]
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TensorImageDataset | TensorLoader | Iterable[Any],
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    *,
-    amp: str = "off",
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Mean cross-entropy ``loss``, top-1 ``accuracy`` and the number of images ``n``.
-
-    ``data``: a TensorImageDataset (under an initialised process group each rank takes every
-    world-th image and the sums are reduced, so the result covers the whole set exactly once), a
-    TensorLoader, or any iterable of (images, labels). A data set's augmentation is not applied.
-    ``device``: default the model's. ``amp``: ``off`` (default), ``bf16``, ``fp16`` or ``auto``
-    (bf16 on CUDA). The model's train/eval mode is restored afterwards.
-    """
-    check_int("batch_size", batch_size, 1)
-    target = resolve_device(device) if device is not None else _model_device(model)
-    check_choice("amp", amp, AMP_MODES)
-    if amp == AUTO:
-        amp = "bf16" if target.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=target)
-    dtype = _input_dtype(model, amp)
-    try:
-        for images, labels in _eval_batches(data, batch_size, target, rank, world):
-            images, labels = _prepare_inputs(images, labels, target, channels_last, dtype)
-            with _autocast(target, amp):
-                logits = _logits(model(images))
-            sums[0] += F.cross_entropy(_upcast(logits), labels, reduction="sum").double()
-            sums[1] += (logits.argmax(1) == labels).sum().double()
-            sums[2] += labels.numel()
-    finally:
-        model.train(was_training)
-    if distributed:
-        sums = all_reduce_sum(sums)
-    loss, correct, n = sums.tolist()
-    if n == 0:
-        raise QatSteError("evaluate() got no images", "pass a non-empty data set")
-    return {"loss": loss / n, "accuracy": correct / n, "n": int(n)}
 
 
 # =============================================================================================
@@ -376,18 +247,6 @@ class _Run:
     @property
     def files(self) -> bool:
         return self.out_dir is not None and self.dist.is_main
-
-
-def _resolve_flags(config: TrainConfig, device: torch.device) -> tuple[str, bool, bool]:
-    cuda = device.type == "cuda"
-    amp = config.amp
-    if amp == AUTO:
-        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"
-    if amp == "fp16" and not cuda:
-        raise QatSteError("amp='fp16' needs a CUDA device", "use amp='off' (or 'bf16') on CPU")
-    compile_ = cuda if config.compile == AUTO else bool(config.compile)
-    channels_last = cuda if config.channels_last == AUTO else bool(config.channels_last)
-    return amp, compile_, channels_last
 
 
 def _as_train_loader(data: Any, config: TrainConfig, info: DistInfo, device: torch.device) -> TensorLoader:
@@ -615,11 +474,11 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _St
     "SIGTERM", or "" for none) with which any rank asked to stop (read after the backward pass, so a
     signal during this step stops after it; SIGTERM wins, so every rank stops the same way at the same
     step). Raises TrainingDiverged (before updating the weights) on a non-finite loss or gradient norm."""
-    images, labels = _prepare_inputs(images, labels, run.device, run.channels_last, run.input_dtype)
+    images, labels = prepare_inputs(images, labels, run.device, run.channels_last, run.input_dtype)
     run.optimizer.zero_grad(set_to_none=True)
-    with _autocast(run.device, run.amp):
-        logits = _logits(run.step_model(images))
-    loss = run.criterion(_upcast(logits), labels)
+    with autocast(run.device, run.amp):
+        logits = logits_of(run.step_model(images))
+    loss = run.criterion(upcast(logits), labels)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
     else:
@@ -844,7 +703,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
 
             tqdm.write(message)
 
-    amp, compile_, channels_last = _resolve_flags(config, device)
+    amp, compile_, channels_last = resolve_flags(config, device)
     out_dir = Path(config.out_dir).expanduser() if config.out_dir is not None else None
     resume_from = _resume_path(config)
     state = load_checkpoint(resume_from) if resume_from is not None else None
@@ -886,7 +745,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
                dist=info, device=device, amp=amp, channels_last=channels_last, compiled=compile_,
                out_dir=out_dir, metadata=_plain(metadata, "metadata"),
                criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
-    run.input_dtype = _input_dtype(model, amp)
+    run.input_dtype = input_dtype(model, amp)
     run.project_alphas = AlphaProjector(model)  # the same alpha tensors as the optimizer's
     if state is not None:
         _restore(run, state)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -63,6 +61,7 @@ from .config import AMP_MODES, AUTO, OPTIMIZERS, SCHEDULES, TrainConfig, Trainin
 from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
 from .precision import autocast, input_dtype, prepare_inputs, resolve_flags, upcast
+from .signals import STOP_SIGNALS, StopRequest
 
 __all__ = [
     "AMP_MODES", "AUTO", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "parameter_groups",
@@ -148,48 +147,8 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
 
 
-# =============================================================================================
-# Ctrl-C and SIGTERM: stop after the current step
-# =============================================================================================
-
-#: the signals that stop a run after the current step, and the stop_reason each gives
-STOP_SIGNALS = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "SIGTERM"}
-
-
-class _StopRequest:
-    """While active (main thread only), the first SIGINT or SIGTERM asks the loop to stop after the
-    current step (it then saves last.pt); a second one interrupts at once (KeyboardInterrupt). The
-    previous handlers are restored on exit; a signal that came after the last step (so did not stop
-    the run) is then raised again, so it is never lost."""
-
-    def __init__(self) -> None:
-        self.signal = ""  # the name of the first signal received
-        self.handled = False  # set once the loop has stopped for it
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return bool(self.signal)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                number = getattr(signal, name, None)
-                if number is not None:
-                    self._previous[number] = signal.signal(number, self._handler)
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous if previous is not None else signal.SIG_DFL)
-        installed, self._previous = self._previous, {}
-        if installed and exc_type is None and self.signal and not self.handled:
-            signal.raise_signal(getattr(signal, self.signal))
+#: the former name of :class:`~qat_ste.train.signals.StopRequest`
+_StopRequest = StopRequest
 
 
 # =============================================================================================
@@ -468,7 +427,7 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
         restore_rng_state(rng[run.dist.rank] if run.dist.rank < len(rng) else rng[0])
 
 
-def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest
                 ) -> tuple[list[float], str]:
     """One optimizer step. Returns the global (loss sum, correct, count) and the signal ("SIGINT",
     "SIGTERM", or "" for none) with which any rank asked to stop (read after the backward pass, so a
@@ -520,7 +479,7 @@ def _is_compile_error(error: BaseException) -> bool:
     return module.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def _checked_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: _StopRequest
+def _checked_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest
                   ) -> tuple[list[float], str]:
     """A training step; if torch.compile fails on the very first one, warn and continue eagerly."""
     if not run.compiled or run.compile_verified:
@@ -548,7 +507,7 @@ def _progress_bar(run: _Run) -> Any:
                 disable=not (run.config.progress and run.dist.is_main), unit="batch")
 
 
-def _train_one_epoch(run: _Run, stop: _StopRequest) -> str:
+def _train_one_epoch(run: _Run, stop: StopRequest) -> str:
     """Run the rest of the current epoch. Returns '' when it completed, else why it stopped."""
     run.step_model.train()
     run.loader.set_epoch(run.epoch)
@@ -755,7 +714,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     log = _open_out_dir(run, say) if run.files else None
     stop_reason = ""
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while run.epoch < config.epochs:
                 stop_reason = _train_one_epoch(run, stop)
                 if stop_reason:

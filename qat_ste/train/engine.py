@@ -47,7 +47,7 @@ import torch.nn as nn
 from ..atomic import remove_stale_temp_files
 from ..errors import QatSteError
 from ..nn_utils import logits_of
-from ..quantize import AlphaProjector, alpha_parameters, calibrate, quant_modules
+from ..quantize import AlphaProjector, calibrate, quant_modules
 from .checkpoint import (
     CHECKPOINT_FORMAT, atomic_save, atomic_write_bytes, capture_rng_state, load_checkpoint, load_model_state,
     restore_rng_state,
@@ -60,92 +60,14 @@ from .distributed import (
 from .config import AMP_MODES, AUTO, OPTIMIZERS, SCHEDULES, TrainConfig, TrainingDiverged, TrainResult
 from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
+from .optim import NORM_TYPES, build_optimizer, build_scheduler, lr_factor, parameter_groups
 from .precision import autocast, input_dtype, prepare_inputs, resolve_flags, upcast
 from .signals import STOP_SIGNALS, StopRequest
 
 __all__ = [
-    "AMP_MODES", "AUTO", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "parameter_groups",
+    "AMP_MODES", "AUTO", "NORM_TYPES", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "parameter_groups",
     "build_optimizer", "build_scheduler", "lr_factor",
 ]
-
-#: normalisation layers whose parameters get ``norm_weight_decay`` (class names containing "Norm"
-#: are treated the same, which covers timm's and most custom norm layers)
-NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
-                                nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
-# =============================================================================================
-# Optimizer and schedule
-# =============================================================================================
-
-
-def _is_norm_module(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
-
-
-def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """Trainable parameters in up to three optimizer groups, each with a ``name``: ``weights``
-    (``weight_decay``), ``norm`` (parameters of normalisation layers, ``norm_weight_decay``) and
-    ``alpha`` (learned quantizer steps, ``alpha_weight_decay`` and ``alpha_lr``)."""
-    alpha_ids = {id(p) for p in alpha_parameters(model)}
-    norm_ids = {id(p) for m in model.modules() if _is_norm_module(m) for p in m.parameters(recurse=False)}
-    groups: dict[str, list[nn.Parameter]] = {"weights": [], "norm": [], "alpha": []}
-    seen: set[int] = set()
-    for _, parameter in model.named_parameters():
-        if not parameter.requires_grad or id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        key = "alpha" if id(parameter) in alpha_ids else "norm" if id(parameter) in norm_ids else "weights"
-        groups[key].append(parameter)
-    settings = {
-        "weights": {"weight_decay": config.weight_decay},
-        "norm": {"weight_decay": config.norm_weight_decay},
-        "alpha": {"weight_decay": config.alpha_weight_decay,
-                  **({"lr": config.alpha_lr} if config.alpha_lr is not None else {})},
-    }
-    out = [{"params": params, "name": key, **settings[key]} for key, params in groups.items() if params]
-    if not out:
-        raise QatSteError("the model has no trainable parameters (requires_grad is False everywhere)",
-                          "unfreeze some parameters before training")
-    return out
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over :func:`parameter_groups`."""
-    groups = parameter_groups(model, config)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """The LR multiplier for optimizer step ``step`` (0-based): linear warmup over
-    ``warmup_epochs``, then the schedule (multistep by epoch, cosine to 0 over the remaining
-    steps, or constant)."""
-    steps_per_epoch = max(int(steps_per_epoch), 1)
-    total = config.epochs * steps_per_epoch
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return config.warmup_start_factor + (1.0 - config.warmup_start_factor) * step / warmup
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "multistep":
-        milestones = config.milestones
-        if milestones is None:
-            milestones = tuple(sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)}))
-        epoch = step // steps_per_epoch
-        return config.gamma ** sum(1 for m in milestones if epoch >= m)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
-
 
 #: the former name of :class:`~qat_ste.train.signals.StopRequest`
 _StopRequest = StopRequest

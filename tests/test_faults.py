@@ -53,7 +53,7 @@ import hashlib, io, json, os, signal, sys, time
 from pathlib import Path
 
 import qat_ste.atomic as atomic
-import qat_ste.train.engine as engine
+import qat_ste.train.loop as engine
 from qat_ste.cli import main
 
 fault, argv = json.loads(sys.argv[1]), sys.argv[2:]

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 
 from ..atomic import (
-    atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, check_integrity,
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_integrity,
     remove_stale_temp_files,
 )
 from ..errors import QatSteError

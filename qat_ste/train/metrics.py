@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import QatSteError
 from .checkpoint import atomic_write_bytes, atomic_write_text
@@ -58,13 +59,13 @@ class MetricsLog:
         self.path: Path | None = None
         if out_dir is not None and fmt != "none":
             self.path = Path(out_dir) / ("metrics.csv" if fmt == "csv" else "metrics.jsonl")
-        self._writer = None
+        self._writer: Any = None
         if tensorboard and out_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # TensorBoard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
+                pass
+            else:
                 self._writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
     def _encode(self, rows: Sequence[dict[str, Any]], header: bool) -> str:
@@ -126,7 +127,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
         axes = figure.add_subplot(1, 2, index + 1)
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [r.get(f"{split}_{metric}") for r in history]
-            points = [(e, v) for e, v in zip(epochs, values) if v is not None and math.isfinite(v)]
+            points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None and math.isfinite(v)]
             if points:
                 axes.plot([p[0] for p in points], [p[1] for p in points], style, markersize=3, label=split)
         axes.set_xlabel("epoch")

@@ -463,3 +463,41 @@ def test_resume_with_changed_quantization_or_model_is_refused_unless_forced(data
     with pytest.warns(UserWarning, match="quant.bits: 3 -> 2; resuming anyway"):
         forced = train(make_model(), *data, config(tmp_path, resume=True, force_resume=True), metadata=changed)
     assert forced.steps == EPOCHS * 8
+
+
+# ---- the LR schedule on resume ----------------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_with_a_lambdalr_schedule_is_exact(data, reference, tmp_path):
+    """Checkpoints written before the schedule used torch's schedulers hold a LambdaLR state: the
+    schedule is stepped to the saved step instead, and the run still ends as an uninterrupted one."""
+    from qat_ste.train.optim import lr_factor
+
+    train(make_model(), *data, config(tmp_path, stop_after_steps=11))
+    state = load_checkpoint(tmp_path / "last.pt")
+    groups = len(state["optimizer"]["param_groups"])
+    optimizer = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]} for _ in range(groups)], lr=0.05)
+    old = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config(tmp_path), 8))
+    for _ in range(11):
+        optimizer.step()
+        old.step()
+    state["scheduler"] = old.state_dict()
+    assert "lr_lambdas" in state["scheduler"]
+    checkpoint_module.atomic_save(state, tmp_path / "last.pt")
+    model = make_model(seed=1)
+    resumed = train(model, *data, config(tmp_path, resume=True))
+    assert resumed.steps == EPOCHS * 8
+    assert_same_weights(model.state_dict(), reference[0])
+    assert history_without_timing(resumed.history) == history_without_timing(reference[1])
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
+    from qat_ste.train.optim import lr_factor
+
+    train(make_model(), *data, config(tmp_path, stop_after_steps=11))
+    with pytest.warns(UserWarning, match="epochs: 3 -> 5"):
+        longer = train(make_model(), *data, config(tmp_path, resume=True, epochs=5))
+    assert longer.steps == 5 * 8
+    new = config(tmp_path, epochs=5)
+    for row in longer.history[1:]:  # the LR after each epoch's last step, under the 5-epoch cosine
+        assert row["lr"] == pytest.approx(0.05 * lr_factor(row["step"], new, 8), rel=1e-9, abs=1e-15), row

@@ -173,6 +173,33 @@ def test_lr_factor_warmup_multistep_cosine_constant():
     assert lr_factor(6 * 5, default_milestones, 5) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "multistep", "constant"])
+@pytest.mark.parametrize("warmup_epochs", [0, 0.3, 1, 2.5])
+def test_torch_schedulers_give_the_closed_form_lr_at_every_step(schedule, warmup_epochs):
+    """build_scheduler (torch's LinearLR, CosineAnnealingLR / MultiStepLR / ConstantLR, SequentialLR)
+    gives lr_factor(step) x each group's base LR at every step: no warmup, a fractional warmup,
+    and a warmup longer than the first milestone (2.5 epochs; milestone 2)."""
+    from torch.optim.lr_scheduler import LambdaLR, LinearLR, SequentialLR
+
+    from qat_ste.train.engine import build_scheduler
+
+    steps_per_epoch = 7
+    config = TrainConfig(epochs=6, schedule=schedule, milestones=(2, 4) if schedule == "multistep" else None,
+                         gamma=0.3, warmup_epochs=warmup_epochs, warmup_start_factor=0.05, lr=0.1)
+    weights, steps = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([{"params": [weights]}, {"params": [steps], "lr": 0.003}], lr=0.1)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    assert not isinstance(scheduler, LambdaLR)
+    assert isinstance(scheduler, SequentialLR) == (warmup_epochs > 0)  # no warmup stage of 0 steps
+    if warmup_epochs:
+        assert isinstance(scheduler._schedulers[0], LinearLR)
+    for step in range(config.epochs * steps_per_epoch):
+        for group, base in zip(optimizer.param_groups, (0.1, 0.003), strict=True):
+            assert group["lr"] == pytest.approx(base * lr_factor(step, config, steps_per_epoch), rel=1e-9), step
+        optimizer.step()
+        scheduler.step()
+
+
 def test_scheduler_is_stepped_per_iteration(synthetic):
     model = small_cnn()
     result = train(model, *synthetic, quick(epochs=2, lr=0.1, schedule="multistep", milestones=(1,), gamma=0.5))

@@ -15,7 +15,7 @@ What :func:`train` does, in order (as torchvision's references/classification/tr
    (``qat_ste.calibrate`` averages the ranges over ranks, so all ranks start identical).
 3. Build the optimizer (weights with ``weight_decay``; normalisation parameters and the learned
    steps without decay by default) and the per-step schedule (warmup, then cosine / multistep /
-   constant); on resume put back optimizer, schedule, grad scaler,
+   constant, from torch's schedulers); on resume put back optimizer, schedule, grad scaler,
    loader position, RNG states, history and best metric, so the run continues exactly as if
    never stopped.
 4. Per step (:func:`_train_step`): forward (bf16 autocast on CUDA by default), cross-entropy,

@@ -3,8 +3,12 @@
 - :func:`parameter_groups` / :func:`build_optimizer`: SGD or AdamW over up to three groups
   (weights with ``weight_decay``; normalisation parameters and the learned steps without decay
   by default, the steps with their own ``alpha_lr`` if set).
-- :func:`lr_factor` / :func:`build_scheduler`: the LR multiplier of each optimizer step (warmup,
-  then cosine / multistep / constant), stepped after every optimizer step.
+- :func:`build_scheduler`: torch's schedulers, stepped after every optimizer step: a
+  ``LinearLR`` warmup over ``warmup_epochs`` (left out when it has no steps), then
+  ``CosineAnnealingLR`` (to 0 at the last step), ``MultiStepLR`` (``gamma`` at each milestone
+  epoch) or ``ConstantLR(factor=1)``, joined by ``SequentialLR``.
+- :func:`lr_factor`: the same schedule as a closed form (the multiplier of the base LR at a step),
+  for reading and for checking the schedulers against it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    SequentialLR,
+)
 
 from ..errors import QatSteError
 from ..quantize import alpha_parameters
@@ -97,8 +109,25 @@ def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    """The per-step schedule of :func:`lr_factor` from torch's schedulers (call ``step()`` after
+    every optimizer step). The warmup is a ``LinearLR`` stage; a warmup of 0 steps is left out
+    rather than given to ``SequentialLR`` as a milestone at 0."""
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    warmup = warmup_steps(config, steps_per_epoch)
+    ramp = None
+    if warmup > 0:
+        ramp = LinearLR(optimizer, start_factor=config.warmup_start_factor, end_factor=1.0, total_iters=warmup)
+    main: LRScheduler
+    if config.schedule == "constant":
+        main = ConstantLR(optimizer, factor=1.0)
+    elif config.schedule == "multistep":
+        # the main stage counts its steps from the end of the warmup; a milestone inside the
+        # warmup applies from the first step after it, as in lr_factor
+        steps = [max(0, m * steps_per_epoch - warmup) for m in _milestone_epochs(config)]
+        main = MultiStepLR(optimizer, milestones=steps, gamma=config.gamma)
+    else:
+        main = CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch - warmup), eta_min=0.0)
+    if ramp is None:
+        return main
+    return SequentialLR(optimizer, schedulers=[ramp, main], milestones=[warmup])

@@ -215,10 +215,10 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     states into ``run`` (the model's weights are loaded before the optimizer is built)."""
     try:
         run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
+        _restore_scheduler(run.scheduler, run.optimizer, state["scheduler"], int(state["step"]))
         if run.scaler is not None and state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, RuntimeError) as error:
+    except (ValueError, KeyError, RuntimeError, TypeError) as error:
         raise QatSteError(f"the checkpoint's optimizer/scheduler state does not fit this run ({error})",
                           "resume with the same model and optimizer settings as the interrupted run") from None
     run.loader.load_state_dict(state["loader"])
@@ -233,3 +233,32 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     rng = state.get("rng") or []
     if rng:
         restore_rng_state(rng[run.dist.rank] if run.dist.rank < len(rng) else rng[0])
+
+
+#: entries of a scheduler's state that say where it is, not what schedule it follows
+_POSITION_KEYS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"})
+
+
+def _schedule_settings(state: Any) -> Any:
+    """A scheduler state without its position: equal for two schedulers that follow the same schedule."""
+    if isinstance(state, dict):
+        return {k: _schedule_settings(v) for k, v in state.items() if k not in _POSITION_KEYS}
+    if isinstance(state, (list, tuple)):
+        return [_schedule_settings(v) for v in state]
+    return state
+
+
+def _restore_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                       step: int) -> None:
+    """Load the saved schedule state when it is this run's schedule (exact resume); otherwise (a
+    checkpoint from before the torch schedulers, or changed schedule settings) step this run's
+    schedule from its start to ``step``, so the LR follows the current settings."""
+    if _schedule_settings(saved) == _schedule_settings(scheduler.state_dict()):
+        scheduler.load_state_dict(saved)
+        return
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # the LR at step 0 (the optimizer state holds the saved run's)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        for _ in range(step):
+            scheduler.step()

@@ -103,14 +103,6 @@ def test_evaluate_restores_mode_and_counts(synthetic):
     assert augmented == out  # evaluation never augments
 
 
-def test_evaluate_restores_each_modules_own_mode(synthetic):
-    model = small_cnn()
-    model.train()
-    model[1].eval()  # a frozen BatchNorm in a model that trains
-    evaluate(model, synthetic[1], batch_size=128)
-    assert model.training and not model[1].training and model[5].training
-
-
 # ---- parameter groups and weight decay ----------------------------------------------------------
 
 
@@ -274,6 +266,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic, tmp_pat
 def test_non_finite_loss_without_out_dir(synthetic):
     with pytest.raises(TrainingDiverged, match="no out_dir"):
         train(PoisonAfter(small_cnn(), at=1), *synthetic, quick(epochs=1))
+
+
+def test_a_non_finite_step_is_refused_before_the_first_step(synthetic, tmp_path):
+    qmodel = qat_ste.quantize(small_cnn(), bits=4, alpha_mode="lsq", step_init=0.3,
+                              example_input=torch.randn(1, 3, 16, 16))
+    sites = qat_ste.quant_modules(qmodel)
+    name, module = sites[1]
+    with torch.no_grad():
+        module.alpha.fill_(float("nan"))
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    with pytest.raises(QatSteError) as refused:
+        train(qmodel, *synthetic, quick(epochs=1, out_dir=str(tmp_path)))
+    assert not isinstance(refused.value, TrainingDiverged)  # refused before any step, not diverged
+    text = str(refused.value)
+    assert f"1 of 2 quantized site(s) have a step that is not a finite number > 0: {module.site or name} (step nan)" \
+        in text, text
+    assert "calibrate" in refused.value.fix
+    after = qmodel.state_dict()
+    assert all(torch.equal(after[k], v) or (v.isnan().all() and after[k].isnan().all()) for k, v in before.items())
+    assert not (tmp_path / "last.pt").exists()
 
 
 # ---- settings -----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ What :func:`train` does, in order (as torchvision's references/classification/tr
 2. On resume, load the model's weights from ``last.pt``, refusing a checkpoint whose ``metadata``
    (model, data, quantization, calibration) differs from this run's unless ``force_resume``.
    Otherwise, calibrate the quantized sites whose step is not set yet on a few training batches
-   (``qat_ste.calibrate`` averages the ranges over ranks, so all ranks start identical).
+   (``qat_ste.calibrate`` averages the ranges over ranks, so all ranks start identical). Then
+   every step must be a finite number > 0 (``qat_ste.check_steps``).
 3. Build the optimizer (weights with ``weight_decay``; normalisation parameters and the learned
    steps without decay by default) and the per-step schedule (warmup, then cosine / multistep /
    constant, from torch's schedulers); on resume put back optimizer, schedule, grad scaler,
@@ -45,6 +46,7 @@ import torch.nn as nn
 
 from ..errors import QatSteError
 from ..nn_utils import logits_of
+from ..quantize import check_steps
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, TrainResult
 from .data import TensorImageDataset, TensorLoader
@@ -99,7 +101,7 @@ def train(
     (optional) is evaluated every ``config.eval_every`` epochs. ``metadata`` (plain values) is
     stored in the checkpoints, e.g. what is needed to rebuild the model. Under ``torchrun`` the
     same call trains with DistributedDataParallel. Raises :class:`TrainingDiverged` on a non-finite
-    loss, QatSteError on bad settings or an unreadable checkpoint.
+    loss, QatSteError on bad settings, a non-finite or non-positive step, or an unreadable checkpoint.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -134,6 +136,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
         model.to(device)
     else:
         calibrate_if_needed(model, loader, config, info, device, say)
+    check_steps(model)  # no training from a NaN, infinite or non-positive step
     prepare_model(model, config, info, device, channels_last=flags[2])
     run = new_run(model, loader, val_data, config, metadata, info, device, flags)
     if state is not None:

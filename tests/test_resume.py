@@ -465,6 +465,19 @@ def test_resume_with_changed_quantization_or_model_is_refused_unless_forced(data
     assert forced.steps == EPOCHS * 8
 
 
+def test_resume_with_changed_calibration_is_refused(data, tmp_path):
+    meta = {"model": "zoo:x", "stage": "qat", "calibration": {"method": "percentile", "batches": 2}}
+    train(make_model(), *data, config(tmp_path, stop_after_steps=3), metadata=meta)
+    changed = {**meta, "calibration": {"method": "mse", "batches": 2}}
+    with pytest.raises(QatSteError) as refused:
+        train(make_model(), *data, config(tmp_path, resume=True), metadata=changed)
+    assert f"checkpoint {tmp_path / 'last.pt'} was written for a different run: calibration.method: " \
+           "'percentile' -> 'mse'" in str(refused.value)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # nothing was written
+    resumed = train(make_model(), *data, config(tmp_path, resume=True), metadata=meta)
+    assert resumed.steps == EPOCHS * 8
+
+
 # ---- the LR schedule on resume ----------------------------------------------------------------------
 
 

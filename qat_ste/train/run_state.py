@@ -22,8 +22,10 @@ from .distributed import DistInfo, gather_to_main
 __all__ = ["RESUME_METADATA_KEYS", "EpochMeter", "Run", "check_resume_config", "check_resume_metadata",
            "diverged", "plain", "restore", "resume_path", "save_checkpoint"]
 
-#: metadata entries that must match on resume: what the model, its data and its quantization are
-RESUME_METADATA_KEYS = ("model", "data", "quant", "num_classes", "in_channels", "image_size", "stage")
+#: metadata entries that must match on resume: what the model, its data, its quantization and the
+#: calibration of its steps are
+RESUME_METADATA_KEYS = ("model", "data", "quant", "calibration", "num_classes", "in_channels", "image_size",
+                        "stage")
 
 #: settings whose change on resume is warned about (the run will not match an uninterrupted one)
 RESUME_CONFIG_KEYS = ("epochs", "batch_size", "optimizer", "lr", "schedule", "milestones", "warmup_epochs", "seed",
@@ -183,8 +185,9 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def check_resume_metadata(saved: dict[str, Any], current: dict[str, Any], config: TrainConfig,
                           path: Path | None) -> None:
-    """Refuse (or, with force_resume, warn) when the checkpoint was written for another model, data
-    or quantization than this run's: the weights would be trained and saved under the wrong labels."""
+    """Refuse (or, with force_resume, warn) when the checkpoint was written for another model, data,
+    quantization or calibration than this run's: the weights would be trained and saved under the
+    wrong labels."""
     differences: list[str] = []
     saved = saved if isinstance(saved, dict) else {}
     for key in RESUME_METADATA_KEYS:

@@ -63,9 +63,9 @@ def data():
 
 
 def config(out_dir: Path, **overrides) -> TrainConfig:
-    values = dict(epochs=EPOCHS, batch_size=BATCH, lr=0.05, warmup_epochs=0.5, schedule="cosine",
-                  out_dir=str(out_dir), progress=False, print_summary=False, plot=False,
-                  calibrate_batches=2, calibrate_method="percentile")
+    values = {"epochs": EPOCHS, "batch_size": BATCH, "lr": 0.05, "warmup_epochs": 0.5, "schedule": "cosine",
+              "out_dir": str(out_dir), "progress": False, "print_summary": False, "plot": False,
+              "calibrate_batches": 2, "calibrate_method": "percentile"}
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -13,7 +13,15 @@ import torch.nn as nn
 
 import qat_ste
 from qat_ste.errors import QatSteError
-from qat_ste.train import TrainConfig, TrainingDiverged, build_optimizer, evaluate, load_checkpoint, parameter_groups, train
+from qat_ste.train import (
+    TrainConfig,
+    TrainingDiverged,
+    build_optimizer,
+    evaluate,
+    load_checkpoint,
+    parameter_groups,
+    train,
+)
 from qat_ste.train.data import TensorImageDataset, load_dataset
 from qat_ste.train.engine import lr_factor
 
@@ -33,7 +41,7 @@ def small_cnn(in_channels: int = 3, num_classes: int = 10, width: int = 8) -> nn
 
 
 def quick(**overrides) -> TrainConfig:
-    values = dict(epochs=2, batch_size=32, lr=0.05, progress=False, print_summary=False, plot=False)
+    values = {"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, "print_summary": False, "plot": False}
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -161,7 +169,8 @@ def test_lr_factor_warmup_multistep_cosine_constant():
     assert lr_factor(40, cosine, 10) == pytest.approx(0.0)
     assert lr_factor(17, TrainConfig(schedule="constant"), 10) == 1.0
     default_milestones = TrainConfig(epochs=8, schedule="multistep")
-    assert lr_factor(3 * 5, default_milestones, 5) == 1.0 and lr_factor(4 * 5, default_milestones, 5) == pytest.approx(0.1)
+    assert lr_factor(3 * 5, default_milestones, 5) == 1.0
+    assert lr_factor(4 * 5, default_milestones, 5) == pytest.approx(0.1)
     assert lr_factor(6 * 5, default_milestones, 5) == pytest.approx(0.01)
 
 
@@ -292,9 +301,9 @@ def test_a_non_finite_step_is_refused_before_the_first_step(synthetic, tmp_path)
 
 
 @pytest.mark.parametrize("bad", [
-    dict(epochs=0), dict(batch_size=-1), dict(optimizer="lamb"), dict(schedule="poly"), dict(amp="fp8"),
-    dict(lr=0.0), dict(lr=float("nan")), dict(compile="yes"), dict(log_format="xml"), dict(grad_clip=0),
-    dict(milestones=(0,)), dict(stop_after_steps=0), dict(warmup_start_factor=0.0),
+    {"epochs": 0}, {"batch_size": -1}, {"optimizer": "lamb"}, {"schedule": "poly"}, {"amp": "fp8"},
+    {"lr": 0.0}, {"lr": float("nan")}, {"compile": "yes"}, {"log_format": "xml"}, {"grad_clip": 0},
+    {"milestones": (0,)}, {"stop_after_steps": 0}, {"warmup_start_factor": 0.0},
 ])
 def test_bad_settings_raise_clear_errors(bad):
     with pytest.raises(QatSteError) as caught:

@@ -8,6 +8,8 @@ caller whether it did, so that only the code that started the group ends it.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -104,8 +106,22 @@ def setup_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistIn
 
 
 def teardown_distributed(info: DistInfo) -> None:
-    """Destroy the process group if :func:`setup_distributed` started it."""
-    if info.started_here and dist.is_available() and dist.is_initialized():
+    """End of a run: a process group that :func:`setup_distributed` started stays up for the next run
+    in this process (e.g. the float and quantized stages of one torchrun job) and is destroyed when
+    the process exits. Destroying it and starting another on the same MASTER_PORT within one process
+    was seen to hang the new group's first collective (gloo, torch 2.14) in most runs."""
+    if info.started_here:
+        _destroy_at_exit()
+
+
+@functools.cache
+def _destroy_at_exit() -> None:
+    """Register (once per process) the destruction of the default group at interpreter exit."""
+    atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

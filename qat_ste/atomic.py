@@ -18,8 +18,9 @@ import re
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import QatSteError
 

@@ -1053,7 +1053,8 @@ def _internal_error(error: Exception) -> int:
     import torch
 
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        _fail(f"out of memory: {_first_line(error)[:300]}", "lower --batch-size (or --image-size), or use a larger device")
+        _fail(f"out of memory: {_first_line(error)[:300]}",
+              "lower --batch-size (or --image-size), or use a larger device")
         return EXIT_FAILED
     print(f"qat-ste: internal error: {type(error).__name__}: {_first_line(error)[:400]}\n"
           "  This is a bug in qat_ste (or an input it fails to check). Please report it with the traceback "

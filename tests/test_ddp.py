@@ -60,8 +60,8 @@ def datasets():
 
 
 def make_config(batch_size: int, out_dir: str | None, **overrides) -> TrainConfig:
-    values = dict(epochs=EPOCHS, batch_size=batch_size, lr=0.05, warmup_epochs=0.5, device="cpu", out_dir=out_dir,
-                  progress=False, print_summary=False, plot=False)
+    values = {"epochs": EPOCHS, "batch_size": batch_size, "lr": 0.05, "warmup_epochs": 0.5, "device": "cpu",
+              "out_dir": out_dir, "progress": False, "print_summary": False, "plot": False}
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -123,10 +123,11 @@ def test_ddp_matches_single_process_on_the_same_global_batch(ddp_run, single_run
     assert rank0["state"].keys() == single_state.keys()
     changed = 0
     for key, value in single_state.items():
-        torch.testing.assert_close(rank0["state"][key], value, rtol=1e-9, atol=1e-11, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(rank0["state"][key], value, rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, key=key: f"{key}: {m}")
         changed += int(not torch.equal(value, make_model().state_dict()[key]))
     assert changed >= 8  # the weights really trained
-    for ddp_row, row in zip(rank0["history"], single_result.history):
+    for ddp_row, row in zip(rank0["history"], single_result.history, strict=True):
         assert ddp_row["train_loss"] == pytest.approx(row["train_loss"], rel=1e-9)
         assert ddp_row["val_accuracy"] == row["val_accuracy"]
         assert ddp_row["val_loss"] == pytest.approx(row["val_loss"], rel=1e-9)

@@ -25,8 +25,7 @@ from onnx import TensorProto  # noqa: E402
 
 import qat_ste  # noqa: E402
 from qat_ste.errors import QatSteError  # noqa: E402
-from qat_ste.export import check_onnx, export_onnx, read_metadata  # noqa: E402
-from qat_ste.export import onnx_export, passes  # noqa: E402
+from qat_ste.export import check_onnx, export_onnx, onnx_export, passes, read_metadata  # noqa: E402  # noqa: E402
 from qat_ste.export.runtime import optimized_op_counts  # noqa: E402
 from qat_ste.zoo import lenet5  # noqa: E402
 

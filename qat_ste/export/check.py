@@ -21,9 +21,10 @@ import copy
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +33,17 @@ import torch.nn as nn
 from ..atomic import json_safe
 from ..errors import QatSteError
 from ..nn_utils import logits_of
-from .ops import RoutedSite, export_routing, quant_sites, reference_codes
 from .onnx_export import DISABLE_QDQ, export_float_onnx, read_metadata
-from .weights import dequantize_per_channel, int8_per_channel
+from .ops import RoutedSite, export_routing, quant_sites, reference_codes
 from .runtime import (
-    FLOAT_COMPUTE_OPS, describe_options, is_integer_op, make_session, median_latency_ms, optimized_op_counts,
+    FLOAT_COMPUTE_OPS,
+    describe_options,
+    is_integer_op,
+    make_session,
+    median_latency_ms,
+    optimized_op_counts,
 )
+from .weights import dequantize_per_channel, int8_per_channel
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ class CheckReport:
                      + (_ops_text(default) if isinstance(default, dict) else f"not loadable: {default}"))
         if self.latency_ms:
             lat = self.latency_ms
-            lines.append(f"  latency, batch {int(lat['batch'])} (median)           quantized {lat['quantized']:.2f} ms, "
+            lines.append(f"  latency, batch {int(lat['batch'])} (median)           "
+                         f"quantized {lat['quantized']:.2f} ms, "
                          f"float {lat['float']:.2f} ms, speedup {lat['speedup']:.2f}x")
         lines.append("  ORT options per figure:")
         lines += [f"    {k}: {v}" for k, v in self.options.items()]
@@ -143,10 +150,10 @@ def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor 
     if labels is None:
         return [(x, None) for x in xs]
     ys = [labels] if isinstance(labels, torch.Tensor) else list(labels)
-    if len(ys) != len(xs) or any(len(y) != len(x) for x, y in zip(xs, ys)):
+    if len(ys) != len(xs) or any(len(y) != len(x) for x, y in zip(xs, ys, strict=True)):
         raise QatSteError("labels do not match inputs (one label per input sample)",
                           "pass labels shaped like the inputs' batches, e.g. a tensor of N class indices")
-    return list(zip(xs, ys))
+    return list(zip(xs, ys, strict=True))
 
 
 def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]]:
@@ -349,7 +356,7 @@ def _compare(reference_model: nn.Module, proto: Any, path: Path, file_config: di
                 logits_t = logits_of(reference_model(x.to(device))).float().cpu()
             feeds = {input_name: x.detach().cpu().numpy()}
             logits_o = torch.from_numpy(deployed.run(None, feeds)[0]).float()
-            values = dict(zip(probe_names, probe.run(None, feeds)))
+            values = dict(zip(probe_names, probe.run(None, feeds), strict=True))
             for name, occurrences in by_site.items():
                 _count_site(tally, name, sites[name].module, occurrences, values, codes_as, store.get(name, []))
             _count_logits(tally, logits_t, logits_o, y)
@@ -440,7 +447,8 @@ def _integer_ops(path: Path, file_config: dict[str, str]
 
 
 def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, str], meta: dict[str, Any],
-             runs: int, threads: int | None, float_path: str | os.PathLike | None, notes: list[str]) -> dict[str, float] | None:
+             runs: int, threads: int | None, float_path: str | os.PathLike | None, notes: list[str]
+             ) -> dict[str, float] | None:
     feeds_x = x.detach().cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(float_path) if float_path is not None else Path(tmp) / "float.onnx"

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -154,7 +155,8 @@ def _resolve_opset(opset: int | None, required: int, form: str, bits: Sequence[i
     return opset
 
 
-def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...]) -> dict[int, tuple[int, int | None]]:
+def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...]
+           ) -> dict[int, tuple[int, int | None]]:
     """Run the model once on the example input; returns {site index: (rank, channel axis)} of the
     sites that ran. Shape errors become a QatSteError."""
     seen: dict[int, tuple[int, int | None]] = {}
@@ -207,6 +209,8 @@ def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fix = "pass dynamic_batch=False if the model fixes its batch size; otherwise report this model"
         raise QatSteError(f"the ONNX exporter failed: {type(e).__name__}: {first}", fix) from e
+    if program is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program (a bug, please report)")
     return program.model_proto
 
 
@@ -289,7 +293,8 @@ def export_onnx(
     notes = []
     skipped = [s.name for s in sites if s.index not in seen]
     if skipped:
-        notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: {', '.join(skipped[:5])}")
+        notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
+                     f"{', '.join(skipped[:5])}")
     proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch)
     quants = _site_quants(sites, seen, form)
     site_graphs, weight_counts = _rewrite_graph(proto.graph, quants, form, weight_format, notes)
@@ -319,7 +324,8 @@ def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[R
     sites = quant_sites(model)
     if not sites:
         raise QatSteError("the model has no quantized activations (no QuantAct modules)",
-                          "quantize it first: qmodel = qat_ste.quantize(model, bits=4); qat_ste.calibrate(qmodel, batches)")
+                          "quantize it first: qmodel = qat_ste.quantize(model, bits=4); "
+                          "qat_ste.calibrate(qmodel, batches)")
     for s in sites:
         s.module.require_initialized()
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -366,7 +372,8 @@ def _settle_opset(proto: Any, opset: int, required: int, form: str, notes: list[
         opset = produced
     ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
     if ir_version > MAX_IR_VERSION:
-        raise QatSteError(f"opset {opset} needs ONNX IR version {ir_version}; ONNX Runtime 1.31 reads <= {MAX_IR_VERSION}",
+        raise QatSteError(f"opset {opset} needs ONNX IR version {ir_version}; "
+                          f"ONNX Runtime 1.31 reads <= {MAX_IR_VERSION}",
                           "pass a lower opset")
     proto.ir_version = ir_version
     return opset

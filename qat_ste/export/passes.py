@@ -59,6 +59,13 @@ class SiteGraph:
 # ---- small graph helpers --------------------------------------------------------------------------
 
 
+def _channel_axis(quant: SiteQuant) -> int:
+    """The channel axis of a per-channel site (which always has one)."""
+    if quant.axis is None:
+        raise RuntimeError(f"site {quant.name} has one step per channel but no channel axis (a bug)")
+    return int(quant.axis)
+
+
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
@@ -210,7 +217,7 @@ def tag_sites(graph: onnx.GraphProto, quants: list[SiteQuant]) -> list[SiteGraph
         else:
             for n in (node, dq):
                 del n.attribute[:]
-                n.attribute.append(helper.make_attribute("axis", int(quant.axis)))
+                n.attribute.append(helper.make_attribute("axis", _channel_axis(quant)))
         found.append(SiteGraph(quant, occurrence, source, codes, dq.output[0], nodes))
     missing = [q.name for q in quants if q.index not in seen]
     if missing:
@@ -269,9 +276,9 @@ def quantize_weights_int8(graph: onnx.GraphProto, sites: list[SiteGraph]) -> dic
             continue
         name = node.input[1]
         weight = initializer_array(graph, name)
-        if name not in done and (weight is None or weight.dtype != np.float32):
-            continue
         if name not in done:
+            if weight is None or weight.dtype != np.float32:
+                continue
             axis = _weight_axis(node, weight)
             if axis is None:
                 continue
@@ -365,7 +372,7 @@ def narrow_containers(graph: onnx.GraphProto, sites: list[SiteGraph]) -> None:
         source = q.input[0]
         limited = f"{prefix}/limited"
         # Max/Min rather than Clip: ORT's Clip->QuantizeLinear fusion fails on 4/2-bit zero points
-        shape = [-1] + [1] * (quant.rank - 1 - int(quant.axis)) if lo.ndim else []
+        shape = [-1] + [1] * (quant.rank - 1 - _channel_axis(quant)) if lo.ndim else []
         nodes = [
             helper.make_node("Max", [source, _add_initializer(graph, f"{prefix}/float_min", lo.reshape(shape))],
                              [f"{prefix}/limited_low"], name=f"{prefix}/limit_low"),

@@ -7,7 +7,8 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -443,3 +443,27 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert results == [{"steps": 3, "stop_reason": "SIGTERM"}] * 2
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
+
+
+def test_hostile_and_damaged_weights_files_are_refused_like_checkpoints(tmp_path, capsys):
+    """--weights goes through the same integrity and unsafe-pickle checks as a checkpoint."""
+    from qat_ste.train.build import load_weights_file
+    from qat_ste.zoo import lenet5
+
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"conv1.weight": Hostile(marker)}, hostile)
+    with pytest.raises(QatSteError, match=r"refused: weights file .* contains code/objects that are not plain "
+                                          r"tensors \(global (posix|nt|os)\.system\)"):
+        load_weights_file(lenet5(), hostile)
+    assert not marker.exists()
+    damaged = tmp_path / "damaged.pt"
+    torch.save(lenet5().state_dict(), damaged)
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged.write_bytes(bytes(data))
+    assert main(["convert", "--weights", str(damaged), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qat-ste: error: cannot read weights file {damaged}") and "weights_only" not in err
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QatSteError
-from .checkpoint import CHECKPOINT_FORMAT, describe_state_mismatch
+from .checkpoint import CHECKPOINT_FORMAT, describe_state_mismatch, read_torch_file
 
 __all__ = [
     "MODEL_SOURCES", "ModelSpec", "parse_model_spec", "build_model", "default_image_size", "data_options",
@@ -228,12 +228,7 @@ def _weights_path(path: str | Path) -> Path:
 
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state dict file (DDP ``module.`` and compile ``_orig_mod.`` prefixes removed)."""
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - many formats and damages raise many types
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise QatSteError(f"cannot read weights file {file}: {first}",
-                          "pass a state dict saved with torch.save(model.state_dict(), path)") from None
+    loaded = read_torch_file(file, "weights file")  # integrity checked, unsafe pickles refused
     state = loaded
     if isinstance(loaded, dict):
         if loaded.get("format") == CHECKPOINT_FORMAT:

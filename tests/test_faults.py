@@ -388,6 +388,11 @@ def test_resume_with_other_bits_is_refused_unless_forced(sigterm_run, tmp_path, 
     assert err.startswith("qat-ste: error: checkpoint") and "quant.bits: 4 -> 2" in err and err.count("\n") == 1, err
     assert "--force-resume" in err
     assert hashes(out) == before  # nothing written
+    # with more float epochs too: refused before the float stage trains on (float/last.pt untouched)
+    assert main(["convert", "--out", str(out), *TINY, "--float-epochs", "2", "--resume", "--bits", "2",
+                 "--no-export"]) == 2
+    assert "quant.bits: 4 -> 2" in capsys.readouterr().err
+    assert hashes(out) == before
     with pytest.warns(UserWarning, match="quant.bits: 4 -> 2; resuming anyway"):
         code = main(["convert", "--out", str(out), *TINY, "--resume", "--bits", "2", "--force-resume",
                      "--no-export"])

@@ -14,7 +14,15 @@ from .parser import _check_positive, _check_thresholds
 from .quant_options import _quant_config
 from .run_folder import _check_out_folder, _drop_resume_points, _remove_stale_temp_files
 from .sources import CONVERT_FORMAT, _resolve_model_and_data
-from .stages import _ConvertRun, _export_stage, _float_stage, _prepare_model, _qat_stage, _quantize_stage
+from .stages import (
+    _check_qat_resume,
+    _ConvertRun,
+    _export_stage,
+    _float_stage,
+    _prepare_model,
+    _qat_stage,
+    _quantize_stage,
+)
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as shells report a stop by a signal
 
@@ -111,6 +119,7 @@ def _convert(args: argparse.Namespace) -> int:
         _prepare_model(run, image_size)
         if dist_info.is_main and args.overwrite:
             _drop_resume_points(out)  # once the data and the model are known to load
+        _check_qat_resume(run, quant)  # before the float stage trains or writes anything
         stopped = _float_stage(run)
         if stopped is not None and stopped.stopped_early:
             return _stopped(stopped, out, run.say)

@@ -71,6 +71,22 @@ class _ConvertRun:
         return _metadata(self.spec, self.data, self.train_set.info, stage, quant, calibration)
 
 
+def _check_qat_resume(run: _ConvertRun, quant: Any) -> None:
+    """--resume with a qat/last.pt: refuse a changed quantization, model or data before the float stage
+    runs (the engine checks again when the stage starts, but the float stage would already have
+    trained and saved by then)."""
+    from ..train import TrainConfig
+    from ..train.checkpoint import load_checkpoint
+    from ..train.run_state import check_resume_metadata
+
+    resume = run.resume_from("qat")
+    if resume is None:
+        return
+    saved = load_checkpoint(resume).get("metadata", {})
+    check_resume_metadata(saved, run.metadata("qat", quant), TrainConfig(force_resume=run.args.force_resume),
+                          Path(resume))
+
+
 def _prepare_model(run: _ConvertRun, image_size: int) -> None:
     """Load the data, build the model and load --weights into it."""
     import torch

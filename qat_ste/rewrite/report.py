@@ -86,7 +86,10 @@ class QuantReport:
             else:
                 rows.append((s.name, s.original, "-", "-", "float", s.reason))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
         out = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
         if max_rows is not None and len(self.sites) > max_rows:
             out.append(f"... {len(self.sites) - max_rows} more")

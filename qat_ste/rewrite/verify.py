@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..config import QuantConfig
 from ..nn_utils import preserve_modes
 from ..quantizer.module import QuantAct
-from .census import count_activation_calls
+from .census import CallEvent, count_activation_calls
 
 
 @dataclass
@@ -34,7 +34,10 @@ def check_coverage(float_model: nn.Module, qmodel: nn.Module, *inputs: Any,
     """Run both models once (eval mode, or training mode for branches such as auxiliary heads)
     without gradients and compare the counts (see :class:`CoverageResult`)."""
     cfg = config or QuantConfig()
-    selected = lambda e: cfg.kind_enabled(e.kind.name, e.kind.family)  # noqa: E731
+
+    def selected(event: CallEvent) -> bool:
+        return cfg.kind_enabled(event.kind.name, event.kind.family)
+
     float_events = [e for e in _census_in_mode(float_model, inputs, training) if selected(e)]
     calls: list[int] = []
     hooks = [m.register_forward_hook(lambda mod, a, o: calls.append(id(mod)))

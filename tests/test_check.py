@@ -142,7 +142,7 @@ def test_bad_arguments(quantized, files, data, tmp_path) -> None:
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(plain))
     with pytest.raises(QatSteError, match="no qat_ste metadata"):
         check_onnx(quantized, plain, data[0])
-    other = qat_ste.quantize(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), bits=4, alpha="fixed")
+    other = qat_ste.quantize(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), bits=4, alpha_mode="fixed")
     with pytest.raises(QatSteError, match="has no quantized site"):
         check_onnx(other, files["float"], data[0])
     with pytest.raises(QatSteError, match="labels do not match"):

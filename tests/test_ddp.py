@@ -50,7 +50,7 @@ def make_model() -> nn.Module:
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(16, 10),
     )
-    qmodel = qat_ste.quantize(net, bits=4, alpha="lsq", alpha_init=0.25, example_input=torch.randn(1, 3, 16, 16))
+    qmodel = qat_ste.quantize(net, bits=4, alpha_mode="lsq", step_init=0.25, example_input=torch.randn(1, 3, 16, 16))
     return qmodel.double()
 
 

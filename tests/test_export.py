@@ -399,7 +399,7 @@ def test_model_over_the_protobuf_limit_is_refused_clearly(monkeypatch) -> None:
     from qat_ste.export import onnx_export
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
-    q = qat_ste.quantize(model, alpha_init=0.1)
+    q = qat_ste.quantize(model, step_init=0.1)
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 100)  # the toy model's weights exceed 100 bytes
     with pytest.raises(QatSteError, match="at most 2 GiB"):
         onnx_export.export_onnx(q, "unused.onnx", torch.randn(1, 1, 8, 8))

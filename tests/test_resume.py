@@ -31,7 +31,7 @@ def make_model(seed: int = 0) -> nn.Module:
         nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 10),
     )
-    return qat_ste.quantize(net, bits=3, alpha="lsq", example_input=torch.randn(1, 3, 16, 16))
+    return qat_ste.quantize(net, bits=3, alpha_mode="lsq", example_input=torch.randn(1, 3, 16, 16))
 
 
 class Crash(nn.Module):

@@ -74,7 +74,7 @@ def test_float_model_learns_synthetic(synthetic):
 
 def test_quantized_model_learns_digits(digits):
     torch.manual_seed(0)
-    qmodel = qat_ste.quantize(small_cnn(in_channels=1), bits=2, ste="clipped_relu", alpha="lsq",
+    qmodel = qat_ste.quantize(small_cnn(in_channels=1), bits=2, ste="clipped_relu", alpha_mode="lsq",
                               example_input=torch.randn(1, 1, 8, 8))
     assert all(not m.is_initialized for _, m in qat_ste.quant_modules(qmodel))
     result = train(qmodel, *digits, quick(epochs=3, calibrate_batches=1, calibrate_method="percentile"))
@@ -87,7 +87,7 @@ def test_quantized_model_learns_digits(digits):
 
 def test_learned_alphas_stay_projected(digits):
     torch.manual_seed(0)
-    qmodel = qat_ste.quantize(small_cnn(in_channels=1), bits=2, alpha="bcgd", alpha_init=4.9,
+    qmodel = qat_ste.quantize(small_cnn(in_channels=1), bits=2, alpha_mode="bcgd", step_init=4.9,
                               example_input=torch.randn(1, 1, 8, 8))
     train(qmodel, *digits, quick(epochs=1, lr=0.5, alpha_lr=50.0))
     for _, module in qat_ste.quant_modules(qmodel):
@@ -115,7 +115,8 @@ def test_evaluate_restores_mode_and_counts(synthetic):
 
 
 def test_no_weight_decay_on_alpha_and_norm_parameters():
-    qmodel = qat_ste.quantize(small_cnn(), bits=4, alpha="lsq", alpha_init=0.2, example_input=torch.randn(1, 3, 16, 16))
+    qmodel = qat_ste.quantize(small_cnn(), bits=4, alpha_mode="lsq", step_init=0.2,
+                              example_input=torch.randn(1, 3, 16, 16))
     config = TrainConfig(weight_decay=1e-3)
     groups = {g["name"]: g for g in parameter_groups(qmodel, config)}
     assert set(groups) == {"weights", "norm", "alpha"}
@@ -136,7 +137,8 @@ def test_no_weight_decay_on_alpha_and_norm_parameters():
 
 def test_decay_does_not_shrink_alpha_or_bn_with_zero_gradients(synthetic, tmp_path):
     """With lr 0 for the data gradient... use a huge decay: only the 'weights' group may move."""
-    qmodel = qat_ste.quantize(small_cnn(), bits=4, alpha="lsq", alpha_init=0.3, example_input=torch.randn(1, 3, 16, 16))
+    qmodel = qat_ste.quantize(small_cnn(), bits=4, alpha_mode="lsq", step_init=0.3,
+                              example_input=torch.randn(1, 3, 16, 16))
     for p in qmodel.parameters():
         p.register_hook(lambda g: torch.zeros_like(g))  # no data gradient: decay alone moves weights
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}

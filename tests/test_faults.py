@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import SignalAt
 
 from qat_ste.atomic import check_integrity, remove_stale_temp_files
 from qat_ste.cli import main
@@ -398,21 +399,6 @@ def test_resume_with_other_bits_is_refused_unless_forced(sigterm_run, tmp_path, 
                      "--no-export"])
     assert code == 0, capsys.readouterr().err
     assert load_checkpoint(out / "qat" / "last.pt")["metadata"]["quant"]["bits"] == 2
-
-
-class SignalAt(torch.nn.Module):
-    """Sends ``signum`` to this process at training-mode forward call ``at`` (never if -1)."""
-
-    def __init__(self, inner: torch.nn.Module, at: int, signum: int = signal.SIGTERM) -> None:
-        super().__init__()
-        self.inner, self.at, self.signum, self.calls = inner, at, signum, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                signal.raise_signal(self.signum)
-        return self.inner(x)
 
 
 def _sigterm_one_rank(rank: int, world: int, port: int, work: str) -> None:

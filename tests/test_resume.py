@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import SignalAt
 
 import qat_ste
 from qat_ste.errors import QatSteError
@@ -391,24 +392,9 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(data, tmp_path):
 # ---- SIGTERM ----------------------------------------------------------------------------------------
 
 
-class Signal(Crash):
-    """Sends ``signum`` to this process at training-mode forward call ``at``."""
-
-    def __init__(self, inner: nn.Module, at: int, signum: int) -> None:
-        super().__init__(inner, at, RuntimeError("unused"))
-        self.signum = signum
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                signal.raise_signal(self.signum)
-        return self.inner(x)
-
-
 def test_sigterm_stops_after_the_step_saves_and_resume_is_exact(data, reference, tmp_path, capsys):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    stopped = train(Signal(make_model(), 13, signal.SIGTERM), *data, config(tmp_path))
+    stopped = train(SignalAt(make_model(), 13, signal.SIGTERM), *data, config(tmp_path))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
     assert stopped.stopped_early and stopped.stop_reason == "SIGTERM" and stopped.steps == 13
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 13
@@ -416,7 +402,7 @@ def test_sigterm_stops_after_the_step_saves_and_resume_is_exact(data, reference,
     assert f"stopped (SIGTERM) at step 13; saved {tmp_path / 'last.pt'}: to continue, run again with " \
            "resume=True (qat-ste convert --resume)" in printed
     model = make_model(seed=4)
-    train(Signal(model, -1, signal.SIGTERM), *data, config(tmp_path, resume=True))
+    train(SignalAt(model, -1, signal.SIGTERM), *data, config(tmp_path, resume=True))
     assert_same_weights(model.state_dict(), reference[0])
 
 

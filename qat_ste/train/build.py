@@ -201,7 +201,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, allow_partial: bool
     if not fitting:
         raise QatSteError(f"no tensor of {file} fits this model ({describe_state_mismatch(model, state)})",
                           "pass weights saved from the same architecture")
-    mismatch = _weights_mismatch(own, state)
+    mismatch = describe_state_mismatch(model, state, counters_optional=True)
     if mismatch and not allow_partial:
         raise QatSteError(
             f"weights file {file} does not fit this model: {mismatch}",
@@ -242,20 +242,3 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         raise QatSteError(f"{file} does not hold a state dict of tensors",
                           "pass a file saved with torch.save(model.state_dict(), path)")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def _weights_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], shown: int = 4) -> str:
-    """'' when ``state`` fits ``own`` exactly, else the missing / unexpected / wrong-shape keys (counts
-    and the first ``shown`` names). BatchNorm's ``num_batches_tracked`` counters may be missing, as
-    for ``load_state_dict``."""
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    parts = []
-    labelled = (("missing from the file", missing), ("unexpected", unexpected), ("of the wrong shape", shapes))
-    for label, items in labelled:
-        if items:
-            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
-            parts.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:shown])}{more}")
-    return "; ".join(parts)

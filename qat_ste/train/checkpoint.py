@@ -205,18 +205,23 @@ def _python_state_from_lists(state: list) -> tuple:
 # ---- model state ----------------------------------------------------------------------------
 
 
-def describe_state_mismatch(model: torch.nn.Module, state: dict[str, Any]) -> str:
-    """Which keys of ``state`` are missing, unexpected or of the wrong shape for ``model``."""
+def describe_state_mismatch(model: torch.nn.Module, state: dict[str, Any], *, shown: int = 4,
+                            counters_optional: bool = False) -> str:
+    """'' when ``state`` fits ``model`` key for key and shape for shape; else the missing, unexpected
+    and wrong-shape tensors (counts and the first ``shown`` names). ``counters_optional``: BatchNorm's
+    ``num_batches_tracked`` counters may be missing from ``state``."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not (counters_optional and k.endswith("num_batches_tracked"))]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+    shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model" for k in own
               if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    labelled = (("missing from the file", missing), ("unexpected", unexpected), ("of the wrong shape", shapes))
+    for label, items in labelled:
         if items:
-            parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-    return "; ".join(parts) or "the tensors do not fit"
+            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+            parts.append(f"{len(items)} tensor(s) {label}: {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str, fix: str) -> None:
@@ -226,7 +231,5 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str,
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as error:
-        detail = describe_state_mismatch(model, state)
-        if detail == "the tensors do not fit":
-            detail = str(error).strip().splitlines()[-1][:300]
+        detail = describe_state_mismatch(model, state) or str(error).strip().splitlines()[-1][:300]
         raise QatSteError(f"{source} does not fit this model: {detail}", fix) from None

@@ -127,13 +127,14 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     loader = as_train_loader(train_data, config, info, device)
     check_val_data(val_data)
 
+    metadata = plain(metadata, "metadata")
     model.to(device)
     if state is not None:
-        check_resume_metadata(state.get("metadata") or {}, plain(metadata, "metadata"), config, resume_from)
+        check_resume_metadata(state.get("metadata") or {}, metadata, config, resume_from)
         check_resume_config(state.get("config", {}), config)
         load_model_state(model, state["model"], f"checkpoint {resume_from}",
                          "resume with the same model (and quantization settings) as the interrupted run")
-        model.to(device)
+        model.to(device)  # steps resized while loading come from the checkpoint's (CPU) tensors
     else:
         calibrate_if_needed(model, loader, config, info, device, say)
     check_steps(model)  # no training from a NaN, infinite or non-positive step

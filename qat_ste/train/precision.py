@@ -52,8 +52,13 @@ def input_dtype(model: nn.Module, amp: str) -> torch.dtype | None:
     converted with .double()) and autocast is off; None keeps the inputs as they are."""
     if amp != "off":
         return None
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = param_dtype(model)
     return None if dtype == torch.float32 else dtype
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def prepare_inputs(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool,

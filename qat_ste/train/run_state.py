@@ -128,7 +128,9 @@ def save_checkpoint(run: Run, epoch_done: bool, best: bool = False) -> None:
 
 
 def _params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    """Whether every floating-point parameter is finite (one device synchronisation in all)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def diverged(run: Run, what: str) -> TrainingDiverged:

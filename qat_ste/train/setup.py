@@ -21,8 +21,8 @@ from .data import TensorImageDataset, TensorLoader
 from .distributed import DistInfo
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
-from .precision import input_dtype
-from .run_state import Run, plain
+from .precision import input_dtype, param_dtype
+from .run_state import Run
 
 __all__ = ["as_train_loader", "calibrate_if_needed", "check_val_data", "new_run", "open_out_dir", "prepare_model",
            "seed_everything"]
@@ -74,7 +74,7 @@ def calibrate_if_needed(model: nn.Module, train_data: TensorLoader, config: Trai
                           rank=info.rank, world_size=info.world_size, device=device)
     say(f"calibrating {len(missing)} quantized site(s) on {min(config.calibrate_batches, len(loader))} "
         f"batch(es) ({config.calibrate_method})")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = param_dtype(model)
     batches = (images.to(dtype) for images, _ in loader)
     calibrate(model, batches, config.calibrate_method, num_batches=config.calibrate_batches)
 
@@ -121,7 +121,7 @@ def new_run(model: nn.Module, loader: TensorLoader, val_data: Any, config: Train
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader, val_data=val_data,
                dist=info, device=device, amp=amp, channels_last=channels_last, compiled=compile_,
                out_dir=Path(config.out_dir).expanduser() if config.out_dir is not None else None,
-               metadata=plain(metadata, "metadata"),
+               metadata=metadata,
                criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
                input_dtype=input_dtype(model, amp),
                project_alphas=AlphaProjector(model))  # the same step tensors as the optimizer's

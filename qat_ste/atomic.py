@@ -62,16 +62,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
 
 
 def _is_disk_full(error: BaseException | None, folder: Path) -> bool:
-    """Whether ``error`` (or one it was raised from or while handling) is ENOSPC/EDQUOT, or torch's
-    zip writer failing ("[enforce fail at inline_container.cc...]") with under 1 MiB free."""
+    """Whether ``error`` (or one it was raised from or while handling) is ENOSPC/EDQUOT (torch's zip
+    writer hides it behind a RuntimeError; :func:`atomic_save` re-raises the OSError it kept)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
             return True
-        if isinstance(error, RuntimeError) and "inline_container" in str(error):
-            free = _free_bytes(folder)
-            return free is not None and free < 1 << 20
         error = error.__cause__ or error.__context__
     return False
 
@@ -91,6 +88,11 @@ def _free_bytes(folder: Path) -> int | None:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`atomic_write` (``.<name>.<pid>.<hex>.tmp``)."""
+    return _TEMP_NAME.match(name) is not None
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
@@ -232,6 +234,7 @@ def check_integrity(path: str | os.PathLike) -> str | None:
     if not plain and digest is None:
         if head != b"PK\x03\x04":
             return None  # not a zip file: the torch reader says what it is
+        # torch writes no zip comment, and atomic_save only its digest: anything else at the end is damage
         return "its zip end record is missing or damaged (truncated, or bytes changed at the end)"
     if digest is not None and _file_sha256(path, size - _DIGEST_COMMENT_LEN - 2) == digest:
         return None

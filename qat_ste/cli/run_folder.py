@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import is_temp_name
 from ..errors import QatSteError
 from .output import _pct
 
@@ -19,16 +20,12 @@ def _check_out_is_a_folder(out: Path) -> None:
             return
 
 
-def _is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")  # qat_ste.atomic's temporary files
-
-
 def _describe_run_folder(out: Path, limit: int = 10000) -> str | None:
     """What a non-empty --out holds (a finished run with its accuracy, an interrupted run, N files),
     or None when it holds no files (leftover temporary files aside)."""
     files = []
     for path in out.rglob("*"):
-        if path.is_file() and not _is_temp_name(path.name):
+        if path.is_file() and not is_temp_name(path.name):
             files.append(path.relative_to(out).as_posix())
             if len(files) >= limit:
                 break
@@ -68,12 +65,11 @@ def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _remove_stale_temp_files(out: Path) -> None:
-    """Temporary files a killed run left in --out (and its float/ and qat/ folders)."""
+    """Temporary files a killed run (e.g. during export) left in --out; each stage's training removes
+    those of its own folder (float/, qat/) when it starts."""
     from ..atomic import remove_stale_temp_files
 
-    for folder in (out, out / "float", out / "qat"):
-        if folder.is_dir():
-            remove_stale_temp_files(folder)
+    remove_stale_temp_files(out)
 
 
 def _drop_resume_points(out: Path) -> None:

@@ -80,8 +80,8 @@ def _check_qat_resume(run: _ConvertRun, quant: Any) -> None:
     from ..train.run_state import check_resume_metadata
 
     resume = run.resume_from("qat")
-    if resume is None:
-        return
+    if resume is None or run.args.force_resume:
+        return  # with --force-resume the engine warns when the stage starts
     saved = load_checkpoint(resume).get("metadata", {})
     check_resume_metadata(saved, run.metadata("qat", quant), TrainConfig(force_resume=run.args.force_resume),
                           Path(resume))

@@ -154,7 +154,7 @@ def _is_intact_checkpoint(path: Path) -> bool:
     try:
         if not zipfile.is_zipfile(path) or check_integrity(path) is not None:
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # only its format is read
     except Exception:  # noqa: BLE001 - any failure means: not a usable alternative
         return False
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT

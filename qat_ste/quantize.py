@@ -63,7 +63,7 @@ def quantize(
     target = model if inplace else copy.deepcopy(model)
     report = analyse_and_rewrite(target, config, example_input)
     object.__setattr__(target, REPORT_ATTR, report)
-    check_steps(target)
+    _check_steps(target)  # the model was checked for meta tensors above
     return target
 
 
@@ -137,10 +137,15 @@ def check_steps(model: nn.Module) -> None:
     """Raise :class:`QatSteError` naming every quantized site whose step is not a finite number
     > 0 (or whose zero point is not finite). quantize() and calibrate() call it; call it before
     training or exporting a model whose steps came from elsewhere."""
+    _require_materialised(model, "check_steps()")
+    _check_steps(model)
+
+
+def _check_steps(model: nn.Module) -> None:
+    """check_steps() for a model already known to be materialised (quantize() and calibrate() check that first)."""
     sites = quant_modules(model)
     if not sites:
         return
-    _require_materialised(model, "check_steps()")
     with torch.no_grad():
         flags = [(~torch.isfinite(m.alpha) | (m.alpha <= 0)).any() | (~torch.isfinite(m.zero_point)).any()
                  for _, m in sites]
@@ -281,7 +286,8 @@ def _first_fault(index: int, batch: Any, counts: dict[int, torch.Tensor], numels
                  names: dict[int, str]) -> _NonFinite | None:
     """A _NonFinite for this batch if some site saw non-finite values (one synchronisation)."""
     keys = list(counts)
-    table = torch.stack([counts[k].cpu() for k in keys]).tolist()
+    one_device = len({counts[k].device for k in keys}) == 1
+    table = torch.stack([counts[k] if one_device else counts[k].cpu() for k in keys]).tolist()
     bad = [(k, row) for k, row in zip(keys, table, strict=True) if any(row)]
     if not bad:
         return None
@@ -316,7 +322,7 @@ def calibrate(
     _require_materialised(model, "calibrate()")
     sites = [(n, m) for n, m in quant_modules(model) if include_fixed or m.alpha_mode != "fixed"]
     if not sites:
-        check_steps(model)
+        _check_steps(model)
         return model
     distributed = dist.is_available() and dist.is_initialized()
     samples, seen, fault = _observe(model, sites, batches, num_batches, keep_going=distributed)
@@ -335,7 +341,7 @@ def calibrate(
             f"{faults_elsewhere} other rank(s) saw non-finite values in their calibration data; no step was set",
             "see the error of those ranks, which names the batch and the site, and clean their data")
     _set_ranges(ranges)
-    check_steps(model)
+    _check_steps(model)
     return model
 
 

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("qat_ste.export",)),
     ("package", ("qat_ste",)),
     ("zoo", ("qat_ste.zoo",)),
+    ("data", ("qat_ste.data",)),
     ("train", ("qat_ste.train",)),
     ("cli", ("qat_ste.cli", "qat_ste.coverage", "qat_ste.theory", "qat_ste.experimental")),
 ]

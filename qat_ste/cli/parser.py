@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--float-lr", type=float, default=0.05, help="float pre-training LR (default 0.05)")
     convert.add_argument("--epochs", type=int, default=3, help="quantized fine-tuning epochs (default 3)")
     convert.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default 64)")
+    convert.add_argument("--workers", type=int, default=None,
+                         help="data loading worker processes per rank for streamed image folders "
+                              "(default: up to 8, from the CPU count)")
     convert.add_argument("--lr", type=float, default=0.01, help="fine-tuning LR (default 0.01)")
     convert.add_argument("--optimizer", default="sgd", help="sgd (default) or adamw")
     convert.add_argument("--weight-decay", type=float, default=5e-4)

@@ -49,6 +49,7 @@ class TrainConfig:
       steps are done in total, as if interrupted.
     - ``calibrate_batches``/``calibrate_method``: calibration of still-uninitialised quantizers.
     - ``sync_bn`` (SyncBatchNorm under DDP), ``find_unused_parameters`` (DDP).
+    - ``workers``: data loading worker processes per rank for streamed data (None: automatic).
     """
 
     epochs: int = 10
@@ -91,6 +92,7 @@ class TrainConfig:
     calibrate_method: str = "mse"
     sync_bn: bool = False
     find_unused_parameters: bool = False
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -132,6 +134,8 @@ class TrainConfig:
             raise QatSteError(f"warmup_start_factor={self.warmup_start_factor} must be in (0, 1]", "use e.g. 0.1")
         if self.label_smoothing >= 1:
             raise QatSteError(f"label_smoothing={self.label_smoothing} must be < 1", "use e.g. 0.1")
+        if self.workers is not None:
+            check_int("workers", self.workers, 0)
         if self.milestones is not None and any(m < 1 for m in self.milestones):
             raise QatSteError(f"milestones {self.milestones} must be epochs >= 1", "pass e.g. milestones=(30, 60)")
 

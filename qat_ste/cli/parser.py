@@ -101,6 +101,9 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                        help="activation kinds to quantize (default: all but the gates)")
     group.add_argument("--quantize-gates", action=argparse.BooleanOptionalAction, default=None,
                        help="also quantize Sigmoid/Hardsigmoid/Softmax gates")
+    group.add_argument("--kernel", default=None, choices=("auto", "triton", "torch"),
+                       help="quantizer implementation: auto (default: fused Triton kernels on CUDA, torch "
+                            "elsewhere), triton or torch")
 
 
 def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--float-lr", type=float, default=0.05, help="float pre-training LR (default 0.05)")
     convert.add_argument("--epochs", type=int, default=3, help="quantized fine-tuning epochs (default 3)")
     convert.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default 64)")
+    convert.add_argument("--preprocess", default="auto", metavar="auto|WEIGHTS",
+                         help="preprocessing of streamed image folders: auto (the model's own: timm's pretrained "
+                              "config; torchvision's 224/256 resize-crop) or a torchvision weights name such as "
+                              "ResNet18_Weights.IMAGENET1K_V1 (its transforms; nothing is downloaded)")
     convert.add_argument("--workers", type=int, default=None,
                          help="data loading worker processes per rank for streamed image folders "
                               "(default: up to 8, from the CPU count)")

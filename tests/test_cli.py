@@ -446,10 +446,11 @@ def test_convert_allow_partial_warns_and_records_the_keys(tmp_path, capsys):
     torch.save(create_zoo_model("lenet5", num_classes=5).state_dict(), path)
     argv = ["convert", "--weights", str(path), "--epochs", "0", "--calib-batches", "1", "--calib-method", "max",
             "--no-export", "--no-progress"]
-    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit this model: 2 tensor(s) of the wrong shape: fc3.weight (5, 84)" in err
-    assert "--allow-partial" in err and not (tmp_path / "refused").exists()
+    # only the classifier differs (5 -> 10 classes): loaded with a new head, said (issue 9)
+    assert main([*argv, "--out", str(tmp_path / "new_head")]) == 0
+    assert "new head: fc3 (5 → 10 classes), randomly initialised" in capsys.readouterr().out
+    report = json.loads((tmp_path / "new_head" / "report.json").read_text())
+    assert report["model"]["tensors_left_random"] == ["fc3.bias", "fc3.weight"]
     assert main([*argv, "--out", str(tmp_path / "partial"), "--allow-partial"]) == 0
     assert "warning: weights file" in capsys.readouterr().out
     report = json.loads((tmp_path / "partial" / "report.json").read_text())

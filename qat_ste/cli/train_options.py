@@ -9,13 +9,14 @@ from typing import Any
 
 
 def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
-    """Load --weights (refused unless it fits, or --allow-partial); the names left at random init."""
+    """Load --weights (refused unless it fits, or --allow-partial; a classifier for another number of
+    classes becomes a new head, said); the names left at random init."""
     from ..train.build import load_weights_file
 
     if not args.model_weights:
         return []
     skipped = load_weights_file(model, args.model_weights, allow_partial=args.allow_partial,
-                                on_partial=lambda message: say(f"warning: {message}"))
+                                on_partial=lambda message: say(f"warning: {message}"), on_note=say)
     say(f"weights: {args.model_weights}" + (f" ({len(skipped)} tensor(s) kept their random init: "
                                             f"{', '.join(skipped[:4])})" if skipped else ""))
     return skipped

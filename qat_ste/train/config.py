@@ -10,6 +10,8 @@ from typing import Any
 
 from ..errors import QatSteError
 from ..validation import check_choice
+from .distill import check_distill
+from .ema import check_decay
 from .metrics import LOG_FORMATS, format_table
 
 __all__ = ["AMP_MODES", "AUTO", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "TrainingDiverged",
@@ -50,6 +52,12 @@ class TrainConfig:
     - ``calibrate_batches``/``calibrate_method``: calibration of still-uninitialised quantizers.
     - ``sync_bn`` (SyncBatchNorm under DDP), ``find_unused_parameters`` (DDP).
     - ``workers``: data loading worker processes per rank for streamed data (None: automatic).
+    - Fine-tuning recipe: ``distill_weight`` (w in [0, 1]; > 0 needs ``train(..., teacher=)``) and
+      ``distill_temperature`` (T) of the distillation loss (1 - w)·CE + w·T²·KL(teacher/T ‖ student/T)
+      (qat_ste.train.distill); ``ema_decay`` (None: off) keeps an EMA of the weights that is
+      evaluated, picks best.pt and is left in the model at the end (qat_ste.train.ema);
+      ``freeze_bn_after_steps`` (None: never) puts BatchNorm in eval mode from that step on
+      (qat_ste.train.bn_policy).
     """
 
     epochs: int = 10
@@ -93,6 +101,10 @@ class TrainConfig:
     sync_bn: bool = False
     find_unused_parameters: bool = False
     workers: int | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    ema_decay: float | None = None
+    freeze_bn_after_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.out_dir is not None:
@@ -136,6 +148,11 @@ class TrainConfig:
             raise QatSteError(f"label_smoothing={self.label_smoothing} must be < 1", "use e.g. 0.1")
         if self.workers is not None:
             check_int("workers", self.workers, 0)
+        check_distill(self.distill_weight, self.distill_temperature)
+        if self.ema_decay is not None:
+            self.ema_decay = check_decay(self.ema_decay)
+        if self.freeze_bn_after_steps is not None:
+            check_int("freeze_bn_after_steps", self.freeze_bn_after_steps, 0)
         if self.milestones is not None and any(m < 1 for m in self.milestones):
             raise QatSteError(f"milestones {self.milestones} must be epochs >= 1", "pass e.g. milestones=(30, 60)")
 

@@ -19,25 +19,31 @@ What :func:`train` does, in order (as torchvision's references/classification/tr
    constant, from torch's schedulers); on resume put back optimizer, schedule, grad scaler,
    loader position, RNG states, history and best metric, so the run continues exactly as if
    never stopped.
-4. Per step (:func:`_train_step`): forward (bf16 autocast on CUDA by default), cross-entropy,
-   backward, optional gradient clipping, optimizer step, the steps projected into their valid
-   range, schedule step. A non-finite loss or gradient norm stops the run before the update,
-   keeping the last good checkpoint.
-5. Per epoch (:func:`_finish_epoch`): evaluation, a history row (CSV or JSON lines, TensorBoard
-   if installed), ``last.pt`` and ``best.pt`` (atomic, with a digest checked on load).
+4. Per step (:func:`_train_step`): BatchNorm frozen from ``freeze_bn_after_steps`` on, forward
+   (bf16 autocast on CUDA by default), cross-entropy (mixed with the distillation loss against
+   ``teacher`` when ``distill_weight`` > 0), backward, optional gradient clipping, optimizer step,
+   the steps projected into their valid range, the weight EMA updated (``ema_decay``), schedule
+   step. A non-finite loss or gradient norm stops the run before the update, keeping the last good
+   checkpoint.
+5. Per epoch (:func:`_finish_epoch`): evaluation (of the EMA weights when ``ema_decay`` is set),
+   a history row (CSV or JSON lines, TensorBoard if installed), ``last.pt`` and ``best.pt``
+   (atomic, with a digest checked on load).
    ``last.pt`` is also written every ``checkpoint_every_steps`` steps and when the run is stopped
    by Ctrl-C or SIGTERM (the first signal stops after the current step; ``TrainResult.stop_reason``
    says which) or by ``stop_after_steps``. Temporary files that an interrupted write left in
    ``out_dir`` are removed when a run starts there.
-6. At the end: a PNG of the curves and a summary table. Only rank 0 writes files and prints.
+6. At the end: a PNG of the curves and a summary table; with ``ema_decay`` a completed run leaves
+   the EMA weights in the model. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +53,11 @@ import torch.nn as nn
 from ..errors import QatSteError
 from ..nn_utils import logits_of
 from ..quantize import check_steps
+from .bn_policy import BatchNormFreeze
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, TrainResult
 from .data import TensorImageDataset, TensorLoader
+from .distill import Teacher, distillation_loss
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -59,6 +67,7 @@ from .distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from .ema import WeightEma
 from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
 from .precision import autocast, prepare_inputs, resolve_flags, upcast
@@ -94,12 +103,15 @@ def train(
     config: TrainConfig | None = None,
     *,
     metadata: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` (float, or returned by ``qat_ste.quantize``) in place; see the module doc.
 
     ``train_data``: a TensorImageDataset (shuffled and sharded here) or a TensorLoader; ``val_data``
     (optional) is evaluated every ``config.eval_every`` epochs. ``metadata`` (plain values) is
-    stored in the checkpoints, e.g. what is needed to rebuild the model. Under ``torchrun`` the
+    stored in the checkpoints, e.g. what is needed to rebuild the model. ``teacher``: the float
+    model to distill from (``config.distill_weight`` > 0); train() freezes it in place (eval mode,
+    no gradients, moved to the device, bf16 on CUDA), so pass a copy you do not need. Under ``torchrun`` the
     same call trains with DistributedDataParallel. Raises :class:`TrainingDiverged` on a non-finite
     loss, QatSteError on bad settings, a non-finite or non-positive step, or an unreadable checkpoint.
     """
@@ -109,16 +121,17 @@ def train(
                           "pass qat_ste.train.TrainConfig(...)")
     if not isinstance(model, nn.Module):
         raise QatSteError(f"train() takes a torch.nn.Module, got {type(model).__name__}", "pass the model object")
+    _check_teacher(teacher, config)
     device = resolve_device(config.device, env_world()[2])
     info = setup_distributed(device)
     try:
-        return _train(model, train_data, val_data, config, metadata or {}, info, device)
+        return _train(model, train_data, val_data, config, metadata or {}, info, device, teacher)
     finally:
         teardown_distributed(info)
 
 
 def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig, metadata: dict[str, Any],
-           info: DistInfo, device: torch.device) -> TrainResult:
+           info: DistInfo, device: torch.device, teacher: nn.Module | None) -> TrainResult:
     say = _printer(info, config)
     flags = resolve_flags(config, device)  # amp, compile, channels_last
     resume_from = resume_path(config)
@@ -140,6 +153,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     check_steps(model)  # no training from a NaN, infinite or non-positive step
     prepare_model(model, config, info, device, channels_last=flags[2])
     run = new_run(model, loader, val_data, config, metadata, info, device, flags)
+    recipe = _Recipe.start(run, teacher)  # before restore(): the EMA comes back with the optimizer state
     if state is not None:
         restore(run, state)
         run.last_checkpoint = resume_from
@@ -150,14 +164,17 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     try:
         with StopRequest() as stop:
             while run.epoch < config.epochs:
-                stop_reason = _train_one_epoch(run, stop)
+                stop_reason = _train_one_epoch(run, stop, recipe)
                 if stop_reason:
                     say(_stop_message(run, stop_reason))
                     break
-                _finish_epoch(run, log, say)
+                _finish_epoch(run, log, say, recipe)
     finally:
         if log is not None:
             log.close()
+    if recipe.ema is not None and not stop_reason:
+        recipe.ema.copy_to()
+        say("the model now holds the EMA weights (ema_decay)")
 
     plot_path = None
     if run.files and config.plot and run.out_dir is not None:
@@ -171,7 +188,7 @@ def _train(model: nn.Module, train_data: Any, val_data: Any, config: TrainConfig
     return result
 
 
-def _train_one_epoch(run: Run, stop: StopRequest) -> str:
+def _train_one_epoch(run: Run, stop: StopRequest, recipe: _Recipe) -> str:
     """Run the rest of the current epoch. Returns '' when it completed, else why it stopped."""
     run.step_model.train()
     run.loader.set_epoch(run.epoch)
@@ -182,7 +199,7 @@ def _train_one_epoch(run: Run, stop: StopRequest) -> str:
     try:
         tick = time.perf_counter()
         for images, labels in run.loader:
-            (loss_sum, correct, count), stop_now = _checked_step(run, images, labels, stop)
+            (loss_sum, correct, count), stop_now = _checked_step(run, images, labels, stop, recipe)
             now = time.perf_counter()
             run.meter.time_s += now - tick
             run.meter.loss_sum += loss_sum
@@ -213,13 +230,13 @@ def _train_one_epoch(run: Run, stop: StopRequest) -> str:
         bar.close()
 
 
-def _checked_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest
+def _checked_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest, recipe: _Recipe
                   ) -> tuple[list[float], str]:
     """A training step; if torch.compile fails on the very first one, warn and continue eagerly."""
     if not run.compiled or run.compile_verified:
-        return _train_step(run, images, labels, stop)
+        return _train_step(run, images, labels, stop, recipe)
     try:
-        out = _train_step(run, images, labels, stop)
+        out = _train_step(run, images, labels, stop, recipe)
     except Exception as error:  # only compiler failures are handled; anything else propagates
         if not _is_compile_error(error):
             raise
@@ -228,12 +245,12 @@ def _checked_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: St
                       "training continues without compiling (pass compile=False to skip the attempt)",
                       stacklevel=2)
         run.step_model, run.compiled = run.eager_model, False
-        out = _train_step(run, images, labels, stop)
+        out = _train_step(run, images, labels, stop, recipe)
     run.compile_verified = True
     return out
 
 
-def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest
+def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: StopRequest, recipe: _Recipe
                 ) -> tuple[list[float], str]:
     """One optimizer step. Returns the global (loss sum, correct, count) and the signal ("SIGINT",
     "SIGTERM", or "" for none) with which any rank asked to stop (read after the backward pass, so a
@@ -241,9 +258,10 @@ def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: Stop
     step). Raises TrainingDiverged (before updating the weights) on a non-finite loss or gradient norm."""
     images, labels = prepare_inputs(images, labels, run.device, run.channels_last, run.input_dtype)
     run.optimizer.zero_grad(set_to_none=True)
+    recipe.bn.before_step(run.step)
     with autocast(run.device, run.amp):
         logits = logits_of(run.step_model(images))
-    loss = run.criterion(upcast(logits), labels)
+    loss = recipe.loss(run, upcast(logits), labels, images)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
     else:
@@ -266,6 +284,8 @@ def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop: Stop
     else:
         run.optimizer.step()
     run.project_alphas()
+    if recipe.ema is not None:
+        recipe.ema.update()
     run.scheduler.step()
     run.step += 1
     return values[:3], "SIGTERM" if values[5] > 0 else "SIGINT" if values[3] > 0 else ""
@@ -287,14 +307,16 @@ def _step_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, g
     ])
 
 
-def _finish_epoch(run: Run, log: MetricsLog | None, say: Callable[[str], None]) -> None:
-    """End of an epoch: evaluate (every ``eval_every`` epochs and after the last), add the history
-    row, save last.pt (and best.pt when the metric improved), log and print the row."""
+def _finish_epoch(run: Run, log: MetricsLog | None, say: Callable[[str], None], recipe: _Recipe) -> None:
+    """End of an epoch: evaluate (every ``eval_every`` epochs and after the last; the EMA weights
+    when there is an EMA), add the history row, save last.pt (and best.pt when the metric
+    improved), log and print the row."""
     config = run.config
     val = None
     if run.val_data is not None and ((run.epoch + 1) % config.eval_every == 0 or run.epoch + 1 == config.epochs):
-        val = evaluate(run.model, run.val_data, config.eval_batch_size or 2 * config.batch_size, run.device,
-                       amp=run.amp, channels_last=run.channels_last)
+        with recipe.evaluated_weights():
+            val = evaluate(run.model, run.val_data, config.eval_batch_size or 2 * config.batch_size, run.device,
+                           amp=run.amp, channels_last=run.channels_last)
     meter = run.meter
     row = {
         "epoch": run.epoch + 1,
@@ -362,6 +384,52 @@ def _result(run: Run, stop_reason: str, metrics_path: Path | None, plot_path: Pa
         amp=run.amp,
         compiled=run.compiled,
     )
+
+
+# ---- the fine-tuning recipe -------------------------------------------------------------------------
+
+
+@dataclass
+class _Recipe:
+    """A run's fine-tuning extras: the distillation teacher, the weight EMA, the BatchNorm freeze."""
+
+    config: TrainConfig
+    teacher: Teacher | None
+    ema: WeightEma | None
+    bn: BatchNormFreeze
+
+    @classmethod
+    def start(cls, run: Run, teacher: nn.Module | None) -> _Recipe:
+        """The extras of ``run`` at step 0 (the EMA carried by the optimizer's state dict)."""
+        config = run.config
+        ema = None
+        if config.ema_decay is not None:
+            ema = WeightEma(run.model, config.ema_decay)  # the unwrapped model, also under DDP
+            ema.attach(run.optimizer)
+        frozen = Teacher(teacher, run.device, run.channels_last) if teacher is not None else None
+        return cls(config, frozen, ema, BatchNormFreeze(run.model, config.freeze_bn_after_steps))
+
+    def loss(self, run: Run, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The criterion, mixed with the distillation loss when there is a teacher."""
+        hard = run.criterion(logits, labels)
+        if self.teacher is None:
+            return hard
+        return distillation_loss(logits, self.teacher.logits(images), hard, self.config.distill_weight,
+                                 self.config.distill_temperature)
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights evaluation sees: the EMA's (swapped in for the block) or the model's own."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+
+def _check_teacher(teacher: nn.Module | None, config: TrainConfig) -> None:
+    """A teacher goes with distill_weight > 0, and the other way round."""
+    if teacher is None and config.distill_weight > 0:
+        raise QatSteError(f"distill_weight={config.distill_weight} needs a teacher to distill from",
+                          "pass train(..., teacher=float_model), or distill_weight=0")
+    if teacher is not None and config.distill_weight == 0:
+        raise QatSteError("a teacher was passed but distill_weight is 0, so it would not be used",
+                          "set TrainConfig(distill_weight=...) (e.g. 0.5), or drop teacher=")
 
 
 # ---- small helpers ----------------------------------------------------------------------------------

@@ -15,12 +15,62 @@ CONVERT_FORMAT = "qat_ste.convert/1"
 
 
 def _load_data(spec: str, image_size: int, seed: int) -> tuple[Any, Any]:
+    """The (train, val) sets of ``spec`` held in memory."""
+    from ..data.sources import load_dataset, parse_dataset_spec
     from ..train.build import data_options
-    from ..train.data import load_dataset, parse_dataset_spec
 
     parse_dataset_spec(spec)
     options = data_options(spec, image_size)
     return load_dataset(spec, "train", **options), load_dataset(spec, "val", **options)
+
+
+def _streamed_folder(spec: str) -> Path | None:
+    """The folder of an ``imagefolder:`` spec (streamed from its files, with the model's
+    preprocessing), None for the data sets held in memory."""
+    from ..data.sources import parse_dataset_spec
+
+    name, folder = parse_dataset_spec(spec)
+    return folder if name == "imagefolder" else None
+
+
+def _data_shape(spec: str, image_size: int, seed: int) -> tuple[int, int, tuple[Any, Any] | None]:
+    """(classes, channels, the loaded (train, val) sets or None): what the model is built for. A
+    streamed folder's classes are its subfolders, read without opening an image; its sets are
+    made once the model (and so its preprocessing) exists, by :func:`_stream_data`."""
+    folder = _streamed_folder(spec)
+    if folder is not None:
+        from ..data.folders import imagefolder_classes
+
+        return len(imagefolder_classes(folder)), 3, None
+    train_set, val_set = _load_data(spec, image_size, seed)
+    return train_set.info.num_classes, train_set.info.channels, (train_set, val_set)
+
+
+def _stream_data(spec: str, model: Any, image_size: int, preprocess: str, workers: int | None
+                 ) -> tuple[Any, Any]:
+    """The (train, val) sets of a streamed image folder with ``model``'s preprocessing."""
+    from ..data.loaders import resolve_workers
+    from ..data.stream import stream_imagefolder
+    from ..data.transforms import resolve_preprocess
+
+    folder = _streamed_folder(spec)
+    if folder is None:
+        raise QatSteError(f"--data {spec} is not an image folder", "stream only imagefolder:FOLDER data")
+    count = resolve_workers(workers)
+    steps = resolve_preprocess(model, image_size, preprocess)
+    return (stream_imagefolder(folder, "train", steps, workers=count),
+            stream_imagefolder(folder, "val", steps, workers=count))
+
+
+def _data_line(spec: str, train_set: Any, val_set: Any) -> str:
+    """The log line saying which data path a run takes."""
+    info = train_set.info
+    sizes = f"{len(train_set)} train / {len(val_set)} val images"
+    if hasattr(train_set, "preprocess"):
+        return (f"data: {spec} streamed from {len(train_set) + len(val_set)} files ({sizes}), "
+                f"{train_set.workers} worker(s), {train_set.preprocess.describe()}, {info.num_classes} classes")
+    return (f"data: {spec}: {sizes} in memory, {info.channels}x{info.image_size[0]}x{info.image_size[1]}, "
+            f"{info.num_classes} classes")
 
 
 def _resolve_model_and_data(args: argparse.Namespace, metadata: dict[str, Any] | None = None
@@ -33,7 +83,8 @@ def _resolve_model_and_data(args: argparse.Namespace, metadata: dict[str, Any] |
     image_size = args.image_size
     if image_size is None:
         saved = (metadata or {}).get("image_size")
-        image_size = int(saved[0]) if saved else default_image_size(spec, data)
+        preprocess = str((metadata or {}).get("preprocess") or getattr(args, "preprocess", "auto"))
+        image_size = int(saved[0]) if saved else default_image_size(spec, data, preprocess)
     return spec, data, int(image_size)
 
 
@@ -57,15 +108,19 @@ def _val_batches(dataset: Any, samples: int, batch_size: int = 128) -> tuple[lis
 
 
 def _metadata(spec: Any, data: str, info: Any, stage: str, quant: Any | None,
-              calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+              calibration: dict[str, Any] | None = None, preprocess: str | None = None) -> dict[str, Any]:
     """What a checkpoint records about the run: the model, the data, the whole QuantConfig (plain
-    values) and the calibration; resume refuses a change to any of it (unless --force-resume)."""
-    return {
+    values) and the calibration; resume refuses a change to any of it (unless --force-resume).
+    A streamed folder's run also records its --preprocess (export/check rebuild the same)."""
+    metadata = {
         "kind": CONVERT_FORMAT, "stage": stage, "model": str(spec), "data": data,
         "num_classes": info.num_classes, "in_channels": info.channels, "image_size": list(info.image_size),
         "quant": None if quant is None else quant.to_dict(), "calibration": calibration,
         "title": f"{spec} on {data} ({stage})",
     }
+    if preprocess is not None:
+        metadata["preprocess"] = preprocess
+    return metadata
 
 
 def _quantize(model: Any, quant: Any, example: Any) -> Any:
@@ -77,10 +132,11 @@ def _quantize(model: Any, quant: Any, example: Any) -> Any:
 def _calibrate(qmodel: Any, train_set: Any, method: str, batches: int, batch_size: int, seed: int) -> None:
     import qat_ste
 
-    from ..train.data import TensorLoader
+    from ..data.loaders import make_loader
 
     device = next((p.device for p in qmodel.parameters()), None)
-    loader = TensorLoader(train_set.with_augment(False), batch_size, shuffle=True, seed=seed + 7919, device=device)
+    loader = make_loader(train_set.with_augment(False), batch_size, shuffle=True, seed=seed + 7919, device=device,
+                         persistent=False)
     qat_ste.calibrate(qmodel, loader, method, num_batches=batches)
 
 
@@ -100,12 +156,14 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
     if args.model and str(spec) != meta["model"]:
         raise QatSteError(f"--model {args.model} differs from the checkpoint's model {meta['model']}",
                           "leave --model out when passing --checkpoint")
-    train_set, val_set = _load_data(data, image_size, args.seed)
-    if (train_set.info.num_classes, train_set.info.channels) != (meta["num_classes"], meta["in_channels"]):
-        raise QatSteError(f"--data {data} has {train_set.info.num_classes} classes and {train_set.info.channels} "
+    classes, channels, loaded = _data_shape(data, image_size, args.seed)
+    if (classes, channels) != (meta["num_classes"], meta["in_channels"]):
+        raise QatSteError(f"--data {data} has {classes} classes and {channels} "
                           f"channel(s); the checkpoint's model expects {meta['num_classes']} and {meta['in_channels']}",
                           f"use data like the checkpoint's ({meta['data']})")
     model = build_model(spec, meta["num_classes"], meta["in_channels"], image_size)
+    train_set, val_set = loaded or _stream_data(data, model, image_size, meta.get("preprocess") or "auto",
+                                                getattr(args, "workers", None))
     qmodel = _quantize(model, quant_from_plain(meta["quant"]), _example_input(val_set))
     load_model_state(qmodel, state["model"], f"checkpoint {path}", "pass a checkpoint written by qat-ste convert")
     qmodel.eval()
@@ -120,12 +178,14 @@ def _model_from_arguments(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     quant = _quant_config(args)
     spec, data, image_size = _resolve_model_and_data(args)
-    train_set, val_set = _load_data(data, image_size, args.seed)
+    classes, channels, loaded = _data_shape(data, image_size, args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(spec, train_set.info.num_classes, train_set.info.channels, image_size)
+    model = build_model(spec, classes, channels, image_size)
     if args.model_weights:
         load_weights_file(model, args.model_weights, allow_partial=args.allow_partial,
                           on_partial=lambda message: print(f"qat-ste: warning: {message}", file=sys.stderr))
+    train_set, val_set = loaded or _stream_data(data, model, image_size, getattr(args, "preprocess", "auto"),
+                                                getattr(args, "workers", None))
     qmodel = _quantize(model, quant, _example_input(val_set))
     _calibrate(qmodel, train_set, args.calib_method, args.calib_batches, 64, args.seed)
     qmodel.eval()

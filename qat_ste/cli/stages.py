@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from .output import _pct
-from .sources import _calibrate, _example_input, _load_data, _metadata, _quantize, _run_check
+from .sources import (
+    _calibrate,
+    _data_line,
+    _data_shape,
+    _example_input,
+    _metadata,
+    _quantize,
+    _run_check,
+    _stream_data,
+    _streamed_folder,
+)
 from .train_options import _load_start_weights, _train_settings
 
 
@@ -47,7 +57,8 @@ class _ConvertRun:
 
     def metadata(self, stage: str, quant: Any | None) -> dict[str, Any]:
         calibration = {"method": self.args.calib_method, "batches": self.args.calib_batches} if quant else None
-        return _metadata(self.spec, self.data, self.train_set.info, stage, quant, calibration)
+        preprocess = self.args.preprocess if _streamed_folder(self.data) is not None else None
+        return _metadata(self.spec, self.data, self.train_set.info, stage, quant, calibration, preprocess)
 
 
 def _check_qat_resume(run: _ConvertRun, quant: Any) -> None:
@@ -67,19 +78,20 @@ def _check_qat_resume(run: _ConvertRun, quant: Any) -> None:
 
 
 def _prepare_model(run: _ConvertRun, image_size: int) -> None:
-    """Load the data, build the model and load --weights into it."""
+    """Load the data, build the model and load --weights into it. A streamed image folder's classes
+    are read first; its data sets follow the model, whose preprocessing they use."""
     import torch
 
     from ..train.build import build_model
 
     tick = time.perf_counter()
-    run.train_set, run.val_set = _load_data(run.data, image_size, run.args.seed)
-    info = run.train_set.info
-    run.timings["data_s"] = time.perf_counter() - tick
-    run.say(f"data: {run.data}: {len(run.train_set)} train / {len(run.val_set)} val images, "
-            f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}, {info.num_classes} classes")
+    classes, channels, loaded = _data_shape(run.data, image_size, run.args.seed)
     torch.manual_seed(run.args.seed)
-    run.model = build_model(run.spec, info.num_classes, info.channels, image_size)
+    run.model = build_model(run.spec, classes, channels, image_size)
+    run.train_set, run.val_set = loaded or _stream_data(run.data, run.model, image_size, run.args.preprocess,
+                                                        run.args.workers)
+    run.timings["data_s"] = time.perf_counter() - tick
+    run.say(_data_line(run.data, run.train_set, run.val_set))
     run.skipped = _load_start_weights(run.model, run.args, run.say)
     run.parameters = sum(p.numel() for p in run.model.parameters())
     run.say(f"model: {run.spec} ({type(run.model).__name__}, {run.parameters / 1e3:.1f}k parameters)")

@@ -65,13 +65,38 @@ def parse_model_spec(text: str) -> ModelSpec:
 NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
 
 
-def default_image_size(spec: ModelSpec, dataset: str | None = None) -> int:
+def default_image_size(spec: ModelSpec, dataset: str | None = None, preprocess: str = "auto") -> int:
     """The input side used when the user gives none: the data set's own for MNIST (28) and
-    CIFAR-10 (32); otherwise 28 for LeNet-5 and 32 for every other model."""
+    CIFAR-10 (32); for a streamed image folder the model's own resolution (timm: its pretrained
+    config's input size; torchvision: the named weights' crop, else 224); otherwise 28 for LeNet-5
+    and 32 for every other model."""
     name = (dataset or "").partition(":")[0].strip().lower()
     if name in NATIVE_IMAGE_SIZE:
         return NATIVE_IMAGE_SIZE[name]
+    if name == "imagefolder" and spec.source != "zoo":
+        return _native_resolution(spec, preprocess)
     return 28 if spec.source == "zoo" and spec.name.lower() == "lenet5" else 32
+
+
+#: the side of ImageNet-style models without a configuration of their own (resize 256, crop 224)
+IMAGENET_SIZE = 224
+
+
+def _native_resolution(spec: ModelSpec, preprocess: str) -> int:
+    """The input side a torchvision or timm model was made for (see default_image_size)."""
+    if preprocess and preprocess != "auto":
+        from ..data.transforms import resolve_preprocess
+
+        return resolve_preprocess(None, None, preprocess).size
+    if spec.source == "timm":
+        try:
+            from timm.models import get_pretrained_cfg
+        except ImportError:
+            return IMAGENET_SIZE
+        config = get_pretrained_cfg(spec.name)
+        size = getattr(config, "input_size", None) if config is not None else None
+        return int(size[-1]) if size else IMAGENET_SIZE
+    return IMAGENET_SIZE
 
 
 def data_options(dataset: str, image_size: int) -> dict[str, Any]:

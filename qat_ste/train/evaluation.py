@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.loaders import StreamLoader, eval_batches
+from ..data.stream import StreamImageDataset
+from ..data.tensor import TensorImageDataset, TensorLoader
 from ..errors import QatSteError
 from ..nn_utils import logits_of, preserve_modes
 from ..validation import check_choice
 from .config import AMP_MODES, check_int
-from .data import TensorImageDataset, TensorLoader
 from .distributed import all_reduce_sum, resolve_device
 from .precision import autocast, input_dtype, prepare_inputs, resolve_amp, upcast
 
@@ -24,7 +26,7 @@ __all__ = ["evaluate"]
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: TensorImageDataset | TensorLoader | Iterable[Any],
+    data: TensorImageDataset | TensorLoader | StreamImageDataset | StreamLoader | Iterable[Any],
     batch_size: int = 256,
     device: str | torch.device | None = None,
     *,
@@ -35,7 +37,9 @@ def evaluate(
 
     ``data``: a TensorImageDataset (under an initialised process group each rank takes every
     world-th image and the sums are reduced, so the result covers the whole set exactly once), a
-    TensorLoader, or any iterable of (images, labels). A data set's augmentation is not applied.
+    TensorLoader, a StreamImageDataset or StreamLoader (its data set's evaluation transform, decoded
+    by worker processes, each rank its share), or any iterable of (images, labels). A data set's
+    augmentation is not applied.
     ``device``: default the model's. ``amp``: ``off`` (default), ``bf16``, ``fp16`` or ``auto``
     (bf16 on CUDA). Every module's train/eval mode is restored afterwards.
     """
@@ -79,6 +83,10 @@ def _eval_batches(data: Any, batch_size: int, device: torch.device, rank: int, w
         indices = torch.arange(rank, len(data), world)  # each rank its share, no padding
         for start in range(0, len(indices), batch_size):
             yield data.get_batch(indices[start:start + batch_size], None, device)
+    elif isinstance(data, StreamImageDataset):
+        yield from eval_batches(data, batch_size, device, rank, world)
+    elif isinstance(data, StreamLoader):
+        yield from eval_batches(data.dataset, batch_size, device, rank, world, workers=data.workers)
     elif isinstance(data, TensorLoader):
         position = data.state_dict()
         try:

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from ..data.loaders import TrainLoader
 from ..errors import QatSteError
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_bytes, capture_rng_state, restore_rng_state
 from .config import TrainConfig, TrainingDiverged
-from .data import TensorLoader
 from .distributed import DistInfo, gather_to_main
 
 __all__ = ["RESUME_METADATA_KEYS", "EpochMeter", "Run", "check_resume_config", "check_resume_metadata",
@@ -57,7 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     scaler: Any
-    loader: TensorLoader
+    loader: TrainLoader  # TensorLoader or StreamLoader
     val_data: Any
     dist: DistInfo
     device: torch.device

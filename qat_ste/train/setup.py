@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 
 from ..atomic import remove_stale_temp_files
+from ..data.loaders import StreamLoader, TrainLoader, make_loader
+from ..data.stream import StreamImageDataset
+from ..data.tensor import TensorImageDataset, TensorLoader
 from ..errors import QatSteError
 from ..quantize import AlphaProjector, calibrate, quant_modules
 from .config import TrainConfig
-from .data import TensorImageDataset, TensorLoader
 from .distributed import DistInfo
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
@@ -35,43 +37,48 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def as_train_loader(data: Any, config: TrainConfig, info: DistInfo, device: torch.device) -> TensorLoader:
-    """The training data as this rank's shuffled TensorLoader (a given TensorLoader must fit the rank)."""
-    if isinstance(data, TensorLoader):
+def as_train_loader(data: Any, config: TrainConfig, info: DistInfo, device: torch.device) -> TrainLoader:
+    """The training data as this rank's shuffled loader: a TensorLoader for an in-memory data set, a
+    StreamLoader (``config.workers`` processes) for a streamed one; a given loader must fit the rank."""
+    if isinstance(data, (TensorLoader, StreamLoader)):
         if (data.rank, data.world_size) != (info.rank, info.world_size):
             raise QatSteError(
-                f"the TensorLoader is set up for rank {data.rank} of {data.world_size}, but this process is "
-                f"rank {info.rank} of {info.world_size}",
-                "pass the TensorImageDataset itself and let train() shard it, or build the loader with "
+                f"the {type(data).__name__} is set up for rank {data.rank} of {data.world_size}, but this process "
+                f"is rank {info.rank} of {info.world_size}",
+                "pass the data set itself and let train() shard it, or build the loader with "
                 "rank=RANK, world_size=WORLD_SIZE",
             )
         return data
-    if isinstance(data, TensorImageDataset):
-        return TensorLoader(data, config.batch_size, shuffle=True, seed=config.seed, drop_last=config.drop_last,
-                            rank=info.rank, world_size=info.world_size, device=device)
+    if isinstance(data, (TensorImageDataset, StreamImageDataset)):
+        return make_loader(data, config.batch_size, shuffle=True, seed=config.seed, drop_last=config.drop_last,
+                           rank=info.rank, world_size=info.world_size, device=device, workers=config.workers)
     raise QatSteError(
-        f"train() needs the training data as a TensorImageDataset or TensorLoader, got {type(data).__name__}",
-        "load it with qat_ste.train.data.load_dataset(spec, 'train') (or wrap your tensors in "
-        "TensorImageDataset(images_uint8, labels, info))",
+        f"train() needs the training data as a TensorImageDataset, StreamImageDataset or their loader, got "
+        f"{type(data).__name__}",
+        "load it with qat_ste.data.load_dataset(spec, 'train') or qat_ste.data.stream_imagefolder(...) (or wrap "
+        "your tensors in TensorImageDataset(images_uint8, labels, info))",
     )
 
 
 def check_val_data(data: Any) -> None:
     """Refuse validation data that evaluate() would not read as (images, labels) of a data set."""
-    if data is not None and not isinstance(data, (TensorImageDataset, TensorLoader)):
-        raise QatSteError(f"val_data must be a TensorImageDataset or TensorLoader, got {type(data).__name__}",
-                          "load it with qat_ste.train.data.load_dataset(spec, 'val')")
+    accepted = (TensorImageDataset, TensorLoader, StreamImageDataset, StreamLoader)
+    if data is not None and not isinstance(data, accepted):
+        raise QatSteError(f"val_data must be a TensorImageDataset, StreamImageDataset or their loader, got "
+                          f"{type(data).__name__}",
+                          "load it with qat_ste.data.load_dataset(spec, 'val') or qat_ste.data.stream_imagefolder")
 
 
-def calibrate_if_needed(model: nn.Module, train_data: TensorLoader, config: TrainConfig, info: DistInfo,
+def calibrate_if_needed(model: nn.Module, train_data: TrainLoader, config: TrainConfig, info: DistInfo,
                         device: torch.device, say: Callable[[str], None]) -> None:
     """Calibrate the quantized sites whose step is not set yet on a few un-augmented training batches."""
     missing = [name for name, m in quant_modules(model) if not m.is_initialized]
     if not missing:
         return
     dataset = train_data.dataset
-    loader = TensorLoader(dataset.with_augment(False), config.batch_size, shuffle=True, seed=config.seed + 7919,
-                          rank=info.rank, world_size=info.world_size, device=device)
+    loader = make_loader(dataset.with_augment(False), config.batch_size, shuffle=True, seed=config.seed + 7919,
+                         rank=info.rank, world_size=info.world_size, device=device, workers=config.workers,
+                         persistent=False)
     say(f"calibrating {len(missing)} quantized site(s) on {min(config.calibrate_batches, len(loader))} "
         f"batch(es) ({config.calibrate_method})")
     dtype = param_dtype(model)
@@ -109,7 +116,7 @@ def _wrap_model(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
     return step_model, eager
 
 
-def new_run(model: nn.Module, loader: TensorLoader, val_data: Any, config: TrainConfig, metadata: dict[str, Any],
+def new_run(model: nn.Module, loader: TrainLoader, val_data: Any, config: TrainConfig, metadata: dict[str, Any],
             info: DistInfo, device: torch.device, flags: tuple[str, bool, bool]) -> Run:
     """The Run at step 0: optimizer, per-step schedule, grad scaler (fp16), DDP/compile wrappers, loss."""
     amp, compile_, channels_last = flags

@@ -53,7 +53,7 @@ def resolve_workers(workers: int | None) -> int:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This rank's ``(epoch, index)`` keys of an epoch, in order; stateful (how many it yielded)."""
+    """This rank's ``(seed, epoch, index)`` keys of an epoch, in order; stateful (how many it yielded)."""
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int,
                  world_size: int) -> None:
@@ -86,13 +86,13 @@ class EpochSampler(torch.utils.data.Sampler):
         n, w = self.n, self.world_size
         return (n // (self.batch_size * w)) * self.batch_size if self.drop_last else math.ceil(n / w)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         start, self._start = self._start, 0
         epoch = self.epoch
         self.yielded = start
         for index in self.indices(epoch)[start:].tolist():
             self.yielded += 1
-            yield epoch, index
+            yield self.seed, epoch, index
 
     def state_dict(self) -> dict[str, int]:
         """Epoch and keys yielded (what StatefulDataLoader snapshots)."""

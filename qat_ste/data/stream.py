@@ -5,9 +5,11 @@ Memory: the file list is the only per-image state, and it is held as two numpy a
 bytes of all relative paths and their offsets) plus one label array, not as Python objects, so
 forked workers do not copy it page by page as reference counts change; nothing decoded is kept.
 
-Randomness: the training transform draws from Python's ``random`` and torch's CPU generator, which
-are seeded per sample from (seed, epoch, index) and put back afterwards, so an image's augmentation
-does not depend on which worker decodes it, nor on what ran before: a resumed run sees the same.
+Randomness: the streaming loader asks for ``dataset[(seed, epoch, index)]``; the training transform
+then draws from Python's ``random`` and torch's CPU generator seeded from those three numbers (and
+put back afterwards), so an image's augmentation does not depend on which worker decodes it, nor on
+what ran before: a resumed run sees the same. A plain integer key (a standard DataLoader) draws
+from the process's generators as usual.
 
 A file that cannot be decoded (damaged, not an image, over PIL's decompression-bomb limit, gone) is
 replaced by the next readable file of the split (index + 1, + 2, ...), with a warning naming it once
@@ -78,12 +80,12 @@ def _warn(message: str) -> None:
 
 
 class StreamImageDataset(torch.utils.data.Dataset):
-    """Image files decoded on the fly: ``dataset[i]`` (or ``dataset[(epoch, i)]``, what the streaming
-    loader's sampler sends) is ``(float image C x H x W, int label)`` after the preprocessing's
-    training transform (``augment``) or its evaluation transform."""
+    """Image files decoded on the fly: ``dataset[i]`` (or ``dataset[(seed, epoch, i)]``, what the
+    streaming loader's sampler sends) is ``(float image C x H x W, int label)`` after the
+    preprocessing's training transform (``augment``) or its evaluation transform."""
 
     def __init__(self, root: str | Path, files: Sequence[str] | _PackedPaths, labels: Sequence[int] | np.ndarray,
-                 info: DatasetInfo, preprocess: Preprocess, augment: bool = False, seed: int = 0,
+                 info: DatasetInfo, preprocess: Preprocess, augment: bool = False,
                  workers: int | None = None) -> None:
         paths = files if isinstance(files, _PackedPaths) else _PackedPaths(files)
         label_array = np.asarray(labels, dtype=np.int64)
@@ -99,7 +101,6 @@ class StreamImageDataset(torch.utils.data.Dataset):
         self.info = info
         self.preprocess = preprocess
         self.augment = bool(augment)
-        self.seed = int(seed)
         self.workers = workers  # the loaders' default worker count (None: automatic)
         self._mode = "RGB" if preprocess.channels == 3 else "L"
         self._warned: set[int] = set()  # files this process already warned about
@@ -127,10 +128,11 @@ class StreamImageDataset(torch.utils.data.Dataset):
     def with_augment(self, augment: bool) -> StreamImageDataset:
         """The same files (shared, not copied) with the training or the evaluation transform."""
         return StreamImageDataset(self.root, self._paths, self._labels, self.info, self.preprocess, augment,
-                                  self.seed, self.workers)
+                                  self.workers)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
+    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        seeds = (int(key[0]), int(key[1])) if isinstance(key, tuple) else None
+        index = int(key[2]) if isinstance(key, tuple) else int(key)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -138,14 +140,18 @@ class StreamImageDataset(torch.utils.data.Dataset):
         image, label = self._decode_readable(index)
         if not self.augment:
             return self.preprocess.eval(image), label
-        with _seeded(_mix_seed(self.seed, epoch, index, 2)):
+        if seeds is None:
+            return self.preprocess.train(image), label
+        with _seeded(_mix_seed(*seeds, index, 2)):
             return self.preprocess.train(image), label
 
     def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-                  device: torch.device | str | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode a batch in this process: (float images, int64 labels) on ``device``. ``generator``
-        is accepted for TensorImageDataset's signature; augmentation is seeded per sample."""
-        samples = [self[(epoch, int(i))] for i in indices.tolist()]
+                  device: torch.device | str | None = None, *, seed: int = 0, epoch: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a batch in this process: (float images, int64 labels) on ``device``, augmented (when
+        on) as the streaming loader with ``seed`` would in ``epoch``. ``generator`` is accepted for
+        TensorImageDataset's signature and not used: augmentation is seeded per sample."""
+        samples = [self[(seed, epoch, int(i))] for i in indices.tolist()]
         images = torch.stack([s[0] for s in samples])
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         if device is not None:
@@ -184,8 +190,9 @@ class StreamImageDataset(torch.utils.data.Dataset):
 
 def stream_imagefolder(folder: str | Path, split: str, preprocess: Preprocess, *, val_fraction: float = 0.2,
                        seed: int = 0, augment: bool | None = None, workers: int | None = None) -> StreamImageDataset:
-    """The ``split`` of an image folder (layouts and errors as :func:`~qat_ste.data.sources.load_imagefolder`)
-    streamed with ``preprocess``; ``augment`` defaults to on for ``train``."""
+    """The ``split`` of an image folder (layouts and errors as :func:`~qat_ste.data.sources.load_imagefolder`;
+    a flat folder is split per class with ``val_fraction`` and ``seed``) streamed with ``preprocess``;
+    ``augment`` defaults to on for ``train``; ``workers``: the loaders' default worker count."""
     listing = imagefolder_split(folder, split, val_fraction, seed)
     info = DatasetInfo(name=f"imagefolder:{listing.root.name}", num_classes=len(listing.classes),
                        channels=preprocess.channels, image_size=(preprocess.size, preprocess.size),
@@ -193,4 +200,4 @@ def stream_imagefolder(folder: str | Path, split: str, preprocess: Preprocess, *
     paths = _PackedPaths(listing.files)
     labels = np.asarray(listing.labels, dtype=np.int64)
     return StreamImageDataset(listing.source, paths, labels, info, preprocess,
-                              split == "train" if augment is None else bool(augment), seed, workers)
+                              split == "train" if augment is None else bool(augment), workers)

@@ -438,3 +438,53 @@ def test_convert_refuses_bad_workers_and_missing_folders(tmp_path, capsys):
     assert err.startswith("qat-ste: error: ") and "workers" in err and "-1" in err and ">= 0" in err
     assert main([*base, "--data", f"imagefolder:{tmp_path / 'nowhere'}"]) == 2
     assert "does not exist or is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_and_check_read_an_image_folder_run(tmp_path, capsys):
+    """convert on an image folder with a zoo model (its small size, no crop), then export and check
+    from the checkpoint: the example input and the validation batches come from the streamed val set."""
+    pytest.importorskip("onnxruntime")
+    from qat_ste.cli import main
+
+    data = _cli_folder(tmp_path / "data", 6, 20)
+    out = tmp_path / "run"
+    assert main(["convert", "--model", "zoo:lenet5", "--data", f"imagefolder:{data}", "--float-epochs", "0",
+                 "--epochs", "1", "--workers", "1", "--batch-size", "6", "--calib-batches", "1", "--check-samples",
+                 "6", "--no-latency", "--no-progress", "--out", str(out)]) == 0
+    assert "small preprocessing 28 px bilinear no crop" in capsys.readouterr().out
+    target = tmp_path / "again.onnx"
+    assert main(["export", "--checkpoint", str(out / "qat" / "last.pt"), "--out", str(target)]) == 0
+    capsys.readouterr()
+    code = main(["check", "--onnx", str(target), "--checkpoint", str(out / "qat" / "last.pt"), "--json",
+                 "--check-samples", "6", "--no-latency"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 6 and report["site_parity"] == 1.0 and code == (0 if report["ok"] else 1)
+
+
+def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(folder, tmp_path):
+    import signal
+
+    from helpers import SignalAt
+
+    from qat_ste.train import TrainConfig, train
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+
+    def config(out: Path, **extra) -> TrainConfig:
+        return TrainConfig(epochs=1, batch_size=5, lr=0.05, device="cpu", out_dir=str(out), workers=2,
+                           progress=False, print_summary=False, plot=False, **extra)
+
+    train_set = stream_imagefolder(folder, "train", tiny_preprocess(), val_fraction=0.0)
+    full = model()
+    train(full, train_set, None, config(tmp_path / "full"))
+    stopped = train(SignalAt(model(), 3, signal.SIGTERM), train_set, None, config(tmp_path / "cut"))
+    assert stopped.stop_reason == "SIGTERM" and stopped.steps == 3
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["loader"]["batch_index"] == 3 and saved["loader"]["dataloader"] is not None
+    resumed = SignalAt(model(), -1)
+    train(resumed, train_set, None, config(tmp_path / "cut", resume=True))
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.inner.state_dict()[key], value), key

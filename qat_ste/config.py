@@ -16,12 +16,12 @@ from typing import Any
 
 from .errors import QatSteError
 from .kinds import GATE_KINDS, KIND_NAMES
-from .quantizer.functional import ALPHA_MODES, ROUNDING_MODES
+from .quantizer.functional import ALPHA_MODES, ROUNDING_MODES, check_kernel
 from .ste import STE, get_ste
 from .validation import check_bits, check_choice, check_step_init
 
 #: the per-site settings an override may change
-SITE_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel")
+SITE_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "kernel")
 #: deprecated option names -> current names (accepted for one release)
 RENAMED_OPTIONS = {"alpha": "alpha_mode", "alpha_init": "step_init"}
 
@@ -60,9 +60,11 @@ class _QuantFields:
     keep_last: bool = False
     kinds: tuple[str, ...] | None = None
     quantize_gates: bool = False
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_kernel(self.kernel)
         get_ste(self.ste)
         check_choice("alpha mode", self.alpha_mode, ALPHA_MODES)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
@@ -111,6 +113,9 @@ class QuantConfig(_QuantFields):
     - ``keep_first`` / ``keep_last``: leave the first / last activation (in execution order) float.
     - ``kinds``: which activation kinds to touch (default: all but the gates); ``quantize_gates``
       adds Sigmoid/Hardsigmoid/Softmax.
+    - ``kernel``: which implementation runs the quantizers: ``auto`` (the fused Triton kernels on
+      CUDA tensors, torch elsewhere), ``triton`` or ``torch``. An execution detail, not part of the
+      model: the state_dict is the same, and a checkpoint saved with one loads with the other.
 
     ``alpha`` and ``alpha_init`` are deprecated aliases of ``alpha_mode`` and ``step_init``
     (keywords and read-only properties). :meth:`to_dict` / :meth:`from_dict` store the whole

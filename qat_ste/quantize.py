@@ -40,7 +40,7 @@ def quantize(
 
     ``options`` are the fields of :class:`QuantConfig` (``alpha_mode``, ``step_init``,
     ``rounding``, ``per_channel``, ``include``, ``exclude``, ``overrides``, ``keep_first``,
-    ``keep_last``, ``kinds``, ``quantize_gates``; ``alpha`` and ``alpha_init`` are deprecated
+    ``keep_last``, ``kinds``, ``quantize_gates``, ``kernel``; ``alpha`` and ``alpha_init`` are deprecated
     aliases of the first two), or pass a ready ``config``. ``example_input`` (a tensor or a tuple
     of them) is used for one census forward pass when the rewrite needs it (modules FX cannot
     trace, keep_first/keep_last); without it a timm/zoo input size or 224x224 is tried.
@@ -62,6 +62,8 @@ def quantize(
                           "quantize the float model once; to change settings, quantize the float original again")
     target = model if inplace else copy.deepcopy(model)
     report = analyse_and_rewrite(target, config, example_input)
+    for name, m in quant_modules(target):  # the implementation per site (overrides applied)
+        m.kernel = config.for_site(m.site or name).kernel
     object.__setattr__(target, REPORT_ATTR, report)
     _check_steps(target)  # the model was checked for meta tensors above
     return target

@@ -140,3 +140,13 @@ register_ste("identity", _identity)
 register_ste("relu", _relu)
 register_ste("clipped_relu", _clipped_relu)
 register_ste("log_tailed_relu", _log_tailed_relu)
+
+#: the built-in STEs' derivatives by name: the fused kernels and the lean backward implement these
+BUILTIN_STES: dict[str, DerivativeFn] = {
+    "identity": _identity, "relu": _relu, "clipped_relu": _clipped_relu, "log_tailed_relu": _log_tailed_relu,
+}
+
+
+def builtin_name(ste: STE) -> str | None:
+    """The built-in STE that ``ste`` is (same name and derivative), or None for a user-registered one."""
+    return ste.name if BUILTIN_STES.get(ste.name) is ste.derivative else None

@@ -17,7 +17,15 @@ from ..kinds import ActivationKind
 from ..ste import STE, get_ste
 from ..validation import check_alpha_init, check_bits, check_choice, check_step_init  # noqa: F401 - re-exported
 from .alpha import ALPHA_MIN, BCGD_RANGE, fixed_step, range_from_samples, step_and_zero_point
-from .functional import ALPHA_MODES, ROUNDING_MODES, fake_quantize, lsq_grad_scale, quantize_codes
+from .functional import (
+    ALPHA_MODES,
+    ROUNDING_MODES,
+    check_kernel,
+    fake_quantize,
+    implementation,
+    lsq_grad_scale,
+    quantize_codes,
+)
 
 #: set while a QuantAct evaluates the float function it wraps, so that call-site interception
 #: (census, runtime fallback) does not count the inner call as a site of its own
@@ -72,9 +80,12 @@ class QuantAct(nn.Module):
         per_channel: bool = False,
         original: str = "",
         alpha_init: float | None = None,
+        kernel: str = "auto",
     ) -> None:
         """``step_init``: a given step (None: calibrate, or the fixed-mode default);
-        ``alpha_init`` is its deprecated former name."""
+        ``alpha_init`` is its deprecated former name. ``kernel``: ``auto`` (the fused Triton
+        kernels on CUDA tensors, torch elsewhere), ``triton`` or ``torch`` (an execution detail:
+        not in the state_dict)."""
         super().__init__()
         self.kind = kind
         self.bits = check_bits(bits)
@@ -83,6 +94,7 @@ class QuantAct(nn.Module):
         self.alpha_mode = check_choice("alpha mode", alpha_mode, ALPHA_MODES)
         self.rounding = check_choice("rounding", rounding, ROUNDING_MODES)
         self.per_channel = bool(per_channel)
+        self.kernel = check_kernel(kernel)
         self.original = original
         self.site = ""  # its name in the model; set by quantize()
         if isinstance(fn, nn.Module):
@@ -251,7 +263,17 @@ class QuantAct(nn.Module):
             self._lazy_init(u)
         alpha, zp = self.grid(u)
         scale = lsq_grad_scale(u, self.levels, self.alpha.numel()) if self.alpha_mode == "lsq" else 1.0
-        return fake_quantize(u, alpha, zp, self.levels, self.ste, self.alpha_mode, self.rounding, scale)
+        return fake_quantize(u, alpha, zp, self.levels, self.ste, self.alpha_mode, self.rounding, scale,
+                             kernel=self.kernel)
+
+    def implementation(self, device: torch.device | str | None = None) -> str:
+        """Which quantizer runs on ``device`` (default: the step's): ``"triton"``, ``"torch"`` or
+        ``"torch (user STE)"``; ``"unavailable: ..."`` when ``kernel="triton"`` cannot run there."""
+        where = torch.device(device) if device is not None else self.alpha.device
+        try:
+            return implementation(self.kernel, self.ste, where)
+        except QatSteError as error:
+            return f"unavailable: {error.problem}"
 
     def codes(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The integer codes (uint8) this site produces for input ``x``."""

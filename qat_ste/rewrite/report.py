@@ -68,6 +68,12 @@ class QuantReport:
             out[s.method] = out.get(s.method, 0) + 1
         return out
 
+    def implementations(self, device: Any = None) -> dict[str, str]:
+        """Per quantized site, which quantizer runs on ``device`` (default: where its step lives):
+        ``triton``, ``torch``, ``torch (user STE)`` (a user-registered STE always runs in torch), or
+        ``unavailable: ...`` where ``kernel="triton"`` cannot run."""
+        return {s.name: s.module.implementation(device) for s in self.sites if s.module is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [s.row() for s in self.sites], "untraced": dict(self.untraced),
                 "census_calls": self.census_calls, "quantized": len(self.quantized),

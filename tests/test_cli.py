@@ -337,7 +337,7 @@ def fake_train(monkeypatch):
     calls: list[tuple] = []
     result: dict = {}
 
-    def record(model, train_set, val_set, config, *, metadata=None):
+    def record(model, train_set, val_set, config, *, metadata=None, teacher=None):
         calls.append((config, metadata))
         return TrainResult(**result, last_checkpoint=str(Path(config.out_dir) / "last.pt"))
 
@@ -517,3 +517,129 @@ def test_out_of_memory_exits_1_with_the_batch_size_fix(monkeypatch, capsys):
     assert main(["convert"]) == 1
     err = capsys.readouterr().err
     assert "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in err and "lower --batch-size" in err
+
+
+# ---- --config FILE, OUT/config.yaml, the fine-tuning options (issue 9) -------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
+    from qat_ste.cli import build_parser
+
+    config = _write(tmp_path / "run.yaml", "epochs: 5\nbatch-size: 32\ninclude: ['layer1.*']\ncompile: off\n"
+                                            "no_export: true\nweights: w.pt\nema: 0.99\nfreeze-bn-after: 50\n"
+                                            "distill: true\nlr: 1\n")
+    args = build_parser().parse_args(["convert", "--config", str(config)])
+    assert (args.epochs, args.batch_size, args.include, args.compile, args.no_export) == (5, 32, ["layer1.*"], "off",
+                                                                                           True)
+    assert (args.model_weights, args.ema, args.freeze_bn_after, args.distill, args.lr) == ("w.pt", 0.99, 50, True, 1.0)
+    assert args.optimizer == "sgd"  # not in the file: the parser's default
+    args = build_parser().parse_args(["convert", "--epochs", "2", "--config", str(config), "--include", "fc*",
+                                      "--no-distill", "--freeze-bn-after", "never"])
+    assert (args.epochs, args.batch_size, args.include, args.distill, args.freeze_bn_after) == (2, 32, ["fc*"], False,
+                                                                                                 "never")
+    as_json = _write(tmp_path / "run.json", json.dumps({"epochs": 4, "label_smoothing": 0.1}))
+    args = build_parser().parse_args(["convert", "--config", str(as_json)])
+    assert (args.epochs, args.label_smoothing) == (4, 0.1)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("epochs: 2\nbatchsize: 3\nfoo: 1\n", "unknown option(s) batchsize, foo"),
+    ("epochs: two\n", "epochs is 'two': not a valid int"),
+    ("freeze_bn_after: -2\n", "freeze_bn_after is -2: -2 must be >= 0 (or 'never')"),
+    ("no_export: 3\n", "no_export is 3; this switch takes true or false"),
+    ("compile: maybe\n", "compile is 'maybe'; choose from auto, on, off"),
+    ("- epochs\n", "holds a list, not a mapping of options"),
+    ("epochs: [1\n", "cannot read --config"),
+])
+def test_bad_config_files_are_refused_clearly(tmp_path, capsys, text, expected):
+    config = _write(tmp_path / "bad.yaml", text)
+    assert main(["convert", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    if "unknown" in expected:
+        assert "batch_size" in err and "float_epochs" in err  # the valid names are listed
+    assert not (tmp_path / "o").exists()
+
+
+def test_resolved_config_is_written_and_reruns_the_same(tmp_path, capsys):
+    from qat_ste.cli import build_parser
+
+    quant = _write(tmp_path / "quant.json", json.dumps({"bits": 3, "overrides": {"relu1": {"bits": 8}}}))
+    config = _write(tmp_path / "run.yaml", f"float-epochs: 1\nepochs: 1\nbatch_size: 128\nquant_config: {quant}\n"
+                                            "calib-batches: 1\ncalib_method: percentile\nno-export: true\n")
+    first = tmp_path / "first"
+    assert main(["convert", "--config", str(config), "--out", str(first), "--no-progress", "--seed", "3"]) == 0
+    written = first / "config.yaml"
+    text = written.read_text()
+    assert text.startswith("# qat-ste convert: every option of this run, resolved")
+    args = build_parser().parse_args(["convert", "--config", str(written)])
+    assert (args.bits, args.override, args.quant_config) == (3, ["relu1:bits=8"], None)  # the resolved quantization
+    assert (args.seed, args.float_epochs, args.lr, args.warmup_epochs, args.distill) == (3, 1, 0.01, 0.0, False)
+    assert (args.out, args.no_progress, args.freeze_bn_after) == (str(first), True, "never")
+    import yaml
+
+    assert not {"resume", "force_resume", "overwrite", "config"} & set(yaml.safe_load(text))
+    second = tmp_path / "second"
+    assert main(["convert", "--config", str(written), "--out", str(second)]) == 0
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (first, second)]
+    assert reports[0]["summary"] == reports[1]["summary"]
+    assert reports[0]["quantization"] == reports[1]["quantization"]
+    assert (second / "config.yaml").read_text() == text.replace(str(first), str(second))
+
+
+def test_pretrained_start_takes_the_fine_tuning_defaults(tmp_path, capsys):
+    import yaml
+
+    from qat_ste.zoo import create_zoo_model
+
+    weights = tmp_path / "lenet5.pt"
+    torch.save(create_zoo_model("lenet5", num_classes=10).state_dict(), weights)
+    argv = ["convert", "--weights", str(weights), "--epochs", "0", "--calib-batches", "1", "--no-export",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "pre")]) == 0
+    assert ("pretrained start (--weights, --float-epochs 0): fine-tuning defaults lr 0.002, warmup 0.1 epoch(s), "
+            "distillation from the float model (weight 0.5, temperature 1), BatchNorm statistics frozen after 200 "
+            "step(s)") in capsys.readouterr().out
+    resolved = yaml.safe_load((tmp_path / "pre" / "config.yaml").read_text())
+    assert {k: resolved[k] for k in ("lr", "warmup_epochs", "distill", "freeze_bn_after", "float_epochs")} == {
+        "lr": 0.002, "warmup_epochs": 0.1, "distill": True, "freeze_bn_after": 200, "float_epochs": 0}
+    assert main([*argv, "--out", str(tmp_path / "mine"), "--lr", "0.03", "--no-distill"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning defaults warmup 0.1 epoch(s), BatchNorm statistics frozen after 200 step(s)" in out
+    resolved = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
+    assert (resolved["lr"], resolved["distill"]) == (0.03, False)
+    assert main([*argv[:3], "--float-epochs", "1", *argv[3:], "--out", str(tmp_path / "float")]) == 0
+    assert "pretrained start" not in capsys.readouterr().out
+    resolved = yaml.safe_load((tmp_path / "float" / "config.yaml").read_text())
+    assert (resolved["lr"], resolved["distill"], resolved["freeze_bn_after"]) == (0.01, False, "never")
+
+
+def test_fine_tuning_options_become_train_config_settings(capsys):
+    from qat_ste.cli import build_parser
+    from qat_ste.cli.train_options import _finetune_settings, _teacher, _train_settings, resolve_finetune_defaults
+
+    args = build_parser().parse_args(["convert", "--distill", "--distill-weight", "0.3", "--distill-temperature", "2",
+                                      "--ema", "0.995", "--label-smoothing", "0.1", "--freeze-bn-after", "7"])
+    assert resolve_finetune_defaults(args) == []  # not a pretrained start
+    assert _finetune_settings(args) == {"distill_weight": 0.3, "distill_temperature": 2.0, "ema_decay": 0.995,
+                                        "freeze_bn_after_steps": 7}
+    assert _train_settings(args)["label_smoothing"] == 0.1
+    model = torch.nn.Linear(2, 2)
+    teacher = _teacher(model, args)
+    assert teacher is not model and torch.equal(teacher.weight, model.weight)
+    args = build_parser().parse_args(["convert"])
+    resolve_finetune_defaults(args)
+    assert _finetune_settings(args) == {"distill_weight": 0.0, "distill_temperature": 1.0, "ema_decay": None,
+                                        "freeze_bn_after_steps": None}
+    assert _teacher(model, args) is None
+    for bad, expected in ((["--ema", "1.5"], "ema_decay=1.5 must be a number between 0 and 1"),
+                          (["--label-smoothing", "1"], "label_smoothing=1.0 must be < 1"),
+                          (["--freeze-bn-after", "-3"], "-3 must be >= 0 (or 'never')"),
+                          (["--lr", "0"], "--lr 0.0 must be > 0")):
+        assert main(["convert", *bad, "--out", "/nonexistent/never"]) == 2
+        assert expected in capsys.readouterr().err

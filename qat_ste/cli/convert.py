@@ -23,6 +23,12 @@ from .stages import (
     _qat_stage,
     _quantize_stage,
 )
+from .train_options import (
+    _finetune_settings,
+    _train_settings,
+    describe_pretrained_defaults,
+    resolve_finetune_defaults,
+)
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as shells report a stop by a signal
 
@@ -32,6 +38,24 @@ def _check_convert_numbers(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "calib_batches"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=name == "epochs")
     _check_positive("--float-epochs", args.float_epochs, allow_zero=True)
+    _check_positive("--lr", args.lr)
+
+
+def _check_training_settings(args: argparse.Namespace) -> None:
+    """The fine-tuning settings as TrainConfig checks them, before any stage runs."""
+    from ..train import TrainConfig
+
+    TrainConfig(lr=args.lr, **_train_settings(args), **_finetune_settings(args))
+
+
+def _write_config(args: argparse.Namespace, quant: Any, out: Path) -> None:
+    """OUT/config.yaml: every option's final value (``qat-ste convert --config`` reads it back)."""
+    from .config_file import CONFIG_FILE_NAME, option_actions, write_resolved_config
+    from .parser import build_parser
+
+    convert = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["convert"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out / CONFIG_FILE_NAME, args, option_actions(convert), quant)
 
 
 def _stop_exit_code(reason: str) -> int:
@@ -105,7 +129,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     quant = _quant_config(args)
+    pretrained_defaults = resolve_finetune_defaults(args)  # the 'auto' options get their final values
     _check_convert_numbers(args)
+    _check_training_settings(args)
     spec, data, image_size = _resolve_model_and_data(args)
     out = Path(args.out).expanduser()
     args.resume = args.resume or args.force_resume
@@ -120,6 +146,10 @@ def _convert(args: argparse.Namespace) -> int:
         if dist_info.is_main and args.overwrite:
             _drop_resume_points(out)  # once the data and the model are known to load
         _check_qat_resume(run, quant)  # before the float stage trains or writes anything
+        if pretrained_defaults:
+            run.say(describe_pretrained_defaults(args, pretrained_defaults))
+        if dist_info.is_main:
+            _write_config(args, quant, out)
         stopped = _float_stage(run)
         if stopped is not None and stopped.stopped_early:
             return _stopped(stopped, out, run.say)

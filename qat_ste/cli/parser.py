@@ -14,12 +14,28 @@ DEFAULT_DATA = "digits"
 
 DEFAULT_MODEL = "zoo:lenet5"
 
+#: --distill-weight's default: the hard and the soft loss weigh the same, as in LSQ's distillation
+#: (TrainConfig's own default, 0, means no distillation)
+DISTILL_WEIGHT = 0.5
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as QatSteError (one paragraph, exit code 2) instead of exiting."""
 
+    #: whether this (sub)command reads ``--config FILE`` (convert)
+    reads_config = False
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise QatSteError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's parse, with the values of ``--config FILE`` between the defaults and the options given."""
+        if not self.reads_config:
+            return super().parse_known_args(args, namespace)
+        from .config_file import apply_config_file
+
+        return apply_config_file(self, args, namespace, super().parse_known_args)
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -106,6 +122,43 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                             "elsewhere), triton or torch")
 
 
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fine-tuning recipe (qat_ste.train.distill / ema / bn_policy): distillation, EMA, label
+    smoothing, BatchNorm freeze. 'auto' defaults depend on whether the start is pretrained."""
+    group = parser.add_argument_group(
+        "fine-tuning recipe (a pretrained start, --weights with --float-epochs 0, turns on distillation and "
+        "the BatchNorm freeze by default)")
+    group.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                       help="distill from the float model (a frozen copy) during quantized fine-tuning "
+                            "(default: on for a pretrained start, else off)")
+    group.add_argument("--distill-weight", type=float, default=DISTILL_WEIGHT,
+                       help=f"w in (1-w)*CE + w*T^2*KL when --distill is on (default {DISTILL_WEIGHT})")
+    temperature = _train_default("distill_temperature")
+    group.add_argument("--distill-temperature", type=float, default=temperature,
+                       help=f"distillation temperature T (default {temperature:g})")
+    group.add_argument("--ema", dest="ema", type=float, metavar="DECAY", default=None,
+                       help="keep an EMA of the weights with this decay (e.g. 0.999): it is evaluated, picks "
+                            "best.pt and is exported (default off)")
+    group.add_argument("--label-smoothing", type=float, default=_train_default("label_smoothing"),
+                       help="label smoothing of the cross-entropy (default 0)")
+    group.add_argument("--freeze-bn-after", metavar="STEPS|never", type=_steps_or_never, default=None,
+                       help="BatchNorm statistics frozen from this fine-tuning step on (default: 200 for a "
+                            "pretrained start, else never)")
+
+
+def _steps_or_never(text: str) -> int | str:
+    """--freeze-bn-after: a step count >= 0, or 'never'."""
+    if str(text).strip().lower() in ("never", "off", "none"):
+        return "never"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step count or 'never'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (or 'never')")
+    return value
+
+
 def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-samples", type=int, default=512,
                         help="held-out images the ONNX check runs (default 512)")
@@ -117,17 +170,8 @@ def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``qat-ste`` argument parser."""
-    parser = _Parser(prog="qat-ste", description="Quantization-aware training with straight-through estimators.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-
-    convert = commands.add_parser(
-        "convert", help="float model -> calibrated, fine-tuned quantized model -> ONNX, checked",
-        description="Load (or pre-train) a float model, quantize, calibrate, fine-tune, export ONNX and check it "
-                    "in ONNX Runtime. Writes OUT/report.json, OUT/quantization.{txt,json}, OUT/model.onnx and "
-                    "training checkpoints under OUT/float and OUT/qat.")
+def _add_convert_arguments(convert: argparse.ArgumentParser) -> None:
+    """The options of ``qat-ste convert``."""
     _add_model_arguments(convert, "--weights")
     convert.add_argument("--out", default="runs/convert", help="output folder (default runs/convert)")
     convert.add_argument("--float-epochs", type=int, default=None,
@@ -142,11 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--workers", type=int, default=None,
                          help="data loading worker processes per rank for streamed image folders "
                               "(default: up to 8, from the CPU count)")
-    convert.add_argument("--lr", type=float, default=0.01, help="fine-tuning LR (default 0.01)")
+    convert.add_argument("--config", metavar="FILE.yaml", default=None,
+                         help="a YAML or JSON file of convert options (keys: the long option names, with - or _); "
+                              "options given on the command line win; OUT/config.yaml is such a file")
+    convert.add_argument("--lr", type=float, default=None,
+                         help="fine-tuning LR (default 0.01; 0.002 for a pretrained start: --weights with "
+                              "--float-epochs 0)")
     convert.add_argument("--optimizer", default="sgd", help="sgd (default) or adamw")
     convert.add_argument("--weight-decay", type=float, default=5e-4)
     convert.add_argument("--schedule", default="cosine", help="cosine (default), multistep or constant")
-    convert.add_argument("--warmup-epochs", type=float, default=0.0)
+    convert.add_argument("--warmup-epochs", type=float, default=None,
+                         help="linear LR warmup (default 0; 0.1 for a pretrained start)")
+    _add_finetune_arguments(convert)
     convert.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off")
     convert.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                          help="torch.compile (auto: on CUDA only)")
@@ -165,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-export", action="store_true", help="stop after training (no ONNX, no check)")
     convert.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_check_thresholds(convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qat-ste`` argument parser."""
+    parser = _Parser(prog="qat-ste", description="Quantization-aware training with straight-through estimators.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    convert = commands.add_parser(
+        "convert", help="float model -> calibrated, fine-tuned quantized model -> ONNX, checked",
+        description="Load (or pre-train) a float model, quantize, calibrate, fine-tune, export ONNX and check it "
+                    "in ONNX Runtime. Writes OUT/report.json, OUT/quantization.{txt,json}, OUT/model.onnx and "
+                    "training checkpoints under OUT/float and OUT/qat.")
+    convert.reads_config = True
+    _add_convert_arguments(convert)
 
     export = commands.add_parser("export", help="export a quantized checkpoint (or a calibrated model) to ONNX",
                                  description="Export the model of a qat-ste checkpoint, or a --model quantized "

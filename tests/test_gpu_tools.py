@@ -90,6 +90,16 @@ def test_ao_fake_quant_is_inserted_after_each_activation_call() -> None:
     assert (quant.quant_min, quant.quant_max, quant.dtype) == (0, 15, torch.quint8)
 
 
+def test_bench_gpu_time_limit_stops_a_row() -> None:
+    import time
+
+    with pytest.raises(bench_gpu.RowStopped), bench_gpu.time_limit(0.05):
+        time.sleep(5)
+    with bench_gpu.time_limit(5):  # the timer is cancelled when the block ends in time
+        pass
+    time.sleep(0.01)
+
+
 # ---- bench_finetune_gpu --------------------------------------------------------------------------
 
 
@@ -124,7 +134,7 @@ def test_finetune_smoke_defaults_and_command() -> None:
     joined = " ".join(command)
     assert "--data imagefolder:/d" in joined and "--no-export" in joined and "--workers 1" in joined
     gpu = bench_finetune_gpu.parse_args([])
-    assert (gpu.amp, gpu.compile, gpu.workers, gpu.device) == ("bf16", "on", 12, "cuda")
+    assert (gpu.amp, gpu.compile, gpu.workers, gpu.device, gpu.image_size) == ("bf16", "on", 12, "cuda", 224)
 
 
 # ---- gpu_check -----------------------------------------------------------------------------------
@@ -169,7 +179,7 @@ def test_gpu_check_shares_the_budget_and_goes_on_after_a_failing_step(
     code = gpu_check.main(["--device", "cpu", "--smoke", "--budget-s", "100", "--skip", "mnist",
                            "--out", str(tmp_path)])
     assert code == 1
-    shares = gpu_check.SHARES
+    shares = gpu_check.SMOKE_SHARES  # a CPU smoke run
     assert budgets["tests"] == pytest.approx(100 * shares["tests"] / (1 - shares["mnist"]), rel=0.05)
     # the fakes take no time, so what a step leaves goes on: bench_gpu its share of nearly all, finetune the rest
     share = shares["bench_gpu"] / (shares["bench_gpu"] + shares["finetune"])

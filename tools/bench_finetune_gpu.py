@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-per-class", type=int, default=None, help="default 20 (smoke: 2)")
     parser.add_argument("--source-px", type=int, default=None, help="side of the JPEGs (default 256; smoke: 80)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="pass --image-size to convert (default: none, the model's own; smoke: 64)")
+                        help="convert's --image-size (default 224; smoke: 64; 0: leave it to convert)")
     parser.add_argument("--epochs", type=int, default=2, help="float and quantized epochs; the last is measured")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (smoke: 4)")
     parser.add_argument("--workers", type=int, default=None, help="default 12 (smoke: 1)")
@@ -206,8 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                ("source_px", 256, 80), ("batch_size", 128, 4), ("workers", 12, 1)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else normal)
-    if args.image_size is None and smoke:
-        args.image_size = 64
+    if args.image_size is None:
+        args.image_size = 64 if smoke else 224
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.compile = args.compile or ("on" if cuda else "off")
     return args

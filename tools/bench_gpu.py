@@ -17,22 +17,27 @@ each activation, quint8 with the 4-bit range 0..15, the peer baselines.
 
 Rows run in priority order (the eager rows of every model, then the compiled rows of resnet50 and
 vit_small, then the other compiled rows); once ``--budget-s`` is spent the remaining rows are
-listed as "skipped (budget)". A failing row prints its error's first line and the run goes on.
+listed as "skipped (budget)" (a row still running then is stopped: "stopped (budget)"). A failing
+row prints its error's first line and the run goes on.
 ``--json`` is rewritten after every row, so a run killed half way keeps its finished rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import gc
 import inspect
 import json
+import signal
 import statistics
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,15 +189,16 @@ def count_calls(model: nn.Module, x: torch.Tensor) -> int:
     return calls[0]
 
 
-def build_variant(key: str, variant: str, setup: Setup, calib: torch.Tensor) -> tuple[nn.Module, int, str]:
-    """(model on the device, quantized sites, note) of one variant; raises on failure."""
-    model = build_float(key, setup)
+def build_variant(base: nn.Module, variant: str, setup: Setup, calib: torch.Tensor) -> tuple[nn.Module, int, str]:
+    """(model on the device, quantized sites, note) of one variant of the float model ``base`` (left
+    as it is); raises on failure."""
     note = ""
     if variant in QAT_VARIANTS:
-        model, sites = quantize_qat(model, variant, setup, calib)
+        model, sites = quantize_qat(base, variant, setup, calib)  # quantize() works on a copy
         if not kernel_option_available():
             note = "quantize() has no kernel option: plain quantizer"
     elif variant in ("ao_fq", "ao_lsq"):
+        model = copy.deepcopy(base)
         cast = ao_needs_cast(variant, setup)
         insert_ao(model, variant, cast)
         note = "fake quant in float32 (no bf16 kernel)" if cast else ""
@@ -203,7 +209,7 @@ def build_variant(key: str, variant: str, setup: Setup, calib: torch.Tensor) -> 
                 if hasattr(module, "enable_param_learning"):
                     module.enable_param_learning()
     else:
-        model.to(setup.device)
+        model = copy.deepcopy(base).to(setup.device)
         sites = 0
     if setup.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -253,10 +259,20 @@ def time_step(step: Callable[[], None], setup: Setup) -> list[float]:
     return times
 
 
-def run_row(key: str, variant: str, mode: str, setup: Setup, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+@dataclasses.dataclass
+class ModelInputs:
+    """The float model (on the CPU) and the batch that every row of one model starts from."""
+
+    key: str
+    base: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def run_row(inputs: ModelInputs, variant: str, mode: str, setup: Setup) -> dict[str, Any]:
     """Build, (compile,) warm up and time one row; the row's figures."""
-    x, y = data
-    model, sites, note = build_variant(key, variant, setup, x[: min(16, len(x))])
+    x, y = inputs.x, inputs.y
+    model, sites, note = build_variant(inputs.base, variant, setup, x[: min(16, len(x))])
     step_model = torch.compile(model) if mode == "compiled" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     after = (lambda: qat_ste.project_alphas(model)) if variant in QAT_VARIANTS else None
@@ -353,7 +369,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--batch", type=int, default=None, help="default 256 (smoke: 2)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (smoke: 32)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 20; smoke: 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 15; smoke: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; smoke: 1)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="rows not started by then are skipped")
     parser.add_argument("--device", default="cuda")
@@ -368,7 +384,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     cuda = device.type == "cuda"
     return Setup(device=device, batch=args.batch or (2 if args.smoke else 256),
                  image_size=args.image_size or (32 if args.smoke else 224),
-                 steps=args.steps or (2 if args.smoke else 20),
+                 steps=args.steps or (2 if args.smoke else 15),
                  warmup=args.warmup if args.warmup is not None else (1 if args.smoke else 3),
                  amp=args.amp == "bf16" or (args.amp == "auto" and cuda), channels_last=True)
 
@@ -385,52 +401,84 @@ def write_json(path: str | None, env: dict[str, Any], rows: list[dict[str, Any]]
         Path(path).write_text(json.dumps({"setup": env, "targets": TARGETS, "rows": rows}, indent=2) + "\n")
 
 
-def run_plan(plan: list[tuple[str, str, str]], setup: Setup, budget_s: float, json_path: str | None,
-             env: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the rows in order within the budget; every row ends in the list, run or not."""
-    cuda = setup.device.type == "cuda"
-    started = time.perf_counter()
-    last_cost = dict(FIRST_ROW_ESTIMATE_S) if cuda else {"eager": 0.0, "compiled": 0.0}
-    rows: list[dict[str, Any]] = []
-    data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    kernel = kernel_option_available()
-    for key, variant, mode in plan:
-        row: dict[str, Any] = {"model": key, "variant": variant, "mode": mode, "seconds": 0.0}
-        left = budget_s - (time.perf_counter() - started)
-        if variant == "triton" and not kernel:
-            row["status"] = "n/a (quantize() has no kernel option)"
-        elif variant == "triton" and not cuda:
-            row["status"] = "n/a (the Triton kernels run on CUDA)"
-        elif left < last_cost[mode] or left <= 0:
-            row["status"] = "skipped (budget)"
-        else:
-            tick = time.perf_counter()
-            print(f"[{time.perf_counter() - started:6.1f} s] {key} {variant} {mode} ...", flush=True)
-            try:
-                if key not in data:
-                    data.clear()
-                    data[key] = make_batch(setup)
-                row.update(run_row(key, variant, mode, setup, data[key]))
-            except Exception as error:  # noqa: BLE001 - a failing row is reported and the run goes on
-                row.update(status=f"error: {first_line(error)}")
-            free_memory(mode == "compiled", cuda)
-            row["seconds"] = round(time.perf_counter() - tick, 2)
-            last_cost[mode] = row["seconds"]
-        rows.append(row)
-        add_ratios(rows)
-        write_json(json_path, env, rows)
-    return rows
+class RowStopped(Exception):
+    """Raised (by SIGALRM) in a row still running when the budget ends."""
 
 
-def make_batch(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random batch (inputs channels_last), reused by every row of a model."""
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise RowStopped in the block once ``seconds`` have passed (POSIX main thread; else no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(*_: Any) -> None:
+        raise RowStopped("the budget ended during this row")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_inputs(key: str, setup: Setup) -> ModelInputs:
+    """The float model and one random batch (inputs channels_last) for every row of model ``key``."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(setup.batch, 3, setup.image_size, setup.image_size, generator=generator)
     y = torch.randint(0, setup.num_classes, (setup.batch,), generator=generator)
     x = x.to(setup.device)
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(setup.device)
+    return ModelInputs(key, build_float(key, setup), x, y.to(setup.device))
+
+
+def skip_reason(variant: str, mode: str, setup: Setup, left: float, estimate: float) -> str:
+    """Why a row is not run ('' when it runs)."""
+    if variant == "triton" and not kernel_option_available():
+        return "n/a (quantize() has no kernel option)"
+    if variant == "triton" and setup.device.type != "cuda":
+        return "n/a (the Triton kernels run on CUDA)"
+    if left <= 0 or left < estimate:
+        return "skipped (budget)"
+    return ""
+
+
+def run_plan(plan: list[tuple[str, str, str]], setup: Setup, budget_s: float, json_path: str | None,
+             env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the rows in order within the budget (a row still running when it ends is stopped); every
+    row ends in the list, run or not."""
+    cuda = setup.device.type == "cuda"
+    started = time.perf_counter()
+    estimate = dict(FIRST_ROW_ESTIMATE_S) if cuda else {"eager": 0.0, "compiled": 0.0}
+    rows: list[dict[str, Any]] = []
+    inputs: ModelInputs | None = None
+    for key, variant, mode in plan:
+        row: dict[str, Any] = {"model": key, "variant": variant, "mode": mode, "seconds": 0.0}
+        left = budget_s - (time.perf_counter() - started)
+        row["status"] = skip_reason(variant, mode, setup, left, estimate[mode])
+        if not row["status"]:
+            tick = time.perf_counter()
+            print(f"[{tick - started:6.1f} s] {key} {variant} {mode} ...", flush=True)
+            try:
+                with time_limit(left):
+                    if inputs is None or inputs.key != key:
+                        inputs = None
+                        free_memory(False, cuda)
+                        inputs = make_inputs(key, setup)
+                    row.update(run_row(inputs, variant, mode, setup))
+            except Exception as error:  # noqa: BLE001 - a failing row is reported and the run goes on
+                stopped = isinstance(error, RowStopped) or time.perf_counter() - started >= budget_s
+                row.update(status="stopped (budget)" if stopped else f"error: {first_line(error)}")
+            free_memory(mode == "compiled", cuda)
+            row["seconds"] = round(time.perf_counter() - tick, 2)
+            estimate[mode] = row["seconds"]
+        rows.append(row)
+        add_ratios(rows)
+        write_json(json_path, env, rows)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

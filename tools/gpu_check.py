@@ -38,7 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("env", "tests", "mnist", "bench_gpu", "finetune")
 #: each step's share of the budget (env takes what it takes, a few seconds)
-SHARES = {"tests": 0.17, "mnist": 0.14, "bench_gpu": 0.39, "finetune": 0.30}
+SHARES = {"tests": 0.15, "mnist": 0.12, "bench_gpu": 0.43, "finetune": 0.30}
+#: on a CPU (smoke) the MNIST epochs are what takes time
+SMOKE_SHARES = {"tests": 0.15, "mnist": 0.40, "bench_gpu": 0.20, "finetune": 0.25}
 #: seconds kept back from a benchmark's own budget for its start (imports) and end (table, JSON)
 BENCH_MARGIN_S = 20.0
 PYTEST_SELECTION = ["-k", "(gpu or cuda) and not gpu_tools"]
@@ -139,8 +141,8 @@ def step_env(args: argparse.Namespace, out: Path) -> StepResult:
 
 def step_tests(args: argparse.Namespace, out: Path, budget_s: float) -> StepResult:
     """The GPU-marked and CUDA-only tests (a test that needs a missing package skips itself)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *PYTEST_SELECTION,
-               *args.test_paths]
+    command = [sys.executable, "-m", "pytest", "-v", "-rs", "--durations=5", "-p", "no:cacheprovider",
+               *PYTEST_SELECTION, *args.test_paths]
     code, seconds = run_logged(command, out / "tests.log", budget_s)
     lines = (out / "tests.log").read_text(encoding="utf-8", errors="replace").splitlines()
     summary = next((line.strip("= ") for line in reversed(lines)
@@ -247,6 +249,21 @@ def format_table(results: list[StepResult], total_s: float) -> str:
                       *(line(c) for c in cells)])
 
 
+def benchmark_tables(out: Path) -> str:
+    """The two benchmarks' tables again, from their JSON (so that the end of the output holds them)."""
+    from tools import bench_finetune_gpu, bench_gpu
+
+    parts = []
+    for name, tool in (("bench_gpu.json", bench_gpu), ("finetune.json", bench_finetune_gpu)):
+        path = out / name
+        if path.is_file():
+            rows = json.loads(path.read_text()).get("rows") or []
+            if name == "bench_gpu.json":
+                bench_gpu.add_ratios(rows)
+            parts.append(tool.format_table(rows, f"{name} ({len(rows)} rows)"))
+    return "\n\n".join(parts)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --smoke)")
@@ -275,7 +292,8 @@ def run_steps(args: argparse.Namespace, out: Path, started: float) -> list[StepR
             results.append(StepResult(step, "skipped (--skip)"))
             continue
         left = args.budget_s - (time.perf_counter() - started)
-        share = SHARES[step] / sum(SHARES[s] for s in pending)
+        shares = SMOKE_SHARES if args.smoke and args.device == "cpu" else SHARES
+        share = shares[step] / sum(shares[s] for s in pending)
         pending.remove(step)
         budget = left * share
         print(f"\n== {step}: budget {budget:.0f} s ({left:.0f} s left) ==", flush=True)
@@ -309,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_steps(args, out, started)
     total = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(_document(results, started), indent=2) + "\n")
+    tables = benchmark_tables(out)
+    if tables:
+        print("\n" + tables)
     print()
     print(format_table(results, total))
     print(f"wrote {out / 'gpu_check.json'} and the steps' logs")

@@ -90,9 +90,10 @@ class EpochSampler(torch.utils.data.Sampler):
         start, self._start = self._start, 0
         epoch = self.epoch
         self.yielded = start
-        for index in self.indices(epoch)[start:].tolist():
-            self.yielded += 1
-            yield self.seed, epoch, index
+        for chunk in self.indices(epoch)[start:].split(4096):  # no Python int per image held at once
+            for index in chunk.tolist():
+                self.yielded += 1
+                yield self.seed, epoch, index
 
     def state_dict(self) -> dict[str, int]:
         """Epoch and keys yielded (what StatefulDataLoader snapshots)."""

@@ -123,7 +123,7 @@ def test_finetune_reads_the_last_epoch_rates_from_report(tmp_path: Path) -> None
     assert (row["float_images_per_s"], row["quantized_images_per_s"], row["ratio"]) == (200.0, 180.0, 0.9)
     assert row["float_first_epoch_images_per_s"] == 50.0 and row["sites"] == 17
     table = bench_finetune_gpu.format_table([{"model": "torchvision:resnet18", "status": "ok", **row}], "t")
-    assert table.splitlines()[-1].split() == ["torchvision:resnet18", "200", "180", "0.90x", "ok"]
+    assert table.splitlines()[-1].split() == ["torchvision:resnet18", "224", "200", "180", "0.90x", "ok"]
 
 
 def test_finetune_smoke_defaults_and_command() -> None:
@@ -134,7 +134,8 @@ def test_finetune_smoke_defaults_and_command() -> None:
     joined = " ".join(command)
     assert "--data imagefolder:/d" in joined and "--no-export" in joined and "--workers 1" in joined
     gpu = bench_finetune_gpu.parse_args([])
-    assert (gpu.amp, gpu.compile, gpu.workers, gpu.device, gpu.image_size) == ("bf16", "on", 12, "cuda", 224)
+    assert (gpu.amp, gpu.compile, gpu.workers, gpu.device, gpu.image_size) == ("bf16", "on", 12, "cuda", None)
+    assert "--image-size" not in bench_finetune_gpu.convert_command("m", Path("/d"), Path("/o"), gpu)
 
 
 # ---- gpu_check -----------------------------------------------------------------------------------

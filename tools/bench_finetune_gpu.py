@@ -5,7 +5,8 @@
 
 Writes an ImageFolder of JPEGs (``--classes`` x (``--train-per-class`` + ``--val-per-class``) images
 of ``--source-px`` px: per class its own colour, shape and stripe direction, at random positions and
-scales, with noise) into a temporary folder, then runs for each model
+scales, with noise) into a temporary folder, then runs for each model, streamed at the model's own
+size (224 px for both defaults),
 ``python3 -m qat_ste.cli convert --model M --data imagefolder:DIR --float-epochs E --epochs E
 --amp bf16 --compile on --device cuda --no-export --workers 12 ...``. The float stage trains the
 float model, the qat stage its 4-bit quantized copy (quantizer kernel ``auto``). The images/s of each
@@ -167,13 +168,14 @@ def _rate(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], title: str) -> str:
-    head = ("model", "float img/s", "quantized img/s", "quant/float", "status")
-    cells = [(r["model"], _rate(r.get("float_images_per_s")), _rate(r.get("quantized_images_per_s")),
-              f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-", r["status"]) for r in rows]
+    head = ("model", "px", "float img/s", "quantized img/s", "quant/float", "status")
+    cells = [(r["model"], str((r.get("image_size") or ["-"])[-1]), _rate(r.get("float_images_per_s")),
+              _rate(r.get("quantized_images_per_s")), f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-",
+              r["status"]) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
 
     def line(values: tuple[str, ...]) -> str:
-        return "  ".join(v.ljust(w) if i in (0, 4) else v.rjust(w)
+        return "  ".join(v.ljust(w) if i in (0, 5) else v.rjust(w)
                          for i, (v, w) in enumerate(zip(values, widths, strict=True))).rstrip()
 
     return "\n".join([title, line(head), line(tuple("-" * w for w in widths)), *(line(c) for c in cells)])
@@ -188,7 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-per-class", type=int, default=None, help="default 20 (smoke: 2)")
     parser.add_argument("--source-px", type=int, default=None, help="side of the JPEGs (default 256; smoke: 80)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="convert's --image-size (default 224; smoke: 64; 0: leave it to convert)")
+                        help="convert's --image-size (default: none, the model's own, 224 for both; smoke: 64)")
     parser.add_argument("--epochs", type=int, default=2, help="float and quantized epochs; the last is measured")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (smoke: 4)")
     parser.add_argument("--workers", type=int, default=None, help="default 12 (smoke: 1)")
@@ -206,8 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                ("source_px", 256, 80), ("batch_size", 128, 4), ("workers", 12, 1)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else normal)
-    if args.image_size is None:
-        args.image_size = 64 if smoke else 224
+    if args.image_size is None and smoke:
+        args.image_size = 64
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.compile = args.compile or ("on" if cuda else "off")
     return args

@@ -186,6 +186,17 @@ def test_bytes_saved_for_backward(interpreter, kernel: str) -> None:
     assert measured == SAVED_PER_ELEMENT
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_no_grad_forward_is_the_same_and_saves_nothing(interpreter, kernel: str) -> None:
+    u = _special((3, 4, 5), 0.1)
+    alpha, z = torch.tensor([0.1, 0.2, 0.05, 0.3, 0.1]).view(1, 1, 5), torch.tensor(1.0)
+    y_train = _run(kernel, u, alpha, z, "clipped_relu", "lsq")[0]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), torch.no_grad():
+        y = fake_quantize(u, alpha.requires_grad_(True), z, 15, get_ste("clipped_relu"), "lsq", kernel=kernel)
+    assert torch.equal(_bits(y), _bits(y_train)) and saved == [] and y.grad_fn is None
+
+
 def test_user_ste_falls_back_to_torch(interpreter, ste_registry) -> None:
     @qat_ste.register_ste("half_inside")
     def half_inside(u, lo, hi):
@@ -223,7 +234,8 @@ def test_opcheck(interpreter) -> None:
     u = torch.randn(2, 3, 4, 4, requires_grad=True)
     a = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    result = torch.library.opcheck(ops.fake_quant, (u, a, torch.zeros(3), 15, 2, 1, False, 1, 0.1), test_utils=checks)
+    result = torch.library.opcheck(ops.fake_quant, (u, a, torch.zeros(3), 15, 2, 1, False, 1, 0.1, True),
+                                     test_utils=checks)
     assert set(result.values()) == {"SUCCESS"}
     packed, code = torch.zeros(12, dtype=torch.uint8), torch.zeros(96, dtype=torch.uint8)
     args = (torch.randn(2, 3, 4, 4), None, packed, code, a.detach(), torch.zeros(3), 15, 2, 1, False, 1, 0.1,

@@ -290,6 +290,14 @@ def _channel_axis(u: torch.Tensor, alpha: torch.Tensor) -> int | None:
     return axes[0]
 
 
+def _forward_only(u, alpha, zero_point, levels, rounding):
+    """The torch path's forward without autograd (nothing saved): the same operations, the same bits."""
+    a = alpha.float()
+    t = u.float() / a
+    t = t.round_() if rounding == "nearest" else t.ceil_()
+    return t.clamp_(-zero_point, levels - zero_point).mul_(a).to(u.dtype)
+
+
 def _triton_fake_quantize(u, alpha, zero_point, levels, ste, alpha_mode, rounding, grad_scale):
     axis = _channel_axis(u, alpha)
     if axis is None or zero_point.numel() not in (1, alpha.numel()):
@@ -300,8 +308,9 @@ def _triton_fake_quantize(u, alpha, zero_point, levels, ste, alpha_mode, roundin
         u = u.contiguous()
     a = alpha.reshape(-1)
     zp = zero_point.reshape(-1).expand(a.numel()).contiguous()
+    save = torch.is_grad_enabled() and (u.requires_grad or alpha.requires_grad)
     y, _, _ = ops.fake_quant(u, a, zp, levels, ops.STE_IDS[ste.name], ops.MODE_IDS[alpha_mode],
-                             rounding == "ceil", axis, float(grad_scale))
+                             rounding == "ceil", axis, float(grad_scale), save)
     return y
 
 
@@ -326,6 +335,8 @@ def fake_quantize(
         y = _triton_fake_quantize(u, alpha, zero_point, levels, ste, alpha_mode, rounding, grad_scale)
         if y is not None:
             return y
+    if not (torch.is_grad_enabled() and (u.requires_grad or alpha.requires_grad)):
+        return _forward_only(u, alpha, zero_point, levels, rounding)  # evaluation: no state to save
     return _FakeQuantize.apply(u, alpha, zero_point, levels, ste, alpha_mode, rounding, grad_scale)
 
 

@@ -38,8 +38,8 @@ def _interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def _state_buffers(u: torch.Tensor, ste: int, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    bits, lsq_code, _ = state_layout(ste, mode)
+def _state_buffers(u: torch.Tensor, ste: int, mode: int, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    bits, lsq_code, _ = state_layout(ste, mode) if save else (0, False, False)
     n = u.numel()
     nbytes = (n * bits + 7) // 8 if bits else 0
     packed = torch.empty(nbytes, dtype=torch.uint8, device=u.device)
@@ -50,18 +50,19 @@ def _state_buffers(u: torch.Tensor, ste: int, mode: int) -> tuple[torch.Tensor, 
 @triton_op("qat_ste::fake_quant", mutates_args=())
 def fake_quant(
     u: torch.Tensor, alpha: torch.Tensor, zero_point: torch.Tensor, levels: int, ste: int, mode: int,
-    ceil: bool, axis: int, grad_scale: float,
+    ceil: bool, axis: int, grad_scale: float, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, packed region bits, lsq byte codes) of a dense ``u``; ``alpha``/``zero_point`` are 1-D
-    (one value, or one per channel along ``axis``)."""
+    (one value, or one per channel along ``axis``). Without ``save`` (no gradient wanted) the
+    state is not written."""
     from . import triton_kernels as tk
 
     y = torch.empty_like(u)
-    packed, code = _state_buffers(u, ste, mode)
+    packed, code = _state_buffers(u, ste, mode, save)
     n = u.numel()
     if n == 0:
         return y, packed, code
-    bits, lsq_code, _ = state_layout(ste, mode)
+    bits, lsq_code, _ = state_layout(ste, mode) if save else (0, False, False)
     ch_stride, channels = _channels(u, axis)
     grid = ((n + FORWARD_BLOCK - 1) // FORWARD_BLOCK,)
     wrap_triton(tk.fq_forward_kernel)[grid](
@@ -72,8 +73,8 @@ def fake_quant(
 
 
 @fake_quant.register_fake
-def _fake_quant_fake(u, alpha, zero_point, levels, ste, mode, ceil, axis, grad_scale):
-    packed, code = _state_buffers(u, ste, mode)
+def _fake_quant_fake(u, alpha, zero_point, levels, ste, mode, ceil, axis, grad_scale, save):
+    packed, code = _state_buffers(u, ste, mode, save)
     return torch.empty_like(u), packed, code
 
 
@@ -130,7 +131,9 @@ def _fake_quant_backward_fake(grad_y, u, packed, code, alpha, zero_point, levels
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    u, alpha, zero_point, levels, ste, mode, ceil, axis, grad_scale = inputs
+    u, alpha, zero_point, levels, ste, mode, ceil, axis, grad_scale, save = inputs
+    if not save:
+        raise RuntimeError("qat_ste::fake_quant was called with save=False on inputs that need gradients")
     _, packed, code = output
     ctx.save_for_backward(u if ste == LOG_TAILED else None, packed, code, alpha, zero_point)
     ctx.args = (levels, ste, mode, ceil, axis, grad_scale)
@@ -142,7 +145,7 @@ def _backward(ctx: Any, grad_y: torch.Tensor, _packed: Any, _code: Any) -> tuple
     levels, ste, mode, ceil, axis, grad_scale = ctx.args
     grad_u, grad_alpha = fake_quant_backward(grad_y, u, packed, code, alpha, zero_point, levels, ste, mode,
                                              ceil, axis, grad_scale, *ctx.layout)
-    return grad_u, (grad_alpha if mode != 0 else None), None, None, None, None, None, None, None
+    return grad_u, (grad_alpha if mode != 0 else None), None, None, None, None, None, None, None, None
 
 
 fake_quant.register_autograd(_backward, setup_context=_setup_context)

@@ -102,8 +102,10 @@ def fq_forward_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     u = tl.load(u_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    chan = (offs // ch_stride) % channels
-    a, z = _channel_params(alpha_ptr, zp_ptr, chan, PER_CHANNEL)
+    if PER_CHANNEL:
+        a, z = _channel_params(alpha_ptr, zp_ptr, (offs // ch_stride) % channels, PER_CHANNEL)
+    else:
+        a, z = _channel_params(alpha_ptr, zp_ptr, offs, PER_CHANNEL)
     r = tl.math.div_rn(u, a)
     if CEIL:
         t = tl.math.ceil(r)
@@ -200,7 +202,10 @@ def fq_backward_kernel(
     pid_c = tl.program_id(1)
     j = pid_j.to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs = (j // ch_stride)[:, None] * (channels * ch_stride) + ch[None, :] * ch_stride + (j % ch_stride)[:, None]
+    if PER_CHANNEL:
+        offs = (j // ch_stride)[:, None] * (channels * ch_stride) + ch[None, :] * ch_stride + (j % ch_stride)[:, None]
+    else:  # one channel: the positions are the storage offsets
+        offs = j[:, None] + ch[None, :]
     inb = (j < per_chan)[:, None] & (ch < channels)[None, :]
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if PER_CHANNEL:

@@ -204,3 +204,98 @@ def test_freeze_at_step_zero_never_updates_the_statistics(data):
     before = copy.deepcopy(model[5].running_var)
     train(model, data[0], None, config(freeze_bn_after_steps=0, stop_after_steps=2))
     assert torch.equal(model[5].running_var, before)
+
+
+# ---- qat-ste convert with the recipe ----------------------------------------------------------------
+
+
+def _stages_wired() -> bool:
+    """Whether cli/stages.py's fine-tuning stage passes the recipe settings and the teacher to train()."""
+    import inspect
+
+    from qat_ste.cli import stages
+
+    return "_finetune_settings" in inspect.getsource(stages._qat_stage)
+
+
+@pytest.mark.skipif(not _stages_wired(), reason="cli/stages.py::_qat_stage does not pass the recipe yet")
+def test_convert_fine_tunes_a_pretrained_model_with_the_recipe(tmp_path, capsys):
+    from qat_ste.cli import main
+    from qat_ste.zoo import create_zoo_model
+
+    weights = tmp_path / "lenet5.pt"
+    torch.save(create_zoo_model("lenet5", num_classes=10).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["convert", "--weights", str(weights), "--epochs", "1", "--batch-size", "256", "--calib-batches", "1",
+                 "--no-export", "--no-progress", "--ema", "0.9", "--freeze-bn-after", "3", "--label-smoothing", "0.1",
+                 "--out", str(out)]) == 0
+    saved = load_checkpoint(out / "qat" / "last.pt")
+    settings = {k: saved["config"][k] for k in ("lr", "warmup_epochs", "distill_weight", "distill_temperature",
+                                                 "ema_decay", "freeze_bn_after_steps", "label_smoothing")}
+    assert settings == {"lr": 0.002, "warmup_epochs": 0.1, "distill_weight": 0.5, "distill_temperature": 1.0,
+                        "ema_decay": 0.9, "freeze_bn_after_steps": 3, "label_smoothing": 0.1}
+    assert saved["optimizer"][STATE_KEY]["updates"] == saved["step"] == 6  # 1437 digits / 256
+    assert int(saved["model"]["bn1.num_batches_tracked"]) == 3  # frozen after 3 steps
+    assert not any(k.startswith("teacher") for k in saved["model"])
+    assert "the model now holds the EMA weights" in capsys.readouterr().out
+
+
+# ---- under DDP (two gloo processes on CPU) -----------------------------------------------------------
+
+
+def _ddp_model() -> nn.Module:
+    """float64 (so DDP's summation order cannot flip a rounding); BatchNorm frozen from step 0, so the
+    ranks' batch statistics do not enter and DDP must match one process on the global batch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10))
+    return qat_ste.quantize(net, bits=4, alpha_mode="lsq", step_init=0.25,
+                            example_input=torch.randn(1, 3, 16, 16)).double()
+
+
+def _ddp_teacher() -> nn.Module:
+    return float_net(seed=3).double()
+
+
+def _ddp_config(batch_size: int, out_dir: str) -> TrainConfig:
+    return config(Path(out_dir), batch_size=batch_size, device="cpu", distill_weight=0.5, distill_temperature=2.0,
+                  ema_decay=0.8, freeze_bn_after_steps=0, label_smoothing=0.1)
+
+
+def _ddp_worker(rank: int, world: int, port: int, work_dir: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = _ddp_model()
+    train_set = load_dataset("synthetic", "train", size=16, n=128)
+    result = train(model, train_set, None, _ddp_config(16, str(Path(work_dir) / "ddp")), teacher=_ddp_teacher())
+    torch.save({"state": model.state_dict(), "world_size": result.world_size}, Path(work_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_recipe_under_ddp_matches_one_process_on_the_global_batch(tmp_path):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        assert name not in os.environ, "run the test suite outside torchrun"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = _ddp_model()
+    train(single, load_dataset("synthetic", "train", size=16, n=128), None, _ddp_config(32, str(tmp_path / "one")),
+          teacher=_ddp_teacher())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    for key, value in single.state_dict().items():  # the EMA weights, left in the model
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-9, atol=1e-11)
+    assert torch.equal(ranks[0]["state"]["1.running_mean"], torch.zeros(8))  # frozen from step 0
+    saved = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert saved["optimizer"][STATE_KEY]["updates"] == 8

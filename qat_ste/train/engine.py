@@ -6,6 +6,9 @@ The engine is split by job; read it in this order:
 - :mod:`~qat_ste.train.config`: :class:`TrainConfig`, :class:`TrainResult`, :class:`TrainingDiverged`
 - :mod:`~qat_ste.train.setup`: what happens before the first step (loader, calibration, wrappers)
 - :mod:`~qat_ste.train.optim`: parameter groups, the optimizer and the per-step LR schedule
+- :mod:`~qat_ste.train.distill`, :mod:`~qat_ste.train.ema`, :mod:`~qat_ste.train.bn_policy`: the
+  fine-tuning recipe (distillation from a float teacher, weight EMA, BatchNorm statistics frozen)
+- :mod:`~qat_ste.train.pretrained`: weights from local files (state dicts, timm checkpoints, safetensors)
 - :mod:`~qat_ste.train.evaluation`: :func:`evaluate`
 - :mod:`~qat_ste.train.precision`: autocast, compile and channels-last settings, input placement
 - :mod:`~qat_ste.train.signals`: Ctrl-C / SIGTERM stop the run after the current step

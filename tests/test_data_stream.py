@@ -488,3 +488,14 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(folder, tmp
     train(resumed, train_set, None, config(tmp_path / "cut", resume=True))
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.inner.state_dict()[key], value), key
+
+
+def test_resume_refuses_another_preprocessing_of_a_streamed_folder(tmp_path):
+    from qat_ste.train import TrainConfig
+    from qat_ste.train.run_state import check_resume_metadata
+
+    saved = {"model": "torchvision:resnet18", "data": "imagefolder:x", "preprocess": "auto"}
+    now = {**saved, "preprocess": "ResNet18_Weights.IMAGENET1K_V1"}
+    with pytest.raises(QatSteError, match="preprocess: 'auto' -> 'ResNet18_Weights.IMAGENET1K_V1'"):
+        check_resume_metadata(saved, now, TrainConfig(), tmp_path / "last.pt")
+    check_resume_metadata({k: v for k, v in saved.items() if k != "preprocess"}, now, TrainConfig(), None)

@@ -22,10 +22,10 @@ from .distributed import DistInfo, gather_to_main
 __all__ = ["RESUME_METADATA_KEYS", "EpochMeter", "Run", "check_resume_config", "check_resume_metadata",
            "diverged", "plain", "restore", "resume_path", "save_checkpoint"]
 
-#: metadata entries that must match on resume: what the model, its data, its quantization and the
-#: calibration of its steps are
+#: metadata entries that must match on resume: what the model, its data (and a streamed folder's
+#: preprocessing), its quantization and the calibration of its steps are
 RESUME_METADATA_KEYS = ("model", "data", "quant", "calibration", "num_classes", "in_channels", "image_size",
-                        "stage")
+                        "stage", "preprocess")
 
 #: settings whose change on resume is warned about (the run will not match an uninterrupted one)
 RESUME_CONFIG_KEYS = ("epochs", "batch_size", "optimizer", "lr", "schedule", "milestones", "warmup_epochs", "seed",

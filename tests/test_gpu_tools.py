@@ -126,6 +126,14 @@ def test_finetune_reads_the_last_epoch_rates_from_report(tmp_path: Path) -> None
     assert table.splitlines()[-1].split() == ["torchvision:resnet18", "224", "200", "180", "0.90x", "ok"]
 
 
+def test_finetune_reads_the_finished_epochs_of_a_stopped_run(tmp_path: Path) -> None:
+    (tmp_path / "float").mkdir()
+    (tmp_path / "float" / "metrics.csv").write_text("epoch,step,images_per_s\n1,5,20.0\n2,10,80.5\n")
+    found = bench_finetune_gpu.read_metrics(tmp_path)
+    assert (found["float_images_per_s"], found["float_first_epoch_images_per_s"]) == (80.5, 20.0)
+    assert "quantized_images_per_s" not in found and found["ratio"] is None
+
+
 def test_finetune_smoke_defaults_and_command() -> None:
     args = bench_finetune_gpu.parse_args(["--device", "cpu", "--smoke"])
     assert (args.amp, args.compile, args.image_size, args.batch_size, args.workers) == ("off", "off", 64, 4, 1)

@@ -143,6 +143,24 @@ def read_report(path: Path) -> dict[str, Any]:
             "timings_s": report.get("timings_s")}
 
 
+def read_metrics(out: Path) -> dict[str, Any]:
+    """What a run stopped early left: the images/s of the epochs its stages finished (metrics.csv)."""
+    import csv
+
+    found: dict[str, Any] = {}
+    for stage, key in (("float", "float"), ("qat", "quantized")):
+        path = out / stage / "metrics.csv"
+        if path.is_file():
+            with open(path, newline="") as handle:
+                history = [{"images_per_s": float(row["images_per_s"])} for row in csv.DictReader(handle)
+                           if row.get("images_per_s")]
+            first, last = epoch_rates(history)
+            found.update({f"{key}_images_per_s": last, f"{key}_first_epoch_images_per_s": first})
+    rates = found.get("float_images_per_s"), found.get("quantized_images_per_s")
+    found["ratio"] = rates[1] / rates[0] if rates[0] and rates[1] else None
+    return found
+
+
 def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
     """One convert run; the row (status "ok", "error (exit N): ..." or "timeout after N s")."""
     out = work / ("run-" + model.replace(":", "-").replace("/", "-"))
@@ -152,9 +170,9 @@ def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, ti
     row: dict[str, Any] = {"model": model, "seconds": round(seconds, 1), "command": command[1:]}
     tail = [line for line in output.strip().splitlines() if line.strip()][-12:]
     if code is None:
-        row.update(status=f"timeout after {seconds:.0f} s", tail=tail)
+        row.update(status=f"timeout after {seconds:.0f} s", tail=tail, **read_metrics(out))
     elif code != 0 or not (out / "report.json").is_file():
-        row.update(status=f"error (exit {code}): {tail[-1][:160] if tail else ''}", tail=tail)
+        row.update(status=f"error (exit {code}): {tail[-1][:160] if tail else ''}", tail=tail, **read_metrics(out))
     else:
         row.update(status="ok", **read_report(out / "report.json"))
     return row

@@ -226,16 +226,16 @@ def test_convert_fine_tunes_a_pretrained_model_with_the_recipe(tmp_path, capsys)
     weights = tmp_path / "lenet5.pt"
     torch.save(create_zoo_model("lenet5", num_classes=10).state_dict(), weights)
     out = tmp_path / "run"
-    assert main(["convert", "--weights", str(weights), "--epochs", "1", "--batch-size", "256", "--calib-batches", "1",
-                 "--no-export", "--no-progress", "--ema", "0.9", "--freeze-bn-after", "3", "--label-smoothing", "0.1",
+    assert main(["convert", "--weights", str(weights), "--epochs", "1", "--batch-size", "512", "--calib-batches", "1",
+                 "--no-export", "--no-progress", "--ema", "0.9", "--freeze-bn-after", "2", "--label-smoothing", "0.1",
                  "--out", str(out)]) == 0
     saved = load_checkpoint(out / "qat" / "last.pt")
     settings = {k: saved["config"][k] for k in ("lr", "warmup_epochs", "distill_weight", "distill_temperature",
                                                  "ema_decay", "freeze_bn_after_steps", "label_smoothing")}
     assert settings == {"lr": 0.002, "warmup_epochs": 0.1, "distill_weight": 0.5, "distill_temperature": 1.0,
-                        "ema_decay": 0.9, "freeze_bn_after_steps": 3, "label_smoothing": 0.1}
-    assert saved["optimizer"][STATE_KEY]["updates"] == saved["step"] == 6  # 1437 digits / 256
-    assert int(saved["model"]["bn1.num_batches_tracked"]) == 3  # frozen after 3 steps
+                        "ema_decay": 0.9, "freeze_bn_after_steps": 2, "label_smoothing": 0.1}
+    assert saved["optimizer"][STATE_KEY]["updates"] == saved["step"] == 3  # 1437 digits / 512
+    assert int(saved["model"]["bn1.num_batches_tracked"]) == 2  # frozen after 2 steps
     assert not any(k.startswith("teacher") for k in saved["model"])
     assert "the model now holds the EMA weights" in capsys.readouterr().out
 

@@ -190,6 +190,13 @@ class QuantConfig(_QuantFields):
             return False
         return not any(fnmatch.fnmatchcase(site, p) for p in self.exclude)
 
+    def with_kernel(self, kernel: str) -> QuantConfig:
+        """This config with ``kernel`` at every site (per-site kernel overrides dropped): e.g. to run
+        a checkpoint trained with ``kernel="triton"`` on a machine without a GPU."""
+        check_kernel(kernel)
+        overrides = {p: {k: v for k, v in o.items() if k != "kernel"} for p, o in self.overrides.items()}
+        return replace(self, kernel=kernel, overrides={p: o for p, o in overrides.items() if o})
+
     def for_site(self, site: str) -> QuantConfig:
         """This config with the overrides whose pattern matches ``site`` applied."""
         cfg = self

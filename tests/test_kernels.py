@@ -287,6 +287,12 @@ def test_kernel_option_config_quantize_and_state_dict(tmp_path) -> None:
     assert other.state_dict().keys() == q.state_dict().keys()
     q.load_state_dict(other.state_dict())
     assert qat_ste.quantize(model, bits=4, ste="clipped_relu", kernel="torch")[1].kernel == "torch"
+    # a config stored with kernel="triton" runs anywhere with_kernel("auto")
+    stored = QuantConfig(kernel="triton", overrides={"1": {"kernel": "triton", "bits": 8}, "3": {"kernel": "torch"}})
+    moved = QuantConfig.from_dict(stored.to_dict()).with_kernel("auto")
+    assert moved == QuantConfig(overrides={"1": {"bits": 8}})
+    with pytest.raises(QatSteError, match="unknown kernel 'gpu'"):
+        stored.with_kernel("gpu")
 
 
 def test_cli_kernel_option_reaches_the_config() -> None:
@@ -299,16 +305,45 @@ def test_cli_kernel_option_reaches_the_config() -> None:
     assert _quant_config(args).kernel == "torch"
 
 
-# ---- on a real GPU ------------------------------------------------------------------------------
+# ---- compiled for the GPU -----------------------------------------------------------------------
 
 
 @pytest.fixture
 def compiled_kernels():
     """Compiled (not interpreted) kernels for the GPU tests."""
+    pytest.importorskip("triton")
     previous = os.environ.get("TRITON_INTERPRET")
     _reload_kernels(None)
     yield
     _reload_kernels(previous)
+
+
+def test_kernels_compile_for_cuda_with_ieee_division(compiled_kernels, tmp_path, monkeypatch) -> None:
+    # no GPU needed: triton compiles to PTX and runs its bundled ptxas for sm_90. The forward must
+    # divide with div.rn (not Triton's approximate fp32 '/': div.full), round with cvt.rni (rint),
+    # convert to bf16 with cvt.rn, and hold no FMA (a fused multiply-add would round differently)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qat_ste.quantizer import triton_kernels as tk
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    sig = {"u_ptr": "*bf16", "y_ptr": "*bf16", "bits_ptr": "*u8", "code_ptr": "*u8", "alpha_ptr": "*fp32",
+           "zp_ptr": "*fp32", "n": "i64", "ch_stride": "i64", "channels": "i32", "levels": "i32"}
+    const = {"PER_CHANNEL": True, "CEIL": False, "STE": 2, "MODE": 1, "BITS": 1, "LSQ_CODE": True,
+             "LIBDEVICE": True, "BLOCK": 1024}
+    try:
+        compiled = triton.compile(ASTSource(tk.fq_forward_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const),
+                                  target=GPUTarget("cuda", 90, 32))
+    except (TypeError, KeyError, RuntimeError, FileNotFoundError) as error:  # another triton's API, no ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {error}")
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+    assert "cvt.rni.f32.f32" in ptx and "cvt.rn.bf16.f32" in ptx and "fma." not in ptx
+
+
+# ---- on a real GPU ------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu

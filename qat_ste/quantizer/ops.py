@@ -109,10 +109,12 @@ def fake_quant_backward(
     per_chan = n // max(channels, 1)
     rows = max((per_chan + block_j - 1) // block_j, 1)
     partial = torch.zeros((rows, channels), dtype=torch.float32, device=grad_y.device)
+    a, z = alpha.float(), zero_point.float()
+    lo, hi = -z * a, (levels - z) * a  # as the torch path rounds them
     if n > 0:
         grid = (rows, (channels + block_c - 1) // block_c)
         wrap_triton(tk.fq_backward_kernel)[grid](
-            g, u if from_u else g, packed, code, alpha, zero_point, grad_u, partial, per_chan, ch_stride,
+            g, u if from_u else g, packed, code, alpha, zero_point, lo, hi, grad_u, partial, per_chan, ch_stride,
             channels, levels, PER_CHANNEL=alpha.numel() > 1, CEIL=ceil, STE=ste, MODE=mode, BITS=bits,
             FROM_U=from_u, LIBDEVICE=not _interpreted(tk.fq_backward_kernel), BLOCK_J=block_j, BLOCK_C=block_c)
     grad_alpha = partial.sum(0)

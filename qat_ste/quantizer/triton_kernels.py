@@ -193,7 +193,8 @@ def _alpha_derivative(u, s, code, a, z, levels, lo, hi, MODE: tl.constexpr, CEIL
 
 @triton.jit
 def fq_backward_kernel(
-    g_ptr, u_ptr, bits_ptr, code_ptr, alpha_ptr, zp_ptr, gu_ptr, part_ptr, per_chan, ch_stride, channels, levels,
+    g_ptr, u_ptr, bits_ptr, code_ptr, alpha_ptr, zp_ptr, lo_ptr, hi_ptr, gu_ptr, part_ptr, per_chan, ch_stride,
+    channels, levels,
     PER_CHANNEL: tl.constexpr, CEIL: tl.constexpr, STE: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
     FROM_U: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -208,14 +209,19 @@ def fq_backward_kernel(
         offs = j[:, None] + ch[None, :]
     inb = (j < per_chan)[:, None] & (ch < channels)[None, :]
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    # lo = -z * alpha and hi = (L - z) * alpha come rounded from the host: computed here, the GPU
+    # compiler could fuse hi's product into an FMA with log_tailed_relu's hi - 1 (not torch's rounding)
     if PER_CHANNEL:
-        a = tl.load(alpha_ptr + ch, mask=ch < channels, other=1.0).to(tl.float32)[None, :]
-        z = tl.load(zp_ptr + ch, mask=ch < channels, other=0.0).to(tl.float32)[None, :]
+        cmask = ch < channels
+        a = tl.load(alpha_ptr + ch, mask=cmask, other=1.0).to(tl.float32)[None, :]
+        z = tl.load(zp_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        lo = tl.load(lo_ptr + ch, mask=cmask, other=0.0)[None, :]
+        hi = tl.load(hi_ptr + ch, mask=cmask, other=1.0)[None, :]
     else:
         a = tl.load(alpha_ptr).to(tl.float32)
         z = tl.load(zp_ptr).to(tl.float32)
-    lo = -z * a
-    hi = (levels - z) * a
+        lo = tl.load(lo_ptr)
+        hi = tl.load(hi_ptr)
     u = g
     if FROM_U:
         u = tl.load(u_ptr + offs, mask=inb, other=0.0).to(tl.float32)

@@ -209,3 +209,16 @@ def test_gpu_check_kills_a_step_at_its_timeout(tmp_path: Path) -> None:
     log = (tmp_path / "x.log").read_text()
     assert "started" in log and "killed after the step's timeout of 2 s" in log
     assert gpu_check.status_of(None, 1.5) == "timeout (2 s)" and gpu_check.status_of(3, 1) == "failed (exit 3)"
+
+
+def test_gpu_check_stop_group_kills_a_child_that_ignores_sigterm() -> None:
+    import signal
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    gpu_check.stop_group(child, grace_s=0.5)
+    assert child.returncode == -signal.SIGKILL
+    child.stdout.close()

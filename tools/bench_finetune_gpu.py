@@ -20,12 +20,15 @@ what is left of it, and a model that does not fit is listed as "skipped (budget)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,10 +118,18 @@ def run_command(command: list[str], timeout_s: float) -> tuple[int | None, str, 
         output, _ = process.communicate(timeout=max(timeout_s, 1.0))
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        _kill_group(process.pid)
         output, _ = process.communicate()
         code = None
+    except BaseException:  # SIGTERM (as SystemExit, see main) or Ctrl-C: the run's processes go too
+        _kill_group(process.pid)
+        raise
     return code, output or "", time.perf_counter() - tick
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def epoch_rates(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
@@ -250,8 +261,23 @@ def run_models(args: argparse.Namespace, data: Path, work: Path, started: float,
     return rows
 
 
+def _exit_on_sigterm(*_: Any) -> None:
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """main() without the signal handling: stopped from outside, the convert run in flight stops too."""
     started = time.perf_counter()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     work.mkdir(parents=True, exist_ok=True)

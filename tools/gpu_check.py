@@ -27,6 +27,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,8 +71,8 @@ def child_env() -> dict[str, str]:
 
 
 def run_logged(command: list[str], log_path: Path, timeout_s: float) -> tuple[int | None, float]:
-    """Run ``command`` (its output to our stdout and to ``log_path``); (exit code, or None after the
-    timeout, when its whole process group is killed; seconds)."""
+    """Run ``command`` in its own process group (its output to our stdout and to ``log_path``); (exit
+    code, or None after the timeout, when its whole process group is stopped; seconds)."""
     tick = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
@@ -91,13 +92,39 @@ def run_logged(command: list[str], log_path: Path, timeout_s: float) -> tuple[in
         try:
             code: int | None = process.wait(timeout=max(timeout_s, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+            stop_group(process)
             code = None
+        except BaseException:  # SIGTERM (as SystemExit) or Ctrl-C: the child's processes go too
+            stop_group(process)
+            raise
         reader.join(timeout=10)
         if code is None:
             log.write(f"\n[gpu_check: killed after the step's timeout of {timeout_s:.0f} s]\n")
     return code, time.perf_counter() - tick
+
+
+def stop_group(process: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
+    """SIGTERM to the child's process group (a benchmark then stops its own children), SIGKILL to
+    what is left after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            if sig == signal.SIGTERM:
+                os.killpg(process.pid, signal.SIGKILL)  # the group's stragglers
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def _exit_on_sigterm(*_: Any) -> None:
+    """SIGTERM as SystemExit(143), so that the running step's processes are stopped too."""
+    raise SystemExit(143)
 
 
 def status_of(code: int | None, timeout_s: float) -> str:
@@ -330,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_steps(args, out, started)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        results = run_steps(args, out, started)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     total = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(_document(results, started), indent=2) + "\n")
     tables = benchmark_tables(out)

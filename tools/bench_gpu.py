@@ -223,7 +223,8 @@ def build_variant(base: nn.Module, variant: str, setup: Setup, calib: torch.Tens
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               setup: Setup, after_step: Callable[[], None] | None) -> Callable[[], None]:
-    """A full training step: forward (autocast), cross-entropy, backward, SGD step (and the step projection)."""
+    """A full training step: forward (autocast), cross-entropy, backward, SGD step (and the steps'
+    projection into their valid range, qat_ste's rows)."""
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.amp):
@@ -277,7 +278,7 @@ def run_row(inputs: ModelInputs, variant: str, mode: str, setup: Setup) -> dict[
     model, sites, note = build_variant(inputs.base, variant, setup, x[: min(16, len(x))])
     step_model = torch.compile(model) if mode == "compiled" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    after = (lambda: qat_ste.project_alphas(model)) if variant in QAT_VARIANTS else None
+    after = qat_ste.AlphaProjector(model) if variant in QAT_VARIANTS else None  # as the training engine does
     step = make_step(step_model, optimizer, x, y, setup, after)
     times = time_step(step, setup)
     peak = torch.cuda.max_memory_allocated(setup.device) / 2**30 if setup.device.type == "cuda" else None

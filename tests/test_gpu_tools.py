@@ -134,6 +134,20 @@ def test_finetune_reads_the_finished_epochs_of_a_stopped_run(tmp_path: Path) -> 
     assert "quantized_images_per_s" not in found and found["ratio"] is None
 
 
+def test_finetune_flags_a_compile_that_fell_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run-torchvision-resnet18"
+    run.mkdir()
+    report = {"data": {}, "quantization": {}, "float": {"history": [{"images_per_s": 10.0}]},
+              "quantized": {"history": [{"images_per_s": 8.0}]}}
+    (run / "report.json").write_text(json.dumps(report))
+    output = "UserWarning: torch.compile failed on this model (BackendCompilerFailed: x); training continues"
+    monkeypatch.setattr(bench_finetune_gpu, "run_command", lambda command, timeout: (0, output, 1.0))
+    args = bench_finetune_gpu.parse_args(["--device", "cpu", "--smoke"])
+    row = bench_finetune_gpu.bench_model("torchvision:resnet18", tmp_path / "d", tmp_path, args, 10.0)
+    assert row["status"] == "ok (compile fell back to eager)" and row["compile_fallback"] is True
+    assert row["ratio"] == pytest.approx(0.8)
+
+
 def test_finetune_smoke_defaults_and_command() -> None:
     args = bench_finetune_gpu.parse_args(["--device", "cpu", "--smoke"])
     assert (args.amp, args.compile, args.image_size, args.batch_size, args.workers) == ("off", "off", 64, 4, 1)

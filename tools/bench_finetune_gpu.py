@@ -38,6 +38,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("torchvision:resnet18", "timm:vit_small_patch16_224")
+#: what the training engine warns when torch.compile fails and it trains on eagerly
+COMPILE_FALLBACK = "torch.compile failed on this model"
 #: seconds the first run is assumed to need before one has been measured (CUDA)
 FIRST_RUN_ESTIMATE_S = 60.0
 
@@ -186,6 +188,9 @@ def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, ti
         row.update(status=f"error (exit {code}): {tail[-1][:160] if tail else ''}", tail=tail, **read_metrics(out))
     else:
         row.update(status="ok", **read_report(out / "report.json"))
+    if COMPILE_FALLBACK in output:  # the engine trained on eagerly: the rates are not compiled ones
+        row["status"] += " (compile fell back to eager)"
+        row["compile_fallback"] = True
     return row
 
 

@@ -46,6 +46,8 @@ SMOKE_SHARES = {"tests": 0.15, "mnist": 0.40, "bench_gpu": 0.20, "finetune": 0.2
 BENCH_MARGIN_S = 20.0
 PYTEST_SELECTION = ["-k", "(gpu or cuda) and not gpu_tools"]
 NO_CUDA = "no CUDA device: nothing to check"
+#: what the training engine warns when torch.compile fails and it trains on eagerly
+COMPILE_FALLBACK = "torch.compile failed on this model"
 
 
 @dataclass
@@ -208,6 +210,8 @@ def step_mnist(args: argparse.Namespace, out: Path, budget_s: float) -> StepResu
         parts = [f"float {_pct(summary.get('float_accuracy'))}", f"quant {_pct(summary.get('quantized_accuracy'))}",
                  f"ORT {_pct(summary.get('onnx_accuracy'))}", f"codes {_pct(summary.get('code_agreement'))}"]
         result.figure = ", ".join(parts) + (f", {rate:.0f} img/s" if rate else "")
+    if COMPILE_FALLBACK in (out / "mnist.log").read_text(encoding="utf-8", errors="replace"):
+        result.status += " (compile fell back to eager)"
     return result
 
 
@@ -317,7 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_steps(args: argparse.Namespace, out: Path, started: float) -> list[StepResult]:
     """Each step in order, with its share of what is left of the budget."""
-    results = [step_env(args, out)]
+    try:
+        results = [step_env(args, out)]
+    except Exception as error:  # noqa: BLE001 - reported; the steps below say more
+        results = [StepResult("env", f"error: {type(error).__name__}: {str(error)[:80]}")]
     runners = {"tests": step_tests, "mnist": step_mnist, "bench_gpu": step_bench_gpu, "finetune": step_finetune}
     pending = [s for s in STEPS[1:] if s not in args.skip]
     for step in STEPS[1:]:

@@ -148,10 +148,14 @@ class QuantConfig(_QuantFields):
         return cls(**renamed_options(kwargs, "quantize()", stacklevel=4))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain JSON values (lists for tuples, the STE's name)."""
+        """Every field as plain JSON values (lists for tuples, the STE's name); ``kernel`` only when
+        it is not the default ``auto`` (an execution detail: what a checkpoint stored before the
+        option existed, and readable by releases without it)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "kernel" and value == "auto":
+                continue
             if isinstance(value, STE):
                 value = value.name
             elif isinstance(value, tuple):

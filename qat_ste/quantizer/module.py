@@ -325,7 +325,8 @@ class QuantAct(nn.Module):
         a = f"{alpha.item():.4g}" if alpha.numel() == 1 else f"per-channel[{alpha.numel()}]"
         return (f"{self.original or self.kind.name}, bits={self.bits}, ste={self.ste.name}, "
                 f"alpha_mode={self.alpha_mode}, step={a if self._initialized else 'uninitialised'}, "
-                f"zero_point={self.zero_point.flatten()[0].item() if self.zero_point.numel() else 0:g}")
+                f"zero_point={self.zero_point.flatten()[0].item() if self.zero_point.numel() else 0:g}"
+                + ("" if self.kernel == "auto" else f", kernel={self.kernel}"))
 
     def __deepcopy__(self, memo):
         # nn.Module's default deepcopy; a copy starts in quantize mode (observers do not copy).

@@ -236,3 +236,15 @@ def test_gpu_check_stop_group_kills_a_child_that_ignores_sigterm() -> None:
     gpu_check.stop_group(child, grace_s=0.5)
     assert child.returncode == -signal.SIGKILL
     child.stdout.close()
+
+
+def test_gpu_check_reprints_the_benchmark_tables(tmp_path: Path) -> None:
+    rows = [{"model": "resnet50", "variant": v, "mode": "eager", "status": "ok", "ms_per_step": ms, "peak_gib": 2.0,
+             "sites": 0, "note": ""} for v, ms in (("float", 100.0), ("triton", 110.0))]
+    (tmp_path / "bench_gpu.json").write_text(json.dumps({"rows": rows}))
+    finetune = [{"model": "timm:vit_small_patch16_224", "status": "skipped (budget)", "seconds": 0.0}]
+    (tmp_path / "finetune.json").write_text(json.dumps({"rows": finetune}))
+    text = gpu_check.benchmark_tables(tmp_path)
+    assert "bench_gpu.json (2 rows)" in text and "1.10x ok" in text
+    assert "finetune.json (1 rows)" in text and "skipped (budget)" in text
+    assert gpu_check.benchmark_tables(tmp_path / "nothing") == ""

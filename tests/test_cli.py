@@ -581,6 +581,7 @@ def test_resolved_config_is_written_and_reruns_the_same(tmp_path, capsys):
     assert (args.bits, args.override, args.quant_config) == (3, ["relu1:bits=8"], None)  # the resolved quantization
     assert (args.seed, args.float_epochs, args.lr, args.warmup_epochs, args.distill) == (3, 1, 0.01, 0.0, False)
     assert (args.out, args.no_progress, args.freeze_bn_after) == (str(first), True, "never")
+    assert (args.model, args.data, args.image_size) == ("zoo:lenet5", "digits", 28)  # the defaults convert picked
     import yaml
 
     assert not {"resume", "force_resume", "overwrite", "config"} & set(yaml.safe_load(text))

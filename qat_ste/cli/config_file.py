@@ -189,13 +189,15 @@ def resolved_options(args: argparse.Namespace, actions: dict[str, argparse.Actio
 
 
 def write_resolved_config(path: str | Path, args: argparse.Namespace, actions: dict[str, argparse.Action],
-                          quant: Any) -> Path:
-    """Write the resolved options of a run as YAML, atomically."""
+                          quant: Any, resolved: dict[str, Any] | None = None) -> Path:
+    """Write the resolved options of a run as YAML, atomically; ``resolved``: final values of options
+    that ``args`` leaves at None (the model, the data and the image size convert picked)."""
     import yaml
 
     from ..atomic import atomic_write_text
 
     values = resolved_options(args, actions, quant)
+    values.update({k: v for k, v in (resolved or {}).items() if k in values})
     header = ("# qat-ste convert: every option of this run, resolved. Run it again with\n"
               f"#   qat-ste convert --config {path}   (plus --overwrite, or another --out)\n")
     return atomic_write_text(path, header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))

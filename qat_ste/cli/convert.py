@@ -48,14 +48,14 @@ def _check_training_settings(args: argparse.Namespace) -> None:
     TrainConfig(lr=args.lr, **_train_settings(args), **_finetune_settings(args))
 
 
-def _write_config(args: argparse.Namespace, quant: Any, out: Path) -> None:
+def _write_config(args: argparse.Namespace, quant: Any, out: Path, resolved: dict[str, Any]) -> None:
     """OUT/config.yaml: every option's final value (``qat-ste convert --config`` reads it back)."""
     from .config_file import CONFIG_FILE_NAME, option_actions, write_resolved_config
     from .parser import build_parser
 
     convert = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["convert"]
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out / CONFIG_FILE_NAME, args, option_actions(convert), quant)
+    write_resolved_config(out / CONFIG_FILE_NAME, args, option_actions(convert), quant, resolved)
 
 
 def _stop_exit_code(reason: str) -> int:
@@ -149,7 +149,7 @@ def _convert(args: argparse.Namespace) -> int:
         if pretrained_defaults:
             run.say(describe_pretrained_defaults(args, pretrained_defaults))
         if dist_info.is_main:
-            _write_config(args, quant, out)
+            _write_config(args, quant, out, {"model": str(spec), "data": data, "image_size": image_size})
         stopped = _float_stage(run)
         if stopped is not None and stopped.stopped_early:
             return _stopped(stopped, out, run.say)

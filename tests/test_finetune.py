@@ -18,7 +18,7 @@ from qat_ste.errors import QatSteError
 from qat_ste.train import TrainConfig, load_checkpoint, train
 from qat_ste.train.data import load_dataset
 from qat_ste.train.distill import distillation_loss
-from qat_ste.train.ema import STATE_KEY, WeightEma
+from qat_ste.train.ema import STATE_KEY, WeightEma, checkpoint_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -151,6 +151,9 @@ def test_ema_is_evaluated_checkpointed_and_left_in_the_model(data, tmp_path):
     assert not torch.equal(saved["model"]["0.weight"], ema_state["tensors"]["0.weight"])  # raw weights kept too
     evaluated = qat_ste.train.evaluate(model, data[1], 64)
     assert result.final_val_accuracy == pytest.approx(evaluated["accuracy"])
+    assert checkpoint_weights(saved) is ema_state["tensors"]  # what export/check should load
+    plain_run = {"model": saved["model"], "optimizer": {"state": {}}}  # a run without EMA
+    assert checkpoint_weights(plain_run) is saved["model"]
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch 1 and exactly at its end

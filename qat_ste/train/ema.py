@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..errors import QatSteError
 
-__all__ = ["STATE_KEY", "WeightEma", "check_decay"]
+__all__ = ["STATE_KEY", "WeightEma", "check_decay", "checkpoint_weights"]
 
 #: the entry of the optimizer's state dict that carries the EMA through checkpoints
 STATE_KEY = "qat_ste_ema"
@@ -112,3 +112,12 @@ class WeightEma:
             self.load_state_dict(saved)
         return state
 
+
+def checkpoint_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a training checkpoint stands for: its EMA weights when the run kept an EMA
+    (what the run evaluated and left in the model), else its ``model`` entry."""
+    optimizer = state.get("optimizer")
+    saved = optimizer.get(STATE_KEY) if isinstance(optimizer, dict) else None
+    if isinstance(saved, dict) and isinstance(saved.get("tensors"), dict):
+        return saved["tensors"]
+    return state["model"]

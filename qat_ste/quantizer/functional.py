@@ -86,17 +86,23 @@ def _alpha_derivative(
 
 
 def _pack(s: torch.Tensor, bits: int) -> torch.Tensor:
-    """``s`` (uint8 values < 2**bits) packed ``8 // bits`` to a byte, first element in the low bits."""
-    per = 8 // bits
-    flat = s.reshape(-1)
-    pad = (-flat.numel()) % per
+    """``s`` (uint8 values < 2**bits) packed ``8 // bits`` to a byte, first element in the low bits.
+
+    Eight bytes are read as one int64 and folded with shifts (the bytes hold 0..3, so no bit
+    crosses into the next group): one vectorised pass instead of eight strided ones."""
+    flat = s.reshape(-1)  # a fresh tensor: storage offset 0, so the int64 view is aligned
+    pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, per)
-    out = groups[:, 0].clone()
-    for i in range(1, per):
-        out |= groups[:, i] << (i * bits)
-    return out
+    x = flat.view(torch.int64)
+    if bits == 1:
+        x = x | (x >> 7)
+        x = x | (x >> 14)
+        x = x | (x >> 28)
+        return (x & 0xFF).to(torch.uint8)
+    x = x | (x >> 6)  # 2 bits: four per byte, two bytes per int64
+    x = x | (x >> 12)
+    return torch.stack([x & 0xFF, (x >> 32) & 0xFF], dim=1).reshape(-1).to(torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
@@ -108,26 +114,40 @@ def _unpack(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
 
 def _region_code(mode: str, ste: str, uf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(uint8 state, bits) saved for the STE mask and, for pact/bcgd, the step gradient's region."""
+    u8 = torch.uint8
     if mode == "pact":  # 0 below or NaN, 1 inside, 2 at hi, 3 above
-        return (uf > lo).to(torch.uint8) + (uf >= hi).to(torch.uint8) + (uf > hi).to(torch.uint8), 2
+        return (uf > lo).view(u8) + (uf >= hi).view(u8) + (uf > hi).view(u8), 2
     if mode == "bcgd":  # 0 below, 1 inside (lo, hi], 2 NaN, 3 above
-        return (uf > lo).to(torch.uint8) + 2 * ((uf > hi) | uf.isnan()).to(torch.uint8), 2
+        return (uf > lo).view(u8) + 2 * ((uf > hi) | uf.isnan()).view(u8), 2
     if ste == "identity":
-        return uf.new_empty(0, dtype=torch.uint8), 0
+        return uf.new_empty(0, dtype=u8), 0
     mask = uf > lo if ste == "relu" else (uf > lo) & (uf <= hi)
-    return mask.to(torch.uint8), 1
+    return mask.view(u8), 1
 
 
 def _lsq_code(r: torch.Tensor, t: torch.Tensor, z: torch.Tensor, levels: int, ceil: bool) -> torch.Tensor:
-    """lsq's byte per element: the quantized residual inside the range, else below / above / NaN."""
+    """lsq's byte per element: round(252 * residual) + 126 inside the range (0..252), else 253
+    below, 254 above, 255 NaN (the Triton kernel's rule, operation for operation)."""
+    below, above = r <= -z, r >= levels - z
     e = t - r
     if ceil:
-        e = e - 0.5
-    k = torch.round(e * 252.0).clamp_(-126.0, 126.0).add_(126.0)
-    top = levels - z
-    code = torch.where(r >= top, float(LSQ_ABOVE), float(LSQ_NAN))
-    code = torch.where(r <= -z, float(LSQ_BELOW), code)
-    return torch.where((r > -z) & (r < top), k, code).to(torch.uint8)
+        e.sub_(0.5)
+    # inside the range round(252 e) + 126 is 0..252 exactly; NaN/Inf (outside) are zeroed first so
+    # that the conversion to uint8 is defined, and replaced by their codes after it
+    code = e.mul_(252.0).round_().add_(126.0).nan_to_num_(0.0, 0.0, 0.0).clamp_(0.0, 252.0).to(torch.uint8)
+    u8 = torch.uint8  # the region codes (at most one of them per element) exceed every residual code
+    outside = below.view(u8) * LSQ_BELOW + above.view(u8) * LSQ_ABOVE + r.isnan().view(u8) * LSQ_NAN
+    return torch.maximum(code, outside)
+
+
+def _lookup(table: torch.Tensor, state: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``table[channel, state]`` per element: ``table`` is (channels, K) float32, one row per value
+    of ``z`` (a scalar, or a per-channel view that broadcasts against ``state``)."""
+    index = state.to(torch.int32)
+    if table.shape[0] > 1:
+        rows = torch.arange(table.shape[0], dtype=torch.int32, device=z.device) * table.shape[1]
+        index = index + rows.view(z.shape)
+    return table.reshape(-1).index_select(0, index.reshape(-1)).view(state.shape)
 
 
 def _ste_from_state(ste: str, mode: str, s: torch.Tensor | None) -> torch.Tensor:
@@ -144,20 +164,26 @@ def _ste_from_state(ste: str, mode: str, s: torch.Tensor | None) -> torch.Tensor
 
 def _alpha_from_state(mode: str, s: torch.Tensor | None, code: torch.Tensor | None, z: torch.Tensor, levels: int,
                       ceil: bool) -> torch.Tensor:
-    """dy/dalpha per element from the saved state (exact for pact/bcgd, lsq's residual to 1/504)."""
-    top = levels - z
-    if mode == "pact":
-        assert s is not None
-        return torch.where(s >= 2, top, torch.zeros_like(top))
-    if mode == "bcgd":
-        assert s is not None
-        return torch.where(s == 0, -z, torch.where(s == 1, (levels + 1.0) * 0.5 - z, top))
-    assert code is not None
-    resid = (code.to(torch.float32) - 126.0) * (1.0 / 252.0)
+    """dy/dalpha per element from the saved state, looked up in a table per channel: pact/bcgd's
+    2-bit region codes (exact), lsq's byte codes (the residual to 1/504 inside the range)."""
+    state = code if mode == "lsq" else s
+    assert state is not None
+    return _lookup(_alpha_table(mode, z, levels, ceil), state, z)
+
+
+def _alpha_table(mode: str, z: torch.Tensor, levels: int, ceil: bool) -> torch.Tensor:
+    """dy/dalpha for each value of the saved state, one row per channel (the Triton kernel's values)."""
+    zc = z.detach().float().reshape(-1, 1)
+    top = levels - zc
+    if mode == "pact":  # codes 0 below or NaN, 1 inside, 2 at hi, 3 above
+        zero = torch.zeros_like(zc)
+        return torch.cat([zero, zero, top, top], dim=1)
+    if mode == "bcgd":  # codes 0 below, 1 inside, 2 NaN, 3 above
+        return torch.cat([-zc, (levels + 1.0) * 0.5 - zc, top, top], dim=1)
+    resid = (torch.arange(253, dtype=torch.float32, device=z.device) - 126.0) * (1.0 / 252.0)
     if ceil:
         resid = resid + 0.5
-    outside = torch.where(code == LSQ_BELOW, -z, torch.where(code == LSQ_ABOVE, top, torch.full_like(top, math.nan)))
-    return torch.where(code <= 252, resid, outside)
+    return torch.cat([resid.expand(zc.shape[0], 253), -zc, top, torch.full_like(zc, math.nan)], dim=1)
 
 
 # ---- the torch path -----------------------------------------------------------------------------------

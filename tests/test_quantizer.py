@@ -362,6 +362,24 @@ def test_quantact_lsq_grad_scale(per_channel: bool) -> None:
     np.testing.assert_array_less(error, 1e-6 + 1e-4 * np.abs(expected / math.sqrt(N * L)) + bound / math.sqrt(N * L))
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_lean_state_bit_packing_layout(bits: int) -> None:
+    # element i of the saved state sits in byte i // (8 // bits), at bit (i % (8 // bits)) * bits
+    from qat_ste.quantizer.functional import _pack, _unpack
+
+    per = 8 // bits
+    for n in (1, 7, 8, 9, 63, 1000):
+        s = torch.randint(0, 2 ** bits, (n,), dtype=torch.uint8)
+        packed = _pack(s, bits)
+        expected = [0] * ((n + per - 1) // per)
+        for i, v in enumerate(s.tolist()):
+            expected[i // per] |= v << ((i % per) * bits)
+        assert packed[:len(expected)].tolist() == expected and packed.numel() <= len(expected) + 1
+        assert torch.equal(_unpack(packed, bits, s.shape), s)
+    s = torch.randint(0, 2 ** bits, (2, 3, 4, 5), dtype=torch.uint8)
+    assert torch.equal(_unpack(_pack(s, bits), bits, s.shape), s)
+
+
 # ---- QuantAct: validation, initialisation, state -------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 import torch
 
@@ -94,6 +95,12 @@ def _pack(s: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
+    if sys.byteorder != "little":  # the folding below reads the first byte as the low one
+        groups = flat.view(-1, 8 // bits)
+        out = groups[:, 0].clone()
+        for i in range(1, 8 // bits):
+            out |= groups[:, i] << (i * bits)
+        return out
     x = flat.view(torch.int64)
     if bits == 1:
         x = x | (x >> 7)

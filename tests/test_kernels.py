@@ -298,6 +298,15 @@ def test_kernel_option_config_quantize_and_state_dict(tmp_path) -> None:
         stored.with_kernel("gpu")
 
 
+def test_quantact_pickled_before_the_kernel_option_loads() -> None:
+    import pickle
+
+    qa = QuantAct(RELU, bits=2, alpha_mode="fixed", step_init=0.5, kernel="torch")
+    del qa.__dict__["kernel"]  # as an object saved by an earlier release
+    loaded = pickle.loads(pickle.dumps(qa))
+    assert loaded.kernel == "auto" and loaded(torch.tensor([0.3, 2.0])).tolist() == [0.5, 1.5]
+
+
 def test_cli_kernel_option_reaches_the_config() -> None:
     from qat_ste.cli.quant_options import QUANT_OPTIONS, _quant_config
 

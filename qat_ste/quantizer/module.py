@@ -328,6 +328,10 @@ class QuantAct(nn.Module):
                 f"zero_point={self.zero_point.flatten()[0].item() if self.zero_point.numel() else 0:g}"
                 + ("" if self.kernel == "auto" else f", kernel={self.kernel}"))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("kernel", "auto")  # a QuantAct pickled before the option existed
+        super().__setstate__(state)
+
     def __deepcopy__(self, memo):
         # nn.Module's default deepcopy; a copy starts in quantize mode (observers do not copy).
         cls = self.__class__

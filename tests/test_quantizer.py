@@ -362,6 +362,40 @@ def test_quantact_lsq_grad_scale(per_channel: bool) -> None:
     np.testing.assert_array_less(error, 1e-6 + 1e-4 * np.abs(expected / math.sqrt(N * L)) + bound / math.sqrt(N * L))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_backward_matches_the_input_keeping_path(ste_registry, dtype: torch.dtype) -> None:
+    # the built-in STEs save a compact state; the same derivative registered under another name keeps
+    # the input (user STEs do): forward and input gradient bit for bit, pact/bcgd step gradient exact,
+    # lsq's within the residual's 1/504 per element
+    from qat_ste import register_ste
+    from qat_ste import ste as ste_module
+
+    torch.manual_seed(7)
+    u = (torch.randn(4, 3, 6, 6) * 2).to(dtype)
+    u.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1.5]).to(dtype)
+    g = torch.randn(u.shape).to(dtype)
+    alpha = torch.tensor([0.1, 0.5, 0.25]).view(1, 3, 1, 1)
+    z = torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1)
+    for name in ("identity", "relu", "clipped_relu"):
+        register_ste(f"{name}_copy", ste_module.BUILTIN_STES[name])
+        for mode in ("fixed", "lsq", "pact", "bcgd"):
+            out = []
+            for ste in (name, f"{name}_copy"):
+                ui, ai = u.clone().requires_grad_(True), alpha.clone().requires_grad_(mode != "fixed")
+                y = fake_quantize(ui, ai, z, 7, get_ste(ste), mode, "nearest", 0.5, kernel="torch")
+                y.backward(g)
+                out.append((y.detach(), ui.grad, ai.grad))
+            (y1, g1, a1), (y2, g2, a2) = out
+            assert torch.equal(y1.isnan(), y2.isnan()) and torch.equal(y1.nan_to_num(), y2.nan_to_num())
+            assert torch.equal(g1.isnan(), g2.isnan()) and torch.equal(g1.nan_to_num(), g2.nan_to_num())
+            if mode in ("pact", "bcgd"):
+                torch.testing.assert_close(a1, a2, rtol=1e-6, atol=1e-6, equal_nan=True)
+            elif mode == "lsq":  # a NaN input gives a NaN step gradient in both (channel 0)
+                assert torch.equal(a1.isnan(), a2.isnan()) and a1.flatten()[0].isnan()
+                bound = 0.5 * g.float().abs().transpose(0, 1).reshape(3, -1).sum(1) / 504
+                assert ((a1 - a2).abs().flatten()[1:] <= bound[1:] + 1e-6).all()
+
+
 @pytest.mark.parametrize("bits", [1, 2])
 def test_lean_state_bit_packing_layout(bits: int) -> None:
     # element i of the saved state sits in byte i // (8 // bits), at bit (i % (8 // bits)) * bits

@@ -150,7 +150,7 @@ def read_report(path: Path) -> dict[str, Any]:
             "float_first_epoch_images_per_s": float_first, "quantized_first_epoch_images_per_s": quant_first,
             "ratio": quant_last / float_last if quant_last and float_last else None,
             "train_images": report["data"].get("train_images"), "image_size": report["data"].get("image_size"),
-            "sites": quant.get("sites_quantized"), "kernel": quant.get("kernel"),
+            "sites": quant.get("sites_quantized"), "kernel": quant.get("kernel", "auto"),
             "float_accuracy": report["float"].get("accuracy"),
             "quantized_accuracy": report["quantized"].get("accuracy"),
             "timings_s": report.get("timings_s")}

@@ -92,6 +92,18 @@ def test_export_and_check_from_the_checkpoint(converted, tmp_path, capsys):
     assert report["site_parity"] == 1.0
 
 
+def test_export_of_a_checkpoint_trained_with_the_triton_kernel_runs_on_cpu(converted, tmp_path, monkeypatch):
+    from qat_ste.atomic import atomic_save
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    state = load_checkpoint(converted / "qat" / "last.pt")
+    state["metadata"]["quant"] = {**state["metadata"]["quant"], "kernel": "triton"}  # as a GPU run saves it
+    atomic_save(state, tmp_path / "gpu.pt")
+    target = tmp_path / "gpu.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "gpu.pt"), "--out", str(target)]) == 0
+    assert target.stat().st_size > 1000  # the quantizers were rebuilt with kernel="auto": torch on this CPU
+
+
 def test_check_exits_1_when_parity_fails(converted, capsys):
     # a freshly initialised LeNet-5 (calibrated on digits) is not the model the file came from
     code = main(["check", "--onnx", str(converted / "model.onnx"), "--model", "zoo:lenet5", "--calib-batches", "1",

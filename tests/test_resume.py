@@ -451,6 +451,18 @@ def test_resume_with_changed_quantization_or_model_is_refused_unless_forced(data
     assert forced.steps == EPOCHS * 8
 
 
+def test_resume_with_another_quantizer_kernel_is_allowed(tmp_path):
+    from qat_ste.train.run_state import check_resume_metadata
+
+    saved = {"model": "zoo:x", "quant": {"bits": 4, "kernel": "triton"}}
+    check_resume_metadata(saved, {"model": "zoo:x", "quant": {"bits": 4, "kernel": "torch"}}, TrainConfig(),
+                          tmp_path / "last.pt")  # the kernel changes how it runs, not what it trains
+    check_resume_metadata(saved, {"model": "zoo:x", "quant": {"bits": 4}}, TrainConfig(), tmp_path / "last.pt")
+    with pytest.raises(QatSteError, match="quant.bits: 4 -> 3"):
+        check_resume_metadata(saved, {"model": "zoo:x", "quant": {"bits": 3, "kernel": "torch"}}, TrainConfig(),
+                              tmp_path / "last.pt")
+
+
 def test_resume_with_changed_calibration_is_refused(data, tmp_path):
     meta = {"model": "zoo:x", "stage": "qat", "calibration": {"method": "percentile", "batches": 2}}
     train(make_model(), *data, config(tmp_path, stop_after_steps=3), metadata=meta)

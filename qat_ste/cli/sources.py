@@ -164,7 +164,8 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
     model = build_model(spec, meta["num_classes"], meta["in_channels"], image_size)
     train_set, val_set = loaded or _stream_data(data, model, image_size, meta.get("preprocess") or "auto",
                                                 getattr(args, "workers", None))
-    qmodel = _quantize(model, quant_from_plain(meta["quant"]), _example_input(val_set))
+    # the kernel it trained with may not run here (triton on a CPU-only machine): export/check pick their own
+    qmodel = _quantize(model, quant_from_plain(meta["quant"]).with_kernel("auto"), _example_input(val_set))
     load_model_state(qmodel, state["model"], f"checkpoint {path}", "pass a checkpoint written by qat-ste convert")
     qmodel.eval()
     return qmodel, meta, train_set, val_set

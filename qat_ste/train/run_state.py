@@ -205,11 +205,16 @@ def check_resume_metadata(saved: dict[str, Any], current: dict[str, Any], config
                             "another --out (out_dir) to start afresh")
 
 
+#: settings that change how a run executes, not what it trains: a resume may change them
+EXECUTION_ONLY = frozenset({"quant.kernel"})
+
+
 def _differences(key: str, saved: Any, now: Any) -> list[str]:
-    """``key: saved -> now`` for each difference; dicts compare their common entries one by one."""
+    """``key: saved -> now`` for each difference; dicts compare their common entries one by one
+    (entries in :data:`EXECUTION_ONLY`, e.g. the quantizer's kernel, are not compared)."""
     if isinstance(saved, dict) and isinstance(now, dict):
         out: list[str] = []
-        for sub in [k for k in saved if k in now]:
+        for sub in [k for k in saved if k in now and f"{key}.{k}" not in EXECUTION_ONLY]:
             out += _differences(f"{key}.{sub}", saved[sub], now[sub])
         return out
     return [] if saved == now else [f"{key}: {saved!r} -> {now!r}"]

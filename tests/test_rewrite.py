@@ -525,6 +525,16 @@ def test_report_table_and_dict() -> None:
     assert rep2.table(max_rows=1).splitlines()[-2] == "... 1 more"
 
 
+def test_report_says_which_sites_fall_back_to_the_torch_kernel(ste_registry) -> None:
+    qat_ste.register_ste("my_ste", lambda u, lo, hi: (u > lo).to(u.dtype))
+    q = qat_ste.quantize(seq_model(), bits=4, step_init=0.5, overrides={"1": {"ste": "my_ste"}})
+    rep = qat_ste.report(q)
+    assert rep.kernel_counts() == {"torch": 1, "torch (user STE)": 1}
+    assert rep.table().splitlines()[-1] == "quantizer kernel: torch (user STE) at 1 site(s), torch at 1 site(s)"
+    plain = qat_ste.report(qat_ste.quantize(seq_model(), bits=4, step_init=0.5))
+    assert plain.kernel_counts() == {"torch": 2} and "quantizer kernel" not in plain.table()
+
+
 def test_report_without_quantize() -> None:
     with pytest.raises(QatSteError, match="no qat_ste report") as e:
         qat_ste.report(seq_model())

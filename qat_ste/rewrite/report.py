@@ -74,6 +74,13 @@ class QuantReport:
         ``unavailable: ...`` where ``kernel="triton"`` cannot run."""
         return {s.name: s.module.implementation(device) for s in self.sites if s.module is not None}
 
+    def kernel_counts(self, device: Any = None) -> dict[str, int]:
+        """How many quantized sites run each implementation (see :meth:`implementations`)."""
+        counts: dict[str, int] = {}
+        for kernel in self.implementations(device).values():
+            counts[kernel] = counts.get(kernel, 0) + 1
+        return counts
+
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [s.row() for s in self.sites], "untraced": dict(self.untraced),
                 "census_calls": self.census_calls, "quantized": len(self.quantized),
@@ -102,6 +109,9 @@ class QuantReport:
         summary = f"{len(self.quantized)} quantized, {len(self.skipped)} left float"
         methods = ", ".join(f"{k}: {v}" for k, v in self.methods().items())
         out.append(f"{summary} ({methods})" if methods else summary)
+        kernels = self.kernel_counts()
+        if len(kernels) > 1 or any(k not in ("triton", "torch") for k in kernels):  # a fallback: say so
+            out.append("quantizer kernel: " + ", ".join(f"{k} at {n} site(s)" for k, n in kernels.items()))
         if self.untraced:
             out.append(f"{len(self.untraced)} module(s) not FX-traceable, handled at run time if they call activations")
         return "\n".join(out)

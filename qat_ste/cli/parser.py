@@ -117,6 +117,13 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                        help="activation kinds to quantize (default: all but the gates)")
     group.add_argument("--quantize-gates", action=argparse.BooleanOptionalAction, default=None,
                        help="also quantize Sigmoid/Hardsigmoid/Softmax gates")
+    group.add_argument("--weight-bits", default=None, metavar="1|ternary|2..8",
+                       help="quantize the weights of convolutions and linear layers too: 1 (binary), ternary, "
+                            "or 2..8 bits (default: float weights)")
+    group.add_argument("--weight-method", default=None, choices=("bcgd", "binaryconnect"),
+                       help="training rule for quantized weights (default bcgd: blended coarse gradient descent)")
+    group.add_argument("--bcgd-rho", type=float, default=None,
+                       help="BCGD's blending factor rho in w <- (1 - rho) w + rho Q(w) - lr g (default 1e-5)")
     group.add_argument("--kernel", default=None, choices=("auto", "triton", "torch"),
                        help="quantizer implementation: auto (default: fused Triton kernels on CUDA, torch "
                             "elsewhere), triton or torch")

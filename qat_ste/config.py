@@ -17,11 +17,20 @@ from typing import Any
 from .errors import QatSteError
 from .kinds import GATE_KINDS, KIND_NAMES
 from .quantizer.functional import ALPHA_MODES, ROUNDING_MODES, check_kernel
+from .quantizer.weight import check_weight_bits, check_weight_scale
 from .ste import STE, get_ste
 from .validation import check_bits, check_choice, check_step_init
 
 #: the per-site settings an override may change
-SITE_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "kernel")
+SITE_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "kernel",
+                "weight_bits", "weight_scale", "weight_per_channel")
+#: how quantized weights are trained: BCGD's blended update, or BinaryConnect (plain STE, rho = 0)
+WEIGHT_METHODS = ("bcgd", "binaryconnect")
+#: the weight-quantization fields and their defaults: to_dict() leaves them out at these values, so the
+#: metadata of configs without quantized weights is what releases before them stored
+WEIGHT_DEFAULTS: dict[str, Any] = {"weight_bits": None, "weight_method": "bcgd", "bcgd_rho": 1e-5,
+                                   "weight_scale": "auto", "weight_per_channel": False,
+                                   "keep_first_weights": True, "keep_last_weights": True}
 #: deprecated option names -> current names (accepted for one release)
 RENAMED_OPTIONS = {"alpha": "alpha_mode", "alpha_init": "step_init"}
 
@@ -61,9 +70,17 @@ class _QuantFields:
     kinds: tuple[str, ...] | None = None
     quantize_gates: bool = False
     kernel: str = "auto"
+    weight_bits: int | str | None = None
+    weight_method: str = "bcgd"
+    bcgd_rho: float = 1e-5
+    weight_scale: str = "auto"
+    weight_per_channel: bool = False
+    keep_first_weights: bool = True
+    keep_last_weights: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        self._check_weight_fields()
         check_kernel(self.kernel)
         get_ste(self.ste)
         check_choice("alpha mode", self.alpha_mode, ALPHA_MODES)
@@ -80,6 +97,23 @@ class _QuantFields:
                 raise QatSteError(f"unknown activation kind {k!r}; known kinds: {', '.join(KIND_NAMES)}",
                                   "pass kinds= a list of those names")
         object.__setattr__(self, "overrides", self._checked_overrides())
+
+    def _check_weight_fields(self) -> None:
+        if self.weight_bits is not None:
+            object.__setattr__(self, "weight_bits", check_weight_bits(self.weight_bits))
+            check_weight_scale(self.weight_bits, self.weight_scale, "weight_scale")
+        elif self.weight_scale not in ("auto", "mean", "ls", "max"):
+            raise QatSteError(f"weight_scale={self.weight_scale!r} is not a scale rule",
+                              "pass weight_scale= 'auto', 'mean', 'ls' or 'max'")
+        check_choice("weight method", self.weight_method, WEIGHT_METHODS)
+        rho = self.bcgd_rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+            raise QatSteError(f"bcgd_rho={rho!r}: BCGD's blending factor must be a number in [0, 1]",
+                              "pass e.g. bcgd_rho=1e-5 (the paper's value); 0 is BinaryConnect")
+        object.__setattr__(self, "bcgd_rho", float(rho))
+        for name in ("weight_per_channel", "keep_first_weights", "keep_last_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise QatSteError(f"{name}={getattr(self, name)!r} must be True or False", f"pass {name}=True/False")
 
     def _checked_overrides(self) -> dict[str, dict[str, Any]]:
         if not isinstance(self.overrides, dict):
@@ -113,6 +147,15 @@ class QuantConfig(_QuantFields):
     - ``keep_first`` / ``keep_last``: leave the first / last activation (in execution order) float.
     - ``kinds``: which activation kinds to touch (default: all but the gates); ``quantize_gates``
       adds Sigmoid/Hardsigmoid/Softmax.
+    - ``weight_bits``: quantize the weights of Conv1d/2d/3d and Linear layers too: 1 (binary), ``"ternary"``
+      or 2..8 bits (None, the default: float weights); ``weight_scale`` (``auto``/``mean``/``ls``/``max``,
+      see :class:`~qat_ste.quantizer.weight.WeightQuantizer`), ``weight_per_channel`` (one scale per
+      output channel); ``weight_method`` how they train: ``bcgd`` (blend ``w <- (1-rho) w + rho Q(w)``
+      before each optimizer step, ``bcgd_rho`` = 1e-5 as the paper's code) or ``binaryconnect`` (plain
+      STE on the weights). The include/exclude patterns and the overrides' ``weight_bits`` /
+      ``weight_scale`` / ``weight_per_channel`` apply to the layers' module paths;
+      ``keep_first_weights`` / ``keep_last_weights`` (default True) leave the model's first / last
+      Conv/Linear layer (module registration order) float.
     - ``kernel``: which implementation runs the quantizers: ``auto`` (the fused Triton kernels on
       CUDA tensors, torch elsewhere), ``triton`` or ``torch``. An execution detail, not part of the
       model: the state_dict is the same, and a checkpoint saved with one loads with the other.
@@ -150,11 +193,14 @@ class QuantConfig(_QuantFields):
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON values (lists for tuples, the STE's name); ``kernel`` only when
         it is not the default ``auto`` (an execution detail: what a checkpoint stored before the
-        option existed, and readable by releases without it)."""
+        option existed, and readable by releases without it), the weight fields only where they
+        differ from their defaults (:data:`WEIGHT_DEFAULTS`)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "kernel" and value == "auto":
+            if (f.name == "kernel" and value == "auto") or (
+                    f.name in WEIGHT_DEFAULTS and value == WEIGHT_DEFAULTS[f.name]
+                    and type(value) is type(WEIGHT_DEFAULTS[f.name])):
                 continue
             if isinstance(value, STE):
                 value = value.name

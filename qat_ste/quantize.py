@@ -18,8 +18,10 @@ from .errors import QatSteError
 from .nn_utils import preserve_modes
 from .quantizer.alpha import INIT_METHODS
 from .quantizer.module import QuantAct
+from .quantizer.weight import QuantWeightModule
 from .rewrite.engine import analyse_and_rewrite
 from .rewrite.report import QuantReport
+from .rewrite.weights import quantize_weights
 
 REPORT_ATTR = "qat_ste_report"
 
@@ -41,7 +43,9 @@ def quantize(
     ``options`` are the fields of :class:`QuantConfig` (``alpha_mode``, ``step_init``,
     ``rounding``, ``per_channel``, ``include``, ``exclude``, ``overrides``, ``keep_first``,
     ``keep_last``, ``kinds``, ``quantize_gates``, ``kernel``; ``alpha`` and ``alpha_init`` are deprecated
-    aliases of the first two), or pass a ready ``config``. ``example_input`` (a tensor or a tuple
+    aliases of the first two; ``weight_bits``, ``weight_method``, ``bcgd_rho``, ``weight_scale``,
+    ``weight_per_channel``, ``keep_first_weights``, ``keep_last_weights`` quantize the Conv/Linear
+    weights too, see :class:`QuantConfig`), or pass a ready ``config``. ``example_input`` (a tensor or a tuple
     of them) is used for one census forward pass when the rewrite needs it (modules FX cannot
     trace, keep_first/keep_last); without it a timm/zoo input size or 224x224 is tried.
     The report is ``qat_ste.report(result)``.
@@ -57,11 +61,12 @@ def quantize(
     elif options or bits is not None or ste is not None:
         raise QatSteError("pass either config= or keyword options to quantize(), not both",
                           "put the options into the QuantConfig")
-    if any(isinstance(m, QuantAct) for m in model.modules()):
-        raise QatSteError("this model is already quantized (it contains QuantAct modules)",
+    if any(isinstance(m, (QuantAct, QuantWeightModule)) for m in model.modules()):
+        raise QatSteError("this model is already quantized (it contains QuantAct or quantized-weight modules)",
                           "quantize the float model once; to change settings, quantize the float original again")
     target = model if inplace else copy.deepcopy(model)
     report = analyse_and_rewrite(target, config, example_input)
+    report.weights = quantize_weights(target, config)
     for name, m in quant_modules(target):  # the implementation per site (overrides applied)
         m.kernel = config.for_site(m.site or name).kernel
     object.__setattr__(target, REPORT_ATTR, report)

@@ -12,7 +12,8 @@ from ..errors import QatSteError
 
 #: QuantConfig fields the options of _add_quant_arguments set (dest names)
 QUANT_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "include", "exclude",
-                 "overrides", "keep_first", "keep_last", "kinds", "quantize_gates", "kernel")
+                 "overrides", "keep_first", "keep_last", "kinds", "quantize_gates", "kernel", "weight_bits",
+                 "weight_method", "bcgd_rho")
 
 
 def quant_from_plain(values: dict[str, Any]) -> Any:

@@ -56,8 +56,9 @@ def weight_spec(bits: int | str) -> str:
     return "binary" if bits == 1 else "ternary" if bits == "ternary" else f"int{bits}"
 
 
-def check_weight_scale(bits: int | str, scale: Any) -> str:
-    """Validate a scale rule for ``bits``; returns the rule ``"auto"`` resolves to."""
+def check_weight_scale(bits: int | str, scale: Any, name: str = "scale") -> str:
+    """Validate a scale rule for ``bits`` (``name``: the option as the caller spells it); returns the
+    rule ``"auto"`` resolves to."""
     spec = weight_spec(bits)
     kind = spec if spec in SCALES else "int"
     allowed = SCALES[kind]
@@ -65,7 +66,7 @@ def check_weight_scale(bits: int | str, scale: Any) -> str:
         return allowed[0]
     if not isinstance(scale, str) or scale not in allowed:
         raise QatSteError(f"weight scale {scale!r} does not apply to {spec} weights",
-                          f"pass scale= 'auto' or one of: {', '.join(allowed)}")
+                          f"pass {name}= 'auto' or one of: {', '.join(allowed)}")
     return scale
 
 
@@ -91,6 +92,10 @@ class WeightQuantizer(nn.Module):
     """
 
     epoch_codes: torch.Tensor
+    #: how the owning layer's weight trains (set by quantize(); read by WeightBlender and the report):
+    #: ``bcgd`` blends with ``rho`` before each optimizer step, ``binaryconnect`` is plain STE (rho 0)
+    method: str = "bcgd"
+    rho: float = 1e-5
 
     def __init__(self, bits: int | str = 1, *, scale: str = "auto", per_channel: bool = False) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""The rewrite's report: one row per activation call site, quantized or left float (and why).
+"""The rewrite's report: one row per activation call site, quantized or left float (and why), and
+when weights are quantized one row per Conv/Linear layer (:class:`WeightLayer`).
 
 Each row gives the site's ``alpha_mode`` (how its step is trained) and its ``step`` (the value:
 a number, one per channel, or None while uninitialised).
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..quantizer.module import QuantAct
+from ..quantizer.weight import QuantWeightModule
 
 
 @dataclass
@@ -47,12 +49,71 @@ class Site:
 
 
 @dataclass
+class WeightLayer:
+    """One Conv/Linear layer considered for weight quantization."""
+
+    name: str                           # module path
+    type: str                           # Conv2d, Linear...
+    method: str                         # bcgd / binaryconnect (how quantized weights train)
+    module: QuantWeightModule | None    # None when left float
+    reason: str = ""                    # why it was left float
+
+    @property
+    def quantized(self) -> bool:
+        return self.module is not None
+
+    def row(self) -> dict[str, Any]:
+        """The layer as plain values, measured now: ``scale`` (a number, or one per output channel) and
+        ``sign_change`` (the share of weights whose code changed since the last ``mark_epoch``; None
+        before one)."""
+        m = self.module
+        out: dict[str, Any] = {"layer": self.name, "type": self.type, "quantized": m is not None,
+                               "weight_bits": None, "spec": None, "scale": None, "per_channel": None,
+                               "sign_change": None, "method": None, "rho": None, "reason": self.reason}
+        if m is None:
+            return out
+        q = m.weight_quantizer
+        _, scale = q.codes_and_scale(m.weight)
+        values = scale.cpu().flatten()
+        share = q.sign_change_share(m.weight)
+        out.update(weight_bits=q.bits, spec=q.spec, per_channel=q.per_channel, method=q.method, rho=q.rho,
+                   scale=round(values.item(), 6) if scale.dim() == 0 else [round(v, 6) for v in values.tolist()],
+                   sign_change=None if share is None else round(share, 6))
+        return out
+
+
+def _weight_table(layers: list[WeightLayer]) -> list[str]:
+    """The fixed-width table of the weight layers (with its summary line)."""
+    head = ("weight layer", "type", "weights", "scale", "changed", "method / reason")
+    rows = []
+    for layer in layers:
+        r = layer.row()
+        if layer.quantized:
+            scale = r["scale"]
+            scale_text = f"{scale:.4g}" if isinstance(scale, float) else f"[{len(scale)} ch]"
+            changed = "n/a" if r["sign_change"] is None else f"{100 * r['sign_change']:.2f}%"
+            method = r["method"] + (f" rho={r['rho']:g}" if r["method"] == "bcgd" else "")
+            rows.append((layer.name, layer.type, r["spec"], scale_text, changed, method))
+        else:
+            rows.append((layer.name, layer.type, "float", "-", "-", layer.reason))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    quantized = sum(1 for layer in layers if layer.quantized)
+    return ([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+            + [f"{quantized} weight layer(s) quantized, {len(layers) - quantized} left float"])
+
+
+@dataclass
 class QuantReport:
     """What quantize() did: every site, the modules it could not trace, and the census count."""
 
     sites: list[Site] = field(default_factory=list)
     untraced: dict[str, str] = field(default_factory=dict)
     census_calls: int | None = None
+    weights: list[WeightLayer] = field(default_factory=list)  # empty unless weights are quantized
 
     @property
     def quantized(self) -> list[Site]:
@@ -82,9 +143,14 @@ class QuantReport:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": [s.row() for s in self.sites], "untraced": dict(self.untraced),
-                "census_calls": self.census_calls, "quantized": len(self.quantized),
-                "left_float": len(self.skipped), "methods": self.methods()}
+        """The report as plain values; ``weights`` (one row per Conv/Linear layer) only when the
+        model's weights are quantized."""
+        out = {"sites": [s.row() for s in self.sites], "untraced": dict(self.untraced),
+               "census_calls": self.census_calls, "quantized": len(self.quantized),
+               "left_float": len(self.skipped), "methods": self.methods()}
+        if self.weights:
+            out["weights"] = [w.row() for w in self.weights]
+        return out
 
     def table(self, max_rows: int | None = None) -> str:
         """The report as a fixed-width text table."""
@@ -114,6 +180,8 @@ class QuantReport:
             out.append("quantizer kernel: " + ", ".join(f"{k} at {n} site(s)" for k, n in kernels.items()))
         if self.untraced:
             out.append(f"{len(self.untraced)} module(s) not FX-traceable, handled at run time if they call activations")
+        if self.weights:
+            out += [""] + _weight_table(self.weights)
         return "\n".join(out)
 
     def __str__(self) -> str:

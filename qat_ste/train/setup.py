@@ -1,6 +1,6 @@
 """Setting a run up before its first step: seeds, the training loader, calibration of steps that
-are not set yet, SyncBatchNorm and channels-last, the optimizer and schedule, the DDP and
-torch.compile wrappers, and the output folder."""
+are not set yet, SyncBatchNorm and channels-last, the optimizer (and BCGD's weight blend) and
+schedule, the DDP and torch.compile wrappers, and the output folder."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ..data.stream import StreamImageDataset
 from ..data.tensor import TensorImageDataset, TensorLoader
 from ..errors import QatSteError
 from ..quantize import AlphaProjector, calibrate, quant_modules
+from ..quantizer.blend import attach_bcgd
 from .config import TrainConfig
 from .distributed import DistInfo
 from .metrics import MetricsLog
@@ -118,9 +119,11 @@ def _wrap_model(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
 
 def new_run(model: nn.Module, loader: TrainLoader, val_data: Any, config: TrainConfig, metadata: dict[str, Any],
             info: DistInfo, device: torch.device, flags: tuple[str, bool, bool]) -> Run:
-    """The Run at step 0: optimizer, per-step schedule, grad scaler (fp16), DDP/compile wrappers, loss."""
+    """The Run at step 0: optimizer (with BCGD's weight blend attached when the model's quantized weights
+    train with BCGD), per-step schedule, grad scaler (fp16), DDP/compile wrappers, loss."""
     amp, compile_, channels_last = flags
     optimizer = build_optimizer(model, config)
+    attach_bcgd(model, optimizer)  # blends w toward Q(w) before each optimizer step (stateless)
     scheduler = build_scheduler(optimizer, config, len(loader))
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     step_model, eager_model = _wrap_model(model, config, info, device, compile_)

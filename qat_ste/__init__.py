@@ -20,13 +20,26 @@ from .quantize import (
     quantize,
     report,
 )
+from .quantizer.blend import WeightBlender
 from .quantizer.module import QuantAct
+from .quantizer.weight import (
+    QuantWeightConv1d,
+    QuantWeightConv2d,
+    QuantWeightConv3d,
+    QuantWeightLinear,
+    QuantWeightModule,
+    WeightQuantizer,
+    mark_epoch,
+    quant_weight_layers,
+)
 from .ste import STE, get_ste, list_stes, register_ste, unregister_ste
 
 __version__ = "0.1.0"
 
 __all__ = [
     "STE", "AlphaProjector", "CheckReport", "ExportResult", "QatSteError", "QuantAct", "QuantConfig",
-    "alpha_parameters", "calibrate", "check_onnx", "check_steps", "export_onnx", "get_ste", "list_stes",
-    "project_alphas", "quant_modules", "quantize", "register_ste", "report", "unregister_ste",
+    "QuantWeightConv1d", "QuantWeightConv2d", "QuantWeightConv3d", "QuantWeightLinear", "QuantWeightModule",
+    "WeightBlender", "WeightQuantizer", "alpha_parameters", "calibrate", "check_onnx", "check_steps", "export_onnx",
+    "get_ste", "list_stes", "mark_epoch", "project_alphas", "quant_modules", "quant_weight_layers", "quantize",
+    "register_ste", "report", "unregister_ste",
 ]

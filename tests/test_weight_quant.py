@@ -174,6 +174,7 @@ def test_report_lists_scale_sign_changes_and_method() -> None:
                          weight_method="binaryconnect")
     assert weight_rows(q)["conv1"]["sign_change"] is None and "n/a" in qat_ste.report(q).table()
     mark_epoch(q)
+    assert not any("weight_quantizer" in k for k in q.state_dict())  # the reference codes are not saved
     with torch.no_grad():
         q.conv1.weight[0, 0, 0, 0] *= -1  # one code flips
     row = weight_rows(q)["conv1"]
@@ -297,6 +298,12 @@ def test_config_fields_round_trip_and_defaults_stay_out_of_to_dict() -> None:
     assert qat_ste.QuantConfig.from_dict(d) == cfg
     assert qat_ste.QuantConfig(weight_bits="binary").weight_bits == 1
     assert qat_ste.QuantConfig(weight_bits="Ternary").weight_bits == "ternary"
+
+
+def test_public_names() -> None:
+    for name in ("WeightQuantizer", "WeightBlender", "QuantWeightConv2d", "QuantWeightLinear", "mark_epoch",
+                 "quant_weight_layers", "QuantWeightModule"):
+        assert name in qat_ste.__all__ and hasattr(qat_ste, name)
 
 
 def test_cli_options_reach_the_config() -> None:

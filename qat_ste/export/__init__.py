@@ -8,10 +8,10 @@
 Needs the ``onnx`` extra (onnx, onnxruntime, onnxscript); importing this package does not.
 """
 
-from .check import CheckReport, SiteCheck, check_onnx
-from .onnx_export import ExportResult, SiteInfo, export_float_onnx, export_onnx, read_metadata
+from .check import CheckReport, SiteCheck, WeightCheck, check_onnx
+from .onnx_export import ExportResult, SiteInfo, WeightInfo, export_float_onnx, export_onnx, read_metadata
 
 __all__ = [
-    "CheckReport", "ExportResult", "SiteCheck", "SiteInfo", "check_onnx", "export_float_onnx", "export_onnx",
-    "read_metadata",
+    "CheckReport", "ExportResult", "SiteCheck", "SiteInfo", "WeightCheck", "WeightInfo", "check_onnx",
+    "export_float_onnx", "export_onnx", "read_metadata",
 ]

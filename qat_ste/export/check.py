@@ -13,6 +13,9 @@ Figures (each names the ONNX Runtime options it used, see ``CheckReport.options`
 - max |logit difference|, top-1 agreement, and the accuracy of both when labels are given.
 - which ops ORT runs as integer kernels (its optimized graph), and latency against the float
   model's own export.
+- per layer with quantized weights: the distinct codes in the file against the spec's value set
+  (binary 2, ternary 3, b-bit 2^b - 1 symmetric values; any value outside fails), and codes x scale,
+  in numpy and as ORT's DequantizeLinear computes it, against PyTorch's Q(w) bit for bit.
 """
 
 from __future__ import annotations
@@ -60,6 +63,23 @@ class SiteCheck:
     end_to_end: float    # share of ORT codes equal to PyTorch's through the whole network
 
 
+@dataclass(frozen=True)
+class WeightCheck:
+    """One layer with quantized weights: the integers in the file against the spec's value set, and
+    the file's codes x scale against PyTorch's Q(w)."""
+
+    name: str
+    spec: str                    # "binary", "ternary", "int{b}"
+    container: str               # "int8", "int4", "int2"
+    per_channel: bool
+    values: int                  # weight values in the file
+    distinct: tuple[int, ...]    # the distinct codes present
+    allowed: int                 # size of the spec's value set (2, 3, 2^b - 1)
+    outside: int                 # codes outside that set (must be 0)
+    exact: bool                  # codes x scale (float32) equals PyTorch's Q(w) bit for bit
+    ort_exact: bool              # ONNX Runtime's DequantizeLinear output equals PyTorch's Q(w) bit for bit
+
+
 @dataclass
 class CheckReport:
     """What check_onnx() found. ``ok`` is True when every check passed; ``failures`` says why not."""
@@ -85,6 +105,7 @@ class CheckReport:
     thresholds: dict[str, float | None]
     options: dict[str, str]            # figure -> the ORT session options it used
     notes: list[str] = field(default_factory=list)
+    weight_layers: list[WeightCheck] = field(default_factory=list)  # layers with quantized weights
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (NaN becomes None)."""
@@ -107,6 +128,16 @@ class CheckReport:
         for s in self.sites:
             lines.append(f"  {s.name:<{width}}  {s.bits:>4}  {s.container:<9}  {s.values:>7}  {s.parity:>7.2%}  "
                          f"{'exact' if s.dequant_exact else 'DIFF':<7}  {s.end_to_end:>9.2%}")
+        if self.weight_layers:
+            wide = max([len("layer")] + [len(w.name) for w in self.weight_layers])
+            lines.append(f"  {'layer':<{wide}}  spec      container  per-channel  values  codes present   "
+                         "outside  file=Q(w)  ORT=Q(w)")
+            for w in self.weight_layers:
+                present = f"{len(w.distinct)} of {w.allowed}"
+                channel = "yes" if w.per_channel else "no"
+                lines.append(f"  {w.name:<{wide}}  {w.spec:<8}  {w.container:<9}  {channel:<11}  "
+                             f"{w.values:>6}  {present:<14}  {w.outside:>7}  {'exact' if w.exact else 'DIFF':<9}  "
+                             f"{'exact' if w.ort_exact else 'DIFF'}")
         t = self.thresholds
         lines += [
             f"  per-site code parity (same input u)  {self.site_parity:.4%}  (required: 100%)",
@@ -188,11 +219,14 @@ def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]
 
 def int8_weight_reference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose conv/linear weights are rounded to per-channel symmetric int8, as
-    export_onnx(weight_format="int8") stores them (quantizing before or after BatchNorm folding gives the
+    export_onnx(weight_format="int8") stores them; layers with quantized weights are left as they
+    are, as the file keeps their codes and scale (quantizing before or after BatchNorm folding gives the
     same integers: the fold scales each output channel, and so its step, by the same factor)."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for m in reference.modules():
+            if hasattr(m, "weight_quantizer"):  # quantized weights: the file keeps their own codes and scale
+                continue
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 weight = m.weight.detach().cpu().float().numpy()
                 codes, step = int8_per_channel(weight, axis=0)
@@ -246,12 +280,15 @@ def check_onnx(
         "logits": describe_options(file_config) + " (the file as deployed)",
         "integer_ops": describe_options(file_config) + "; and ORT defaults",
     }
+    if meta.get("weight_layers"):
+        options["weights"] = describe_options(DISABLE_QDQ) + " (each quantized weight as an extra output)"
     reference_model, reference, notes = _reference_for(model, meta)
     tally = _compare(reference_model, proto, path, file_config, batches)
     site_checks = _site_checks(tally, meta)
     thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
                   "min_top1_agreement": min_top1_agreement}
-    failures = tally.failures + _threshold_failures(site_checks, tally, thresholds)
+    weight_checks = _weight_checks(model, proto, meta, batches[0][0])
+    failures = tally.failures + _threshold_failures(site_checks, tally, thresholds) + _weight_failures(weight_checks)
     integer_ops, float_ops, default_ops = _integer_ops(path, file_config)
     latency_ms = None
     if latency:
@@ -268,7 +305,7 @@ def check_onnx(
         accuracy_torch=tally.correct_torch / tally.total if has_labels else None,
         accuracy_onnx=tally.correct_onnx / tally.total if has_labels else None,
         integer_ops=integer_ops, float_ops=float_ops, integer_ops_default_options=default_ops,
-        latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes)
+        latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes, weight_layers=weight_checks)
 
 
 def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path, Any, dict[str, Any]]:
@@ -289,6 +326,11 @@ def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path
     missing = [s["name"] for s in meta["sites"] if s["name"] not in names]
     if missing:
         raise QatSteError(f"the model has no quantized site(s) {', '.join(missing[:5])} that the file has",
+                          "check the file against the model it was exported from")
+    layers = {name for name, m in model.named_modules() if hasattr(m, "weight_quantizer")}
+    missing = [w["name"] for w in meta.get("weight_layers", []) if w["name"] not in layers]
+    if missing:
+        raise QatSteError(f"the model has no quantized-weight layer(s) {', '.join(missing[:5])} that the file has",
                           "check the file against the model it was exported from")
     return path, proto, meta
 
@@ -463,3 +505,88 @@ def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, st
         q_ms = median_latency_ms(quantized, {quantized.get_inputs()[0].name: feeds_x}, runs)
         f_ms = median_latency_ms(baseline, {baseline.get_inputs()[0].name: feeds_x}, runs)
     return {"quantized": q_ms, "float": f_ms, "speedup": f_ms / q_ms, "batch": float(len(x))}
+
+
+# ---- quantized weights -----------------------------------------------------------------------------
+
+
+def allowed_weight_codes(spec: str) -> tuple[int, ...]:
+    """The value set of a weight spec: binary {-1, 1}, ternary {-1, 0, 1}, int{b} the 2^b - 1
+    symmetric integers -(2^(b-1) - 1) .. 2^(b-1) - 1."""
+    if spec == "binary":
+        return (-1, 1)
+    if spec == "ternary":
+        return (-1, 0, 1)
+    if spec.startswith("int") and spec[3:].isdigit() and 2 <= int(spec[3:]) <= 8:
+        top = 2 ** (int(spec[3:]) - 1) - 1
+        return tuple(range(-top, top + 1))
+    raise QatSteError(f"unknown weight spec {spec!r} in the file's metadata",
+                      "check a file written by qat_ste's export_onnx()")
+
+
+def _ort_weights(proto: Any, outputs: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    """ONNX Runtime's value of each dequantized weight (the file with only those as outputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
+    session = make_session(model.SerializeToString(), DISABLE_QDQ)
+    feeds = {session.get_inputs()[0].name: x.detach().cpu().numpy()} if session.get_inputs() else {}
+    return dict(zip(outputs, session.run(None, feeds), strict=True))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+    return a.shape == b.shape and bool(np.array_equal(a.view(np.int32), b.view(np.int32)))
+
+
+def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.Tensor) -> list[WeightCheck]:
+    """Per quantized-weight layer: the codes in the file against the spec's value set (the spec read
+    from the metadata), and codes x scale (in numpy and in ONNX Runtime) against PyTorch's Q(w)."""
+    from .passes import WEIGHT_CONTAINERS, weight_tensors
+    from .weights import dequantize_per_channel
+
+    specs = {w["name"]: w["spec"] for w in meta.get("weight_layers", [])}
+    if not specs:
+        return []
+    tensors = [t for t in weight_tensors(proto) if t.name in specs]
+    ort_values = _ort_weights(proto, [t.output for t in tensors], x)
+    modules = dict(model.named_modules())
+    containers: dict[int, str] = {int(code): name for name, (code, _, _) in WEIGHT_CONTAINERS.items()}
+    checks = []
+    for t in tensors:
+        allowed = allowed_weight_codes(specs[t.name])
+        present = np.unique(t.codes)
+        outside = int(np.isin(t.codes, np.asarray(allowed), invert=True).sum())
+        with torch.no_grad():
+            expected = modules[t.name].quantized_weight().detach().cpu().float().numpy()
+        if t.axis is None:
+            in_file = (t.codes.astype(np.float32) * t.scale.astype(np.float32)).astype(np.float32)
+        else:
+            in_file = dequantize_per_channel(t.codes, t.scale, t.axis)
+        checks.append(WeightCheck(
+            name=t.name, spec=specs[t.name], container=containers.get(int(t.codes_type), str(t.codes_type)),
+            per_channel=t.axis is not None, values=int(t.codes.size), distinct=tuple(int(v) for v in present),
+            allowed=len(allowed), outside=outside, exact=_same_bits(in_file, expected),
+            ort_exact=_same_bits(ort_values[t.output], expected)))
+    missing = sorted(set(specs) - {t.name for t in tensors})
+    if missing:
+        raise QatSteError(f"the file's metadata names quantized-weight layer(s) {', '.join(missing[:5])} "
+                          "that its graph does not have", "re-export the model with export_onnx()")
+    return checks
+
+
+def _weight_failures(checks: list[WeightCheck]) -> list[str]:
+    failures = []
+    for w in checks:
+        if w.outside:
+            failures.append(f"weight layer {w.name}: {w.outside} of {w.values} codes lie outside the {w.spec} "
+                            f"value set ({w.allowed} values; present: {', '.join(map(str, w.distinct))})")
+        if not w.exact:
+            failures.append(f"weight layer {w.name}: the file's codes x scale differ from PyTorch's Q(w)")
+        if not w.ort_exact:
+            failures.append(f"weight layer {w.name}: ONNX Runtime's dequantized weight differs from PyTorch's Q(w)")
+    return failures

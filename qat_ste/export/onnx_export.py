@@ -14,6 +14,13 @@ Forms:
 
 Ceil rounding is exported exactly as Div -> Ceil -> QuantizeLinear(scale 1) -> DequantizeLinear(alpha);
 those sites cannot fuse into the preceding integer op.
+
+Layers with quantized weights (``weight_bits``: binary, ternary, b-bit) always export their own
+integer codes and scale, whatever ``weight_format`` says (it applies to the float layers):
+``LAYER/weight_codes`` (int8 initializer holding the spec's values; INT4 / INT2 in ``spec`` where the
+values fit and the opset has the type) -> ``DequantizeLinear(codes, LAYER/weight_scale[, axis=0]
+per channel)`` -> the float Conv / Gemm / MatMul. codes x scale in float32 is PyTorch's Q(w) bit for
+bit. BatchNorm after such a layer stays a separate node (folding it would change the weight).
 """
 
 from __future__ import annotations
@@ -33,7 +40,17 @@ from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
 from ..quantizer.module import QuantAct, channel_axis_of
 from ..validation import check_choice
-from .ops import RoutedSite, export_routing, float_activation, quant_sites, reference_codes, translation_table
+from .ops import (
+    RoutedSite,
+    WeightLayer,
+    export_routing,
+    float_activation,
+    quant_sites,
+    reference_codes,
+    translation_table,
+    weight_layers,
+    weight_routing,
+)
 
 FORMS = ("deploy", "spec")
 WEIGHT_FORMATS = ("float", "int8")
@@ -76,6 +93,28 @@ class SiteInfo:
 
 
 @dataclass(frozen=True)
+class WeightInfo:
+    """One layer with quantized weights as written to the file: int codes -> DequantizeLinear -> the layer."""
+
+    name: str
+    spec: str                     # "binary", "ternary", "int{b}"
+    allowed_codes: tuple[int, ...]
+    container: str                # "int8" (default), "int4" or "int2" (form="spec")
+    shape: tuple[int, ...]
+    axis: int | None              # 0 when one scale per output channel
+    scale: tuple[float, ...]      # DequantizeLinear's scale (one value, or one per output channel)
+    distinct_codes: tuple[int, ...]  # the codes present in the file
+    codes: str                    # initializer of the integer codes
+    scale_tensor: str             # initializer of the scale
+    output: str                   # the dequantized weight the layer reads
+    consumers: tuple[str, ...]    # op types reading it (Conv, Gemm, MatMul, ...)
+    occurrences: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ExportResult:
     """What export_onnx() wrote."""
 
@@ -92,6 +131,7 @@ class ExportResult:
     session_config: dict[str, str]  # ORT session config entries this file is meant to run with
     weight_counts: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    weight_layers: tuple[WeightInfo, ...] = ()   # layers with quantized weights (their own codes and scale)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -131,23 +171,35 @@ def _check_path(path: str | os.PathLike) -> Path:
     return target
 
 
-def _required_opset(bits: Sequence[int], form: str) -> int:
+def _required_opset(bits: Sequence[int], form: str, weight_codes: Sequence[tuple[int, ...]] = ()) -> int:
+    """The lowest opset ``form`` needs: spec's UINT2 activation codes need 25, UINT4 (and INT4
+    weight codes, which quantized weights of at most 4 bits take in spec) 21."""
     if form != "spec":
         return SUPPORTED_OPSETS[0]
     if min(bits) <= 2:
         return 25
-    return 21 if min(bits) <= 4 else SUPPORTED_OPSETS[0]
+    if min(bits) <= 4 or any(-8 <= min(c) and max(c) <= 7 for c in weight_codes):
+        return 21
+    return SUPPORTED_OPSETS[0]
 
 
-def _resolve_opset(opset: int | None, required: int, form: str, bits: Sequence[int]) -> int:
+def _default_opset(required: int, form: str, weight_codes: Sequence[tuple[int, ...]]) -> int:
+    """opset=None: 21, or 25 where spec has codes that fit INT2/UINT2 (narrowest standard type)."""
+    if form == "spec" and any(-2 <= min(c) and max(c) <= 1 for c in weight_codes):
+        return 25
+    return max(DEFAULT_OPSET, required)
+
+
+def _resolve_opset(opset: int | None, required: int, form: str, bits: Sequence[int],
+                   weight_codes: Sequence[tuple[int, ...]] = ()) -> int:
     if opset is None:
-        return max(DEFAULT_OPSET, required)
+        return max(_default_opset(required, form, weight_codes), required)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
         raise QatSteError(
             f"opset={opset!r} is not supported; supported opsets: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}",
             f"pass opset=None (default {DEFAULT_OPSET}) or one of those")
     if opset < required:
-        kind = "UINT2 (1-2 bit sites)" if required == 25 else "UINT4 (3-4 bit sites)"
+        kind = "UINT2 (1-2 bit sites)" if required == 25 else "UINT4/INT4 (3-4 bit sites, <= 4-bit weights)"
         raise QatSteError(
             f"form='spec' carries {kind} codes, which need opset >= {required}; got opset={opset} "
             f"(site bit widths: {sorted(set(bits))})",
@@ -195,13 +247,14 @@ def _trace_inputs(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tupl
 
 
 def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...],
-                  opset: int, dynamic_batch: bool, hook=None):
+                  opset: int, dynamic_batch: bool, hook=None, layers: Sequence[WeightLayer] = (),
+                  quantized_weights: bool = True):
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
     try:
-        with export_routing(model, sites, hook):
+        with export_routing(model, sites, hook), weight_routing(list(layers), quantized_weights):
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False,
                 custom_translation_table=translation_table(), dynamic_shapes=dynamic_shapes)
@@ -275,15 +328,20 @@ def export_onnx(
     deprecated alias). ``opset``: 18..25, default 21 (25 when ``spec`` has 1-2 bit sites).
     ``dynamic_batch``: the first axis of every input is dynamic. The model is not changed. The file
     is checked with ``onnx.checker.check_model(full_check=True)`` and written atomically; its
-    metadata_props ``"qat_ste"`` holds the settings of every site as JSON. Raises QatSteError on bad input.
+    metadata_props ``"qat_ste"`` holds the settings of every site (and, under ``weight_layers``, the
+    spec of every quantized-weight layer) as JSON. Layers with quantized weights export their own
+    codes and scale in any ``weight_format`` (see the module docstring). Raises QatSteError on bad input.
     """
     if weights is not None:
         warnings.warn("export_onnx(weights=...) is deprecated; use weight_format=...", DeprecationWarning,
                       stacklevel=2)
         weight_format = weights
     sites = _exportable_sites(model, form, weight_format)
+    layers = weight_layers(model)
     bits = [s.module.bits for s in sites]
-    opset = _resolve_opset(opset, _required_opset(bits, form), form, bits)
+    weight_codes = [w.allowed_codes for w in layers]
+    required = _required_opset(bits, form, weight_codes)
+    opset = _resolve_opset(opset, required, form, bits, weight_codes)
     target = _check_path(path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = tuple(t.to(device) for t in _as_inputs(example_input))
@@ -295,15 +353,22 @@ def export_onnx(
     if skipped:
         notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
                      f"{', '.join(skipped[:5])}")
-    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch)
+    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch, layers=layers)
     quants = _site_quants(sites, seen, form)
-    site_graphs, weight_counts = _rewrite_graph(proto.graph, quants, form, weight_format, notes)
-    opset = _settle_opset(proto, opset, _required_opset(bits, form), form, notes)
+    weight_quants = _weight_quants(layers, form, opset)
+    site_graphs, weight_counts, weight_graphs = _rewrite_graph(proto.graph, quants, form, weight_format, notes,
+                                                               weight_quants)
+    opset = _settle_opset(proto, opset, required, form, notes)
     session_config = {} if (form == "deploy" and weight_format == "int8") else dict(DISABLE_QDQ)
     infos = _site_infos(quants, site_graphs, sites)
+    weight_infos = _weight_infos(weight_graphs)
+    if weight_infos and weight_format == "int8":
+        notes.append(f"{len(weight_infos)} layer(s) with quantized weights keep their own codes and scale "
+                     "(weight_format='int8' applies to the float layers only)")
     metadata = {
         "format": METADATA_FORMAT, "form": form, "weight_format": weight_format, "opset": opset,
         "session_config": session_config, "sites": [i.to_dict() for i in infos],
+        "weight_layers": [w.to_dict() for w in weight_infos],
     }
     data = _finish_and_write(proto, metadata, target)
     graph = proto.graph
@@ -311,7 +376,41 @@ def export_onnx(
         path=target, form=form, weight_format=weight_format, opset=opset, ir_version=proto.ir_version,
         file_size=len(data), sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
         output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
-        session_config=session_config, weight_counts=weight_counts, notes=tuple(notes))
+        session_config=session_config, weight_counts=weight_counts, notes=tuple(notes),
+        weight_layers=tuple(weight_infos))
+
+
+def _weight_quants(layers: Sequence[WeightLayer], form: str, opset: int) -> list:
+    """The numbers of every quantized-weight layer, with the container its codes take in ``form``."""
+    from .passes import WeightQuant, weight_container_for
+
+    return [WeightQuant(
+        index=w.index, name=w.name, spec=w.spec, allowed_codes=w.allowed_codes,
+        codes=w.codes.detach().cpu().numpy().astype("int8"), scale=w.scale.detach().cpu().float().numpy(),
+        axis=w.axis, container=weight_container_for(w.allowed_codes, opset, narrow=form == "spec"))
+        for w in layers]
+
+
+def _weight_infos(weight_graphs: list) -> list[WeightInfo]:
+    """WeightInfo per exported quantized-weight layer (names from its first occurrence in the graph)."""
+    import numpy as np
+
+    occurrences: dict[int, int] = {}
+    first: dict[int, Any] = {}
+    for wg in weight_graphs:
+        occurrences[wg.quant.index] = occurrences.get(wg.quant.index, 0) + 1
+        first.setdefault(wg.quant.index, wg)
+    infos = []
+    for index in sorted(first):
+        wg = first[index]
+        q = wg.quant
+        infos.append(WeightInfo(
+            name=q.name, spec=q.spec, allowed_codes=tuple(q.allowed_codes), container=q.container,
+            shape=tuple(int(d) for d in q.codes.shape), axis=q.axis,
+            scale=tuple(float(v) for v in q.scale.reshape(-1)),
+            distinct_codes=tuple(int(v) for v in np.unique(q.codes)), codes=wg.codes, scale_tensor=wg.scale,
+            output=wg.output, consumers=wg.consumers, occurrences=occurrences[index]))
+    return infos
 
 
 def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[RoutedSite]:
@@ -337,18 +436,21 @@ def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[R
     return sites
 
 
-def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, notes: list[str]
-                   ) -> tuple[list, dict[str, int]]:
-    """The post-passes: tag the sites, int8 weights, narrow containers, prune; notes on what cannot fuse."""
+def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, notes: list[str],
+                   weight_quants: list | None = None) -> tuple[list, dict[str, int], list]:
+    """The post-passes: tag the sites and the quantized weights, int8 float weights, narrow
+    containers, prune; notes on what cannot fuse."""
     from . import passes
 
     passes.clean_metadata(graph)
     site_graphs = passes.tag_sites(graph, quants)
+    weight_graphs = passes.tag_weights(graph, weight_quants or [])
     weight_counts: dict[str, int] = {}
-    if weight_format == "int8":
+    if weight_format == "int8":  # float layers only: a quantized weight is not an initializer
         weight_counts = passes.quantize_weights_int8(graph, site_graphs)
     if form == "spec":
         passes.narrow_containers(graph, site_graphs)
+        passes.narrow_weight_containers(graph, weight_graphs)
     passes.prune(graph)
     unfolded = sum(n.op_type == "BatchNormalization" for n in graph.node)
     if unfolded:
@@ -357,7 +459,7 @@ def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, note
     if any(q.rounding == "ceil" for q in quants):
         notes.append("ceil-rounding sites are exported as Div -> Ceil -> QuantizeLinear(scale 1); "
                      "the op before them cannot fuse into an integer kernel")
-    return site_graphs, weight_counts
+    return site_graphs, weight_counts, weight_graphs
 
 
 def _settle_opset(proto: Any, opset: int, required: int, form: str, notes: list[str]) -> int:
@@ -415,7 +517,7 @@ def export_float_onnx(
     inputs = tuple(t.to(device) for t in _as_inputs(example_input))
     sites = quant_sites(model)
     proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch,
-                          hook=lambda site: float_activation)
+                          hook=lambda site: float_activation, layers=weight_layers(model), quantized_weights=False)
     from . import passes
 
     passes.clean_metadata(proto.graph)

@@ -87,7 +87,8 @@ def translate_quant_dequant(u, scale, zero_point, dq_scale, qmin: int, qmax: int
 
 def translation_table() -> dict[Callable, Callable]:
     """The ``custom_translation_table`` for ``torch.onnx.export``."""
-    return {torch.ops.qat_ste.quant_dequant.default: translate_quant_dequant}
+    return {torch.ops.qat_ste.quant_dequant.default: translate_quant_dequant,
+            torch.ops.qat_ste.weight_dequant.default: translate_weight_dequant}
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,90 @@ def reference_codes(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
     """The integer codes PyTorch gives ``u`` at this site (float32 holding integers)."""
     alpha, zero_point = module.grid(u)
     return quantize_codes(u, alpha, zero_point, module.levels, module.rounding)
+
+
+# ---- quantized weights ---------------------------------------------------------------------------
+
+#: node metadata key on each weight DequantizeLinear: the index of its layer in the export's layer list
+WEIGHT_INDEX_KEY = "qat_ste.weight_index"
+
+
+@torch.library.custom_op("qat_ste::weight_dequant", mutates_args=())
+def weight_dequant(codes: torch.Tensor, scale: torch.Tensor, axis: int, layer: int) -> torch.Tensor:
+    """``codes * scale`` in float32 (``scale`` 0-d, or 1-D along ``axis``); ``layer`` only tags the ONNX node."""
+    s = _per_channel_view(scale, codes, axis)
+    return codes.float() * s.float()
+
+
+@weight_dequant.register_fake
+def _weight_dequant_fake(codes, scale, axis, layer):
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+def translate_weight_dequant(codes, scale, axis: int, layer: int):
+    """onnxscript lowering of ``qat_ste::weight_dequant``: DequantizeLinear(int8 codes, scale)
+    (no zero point: the codes are symmetric; later passes may narrow the container)."""
+    from onnxscript import opset18
+
+    op: Any = opset18
+    out = op.DequantizeLinear(codes, scale, axis=axis)
+    out.producer().metadata_props[WEIGHT_INDEX_KEY] = str(layer)
+    return out
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """One layer with quantized weights as the export sees it: its codes and scale, computed once."""
+
+    index: int
+    name: str
+    module: nn.Module
+    spec: str                      # "binary", "ternary", "int{b}"
+    allowed_codes: tuple[int, ...]
+    codes: torch.Tensor            # int8, the weight's shape
+    scale: torch.Tensor            # float32, 0-d or 1-D (one per output channel)
+    axis: int | None               # 0 when per-channel
+
+    def dequantized(self) -> torch.Tensor:
+        """``codes * scale`` in float32 (what DequantizeLinear computes)."""
+        return weight_dequant(self.codes, self.scale, self.axis or 0, self.index)
+
+
+def weight_layers(model: nn.Module) -> list[WeightLayer]:
+    """Every layer of ``model`` with a weight quantizer (module order), with its codes and scale."""
+    from ..quantizer.weight import quant_weight_layers
+
+    found = []
+    for i, (name, m) in enumerate(quant_weight_layers(model)):
+        quantizer = m.weight_quantizer
+        codes, scale = quantizer.codes_and_scale(m.weight)
+        per_channel = scale.dim() > 0
+        found.append(WeightLayer(
+            index=i, name=name, module=m, spec=str(quantizer.spec), allowed_codes=tuple(quantizer.allowed_codes),
+            codes=codes.detach().to(torch.int8), scale=(scale.reshape(-1) if per_channel else scale).detach().float(),
+            axis=0 if per_channel else None))
+    return found
+
+
+@contextlib.contextmanager
+def weight_routing(layers: list[WeightLayer], quantized: bool = True) -> Iterator[None]:
+    """Within the block, each layer's weight quantizer returns its codes through the export op
+    (``quantized``) or the float weight unchanged (the float baseline); restored on exit."""
+    def route(layer: WeightLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(w: torch.Tensor) -> torch.Tensor:
+            if not quantized:
+                return w
+            return torch.ops.qat_ste.weight_dequant(layer.codes, layer.scale, layer.axis or 0,
+                                                    layer.index).to(w.dtype)
+        return forward
+
+    patched: list[Any] = []
+    try:
+        for layer in layers:
+            quantizer: Any = layer.module.weight_quantizer
+            quantizer.forward = route(layer)
+            patched.append(quantizer)
+        yield
+    finally:
+        for quantizer in patched:
+            del quantizer.forward

@@ -6,6 +6,8 @@
   biases where the layer's input scale is a site's scale (what ORT needs to fuse QLinearConv etc.).
 - :func:`narrow_containers`: uint8 + Clip -> UINT4 / UINT2 codes (bit-identical).
 - :func:`prune`: drop nodes and initializers nothing uses.
+- :func:`tag_weights` / :func:`narrow_weight_containers`: name each quantized-weight layer's
+  DequantizeLinear and its codes / scale initializers; INT4 / INT2 codes in ``spec``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .ops import SITE_INDEX_KEY
+from .ops import SITE_INDEX_KEY, WEIGHT_INDEX_KEY
 from .weights import int8_per_channel
 
 SITE_KEY = "qat_ste.site"
@@ -420,4 +422,127 @@ def site_tensors(model: onnx.ModelProto) -> list[SiteTensors]:
         zp = inits.get(n.input[2])
         found.append(SiteTensors(_meta(n)[SITE_KEY], prefix, first.input[0], dq.input[0], dq.output[0],
                                  zp.data_type if zp is not None else TensorProto.UINT8))
+    return found
+
+
+# ---- quantized weights ---------------------------------------------------------------------------
+
+WEIGHT_KEY = "qat_ste.weight_layer"
+#: signed containers of weight codes: name -> (TensorProto type, lowest code, highest code)
+WEIGHT_CONTAINERS = {"int8": (TensorProto.INT8, -128, 127), "int4": (TensorProto.INT4, -8, 7),
+                     "int2": (TensorProto.INT2, -2, 1)}
+
+
+@dataclass
+class WeightQuant:
+    """One quantized-weight layer in numbers (from the PyTorch layer's quantizer)."""
+
+    index: int
+    name: str
+    spec: str                       # "binary", "ternary", "int{b}"
+    allowed_codes: tuple[int, ...]
+    codes: np.ndarray               # int8, the weight's shape
+    scale: np.ndarray               # float32, shape () or (C,)
+    axis: int | None                # 0 when per-channel
+    container: str = "int8"         # set by narrow_weight_containers
+
+
+@dataclass
+class WeightGraph:
+    """The DequantizeLinear of one occurrence of a quantized-weight layer in the graph."""
+
+    quant: WeightQuant
+    occurrence: int
+    codes: str                      # initializer of the codes
+    scale: str                      # initializer of the scale
+    output: str                     # the dequantized weight the Conv/Gemm/MatMul reads
+    node: onnx.NodeProto
+    consumers: tuple[str, ...]      # op types reading the dequantized weight
+
+
+def weight_container_for(allowed_codes: tuple[int, ...], opset: int, narrow: bool) -> str:
+    """The narrowest signed container holding ``allowed_codes`` that ``opset`` offers (int8 unless
+    ``narrow``): INT2 from opset 25, INT4 from opset 21."""
+    lo, hi = min(allowed_codes), max(allowed_codes)
+    if narrow:
+        for name, least in (("int2", 25), ("int4", 21)):
+            _, c_lo, c_hi = WEIGHT_CONTAINERS[name]
+            if opset >= least and c_lo <= lo and hi <= c_hi:
+                return name
+    return "int8"
+
+
+def tag_weights(graph: onnx.GraphProto, quants: list[WeightQuant]) -> list[WeightGraph]:
+    """Name each quantized-weight DequantizeLinear ``LAYER/weight_dequantize`` and give it the layer's
+    own initializers ``LAYER/weight_codes`` (int8) and ``LAYER/weight_scale`` (float32; axis 0 when
+    per-channel, no zero point); its output becomes ``LAYER/weight``."""
+    by_index = {q.index: q for q in quants}
+    consumers = _consumers(graph)
+    found: list[WeightGraph] = []
+    seen: dict[int, int] = {}
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or WEIGHT_INDEX_KEY not in _meta(node):
+            continue
+        quant = by_index[int(_meta(node)[WEIGHT_INDEX_KEY])]
+        occurrence = seen.get(quant.index, 0)
+        seen[quant.index] = occurrence + 1
+        suffix = "" if occurrence == 0 else f"#{occurrence}"
+        codes = _add_initializer(graph, f"{quant.name}/weight_codes", quant.codes.astype(np.int8))
+        scale = _add_initializer(graph, f"{quant.name}/weight_scale", quant.scale.astype(np.float32))
+        node.name = f"{quant.name}/weight_dequantize{suffix}"
+        _set_meta(node, WEIGHT_KEY, quant.name)
+        del node.input[:]
+        node.input.extend([codes, scale])
+        del node.attribute[:]
+        if quant.axis is not None:
+            node.attribute.append(helper.make_attribute("axis", int(quant.axis)))
+        users = tuple(n.op_type for n in consumers.get(node.output[0], []))
+        output = f"{quant.name}/weight{suffix}"
+        rename_tensor(graph, node.output[0], output)
+        found.append(WeightGraph(quant, occurrence, codes, scale, output, node, users))
+    missing = [q.name for q in quants if q.index not in seen]
+    if missing:
+        raise RuntimeError(f"the exported graph has no quantized weight for layer(s) {', '.join(missing)}")
+    return found
+
+
+def narrow_weight_containers(graph: onnx.GraphProto, weights: list[WeightGraph]) -> None:
+    """Store each layer's codes in its container (``WeightQuant.container``): the same integers,
+    packed as INT4 / INT2 where set (DequantizeLinear reads them without a zero point)."""
+    done: set[str] = set()
+    for w in weights:
+        quant = w.quant
+        if quant.container == "int8" or w.codes in done:
+            continue
+        data_type = WEIGHT_CONTAINERS[quant.container][0]
+        _add_initializer(graph, w.codes, quant.codes.astype(np.int8), data_type)
+        done.add(w.codes)
+
+
+@dataclass(frozen=True)
+class WeightTensors:
+    """The tensors of one quantized-weight layer in an exported file."""
+
+    name: str
+    codes: np.ndarray     # the stored integers (int8 numpy, whatever the container)
+    codes_type: int       # TensorProto data type of the codes initializer
+    scale: np.ndarray     # float32
+    axis: int | None
+    output: str           # the dequantized weight tensor
+
+
+def weight_tensors(model: onnx.ModelProto) -> list[WeightTensors]:
+    """Every quantized-weight layer of a file written by export_onnx() (first occurrences), in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or WEIGHT_KEY not in _meta(n) or "#" in n.name:
+            continue
+        codes_init, scale_init = inits.get(n.input[0]), inits.get(n.input[1])
+        if codes_init is None or scale_init is None:
+            raise RuntimeError(f"layer {_meta(n)[WEIGHT_KEY]}: its weight codes or scale is not an initializer")
+        axis = next((int(a.i) for a in n.attribute if a.name == "axis"), None)
+        scale = numpy_helper.to_array(scale_init).astype(np.float32)
+        found.append(WeightTensors(_meta(n)[WEIGHT_KEY], np.asarray(numpy_helper.to_array(codes_init)).astype(np.int8),
+                                   codes_init.data_type, scale, axis if scale.ndim else None, n.output[0]))
     return found

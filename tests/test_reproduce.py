@@ -232,3 +232,93 @@ def test_tiny_mnist_run_from_the_command_line(tmp_path):
     assert data["invocations"][0]["wall_time_s"] > 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "256/60000 train img" in text and "99.23" in text and "python -m tools.reproduce_paper --nets lenet5" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# [P3]: BCGD against BinaryConnect (quantized weights + 4-bit activations)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_p3_plan_and_bad_options(recipes):
+    plan = tool.plan_p3(recipes, tool.P3Options(seeds=(0, 1)))
+    assert len(plan) == 12 and plan[0].run_id == "p3/lenet5/float/seed0"
+    assert [r.run_id for r in plan[2:6]] == ["p3/lenet5/binary-bcgd/seed0", "p3/lenet5/binary-binaryconnect/seed0",
+                                             "p3/lenet5/ternary-bcgd/seed0", "p3/lenet5/ternary-binaryconnect/seed0"]
+    assert all(r.depends_on == "p3/lenet5/float/seed1" for r in plan[7:])
+    assert plan[1].cell == "4-bit activations only" and plan[2].cell == "binary + 4-bit act, bcgd"
+    with pytest.raises(QatSteError, match="not binary/ternary"):
+        tool.plan_p3(recipes, tool.P3Options(weights=("int4",)))
+    with pytest.raises(QatSteError, match="methods"):
+        tool.plan_p3(recipes, tool.P3Options(methods=("sgd",)))
+
+
+def test_p3_table_mean_and_spread_over_seeds():
+    records = {f"p3/lenet5/binary-bcgd/seed{k}": {
+        "run_id": f"p3/lenet5/binary-bcgd/seed{k}", "status": "done", "net": "lenet5", "seed": k,
+        "cell": "binary + 4-bit act, bcgd", "weights": "binary", "method": "bcgd", "final_val_accuracy_pct": acc,
+        "final_train_loss": 0.1, "wall_time_s": 2.0, "epochs": 3, "train_images": 100, "val_images": 50}
+        for k, acc in enumerate((97.0, 98.0, 99.0))}
+    records.update({r.replace("bcgd", "binaryconnect"): dict(v, run_id=r.replace("bcgd", "binaryconnect"),
+                                                             method="binaryconnect", final_val_accuracy_pct=97.5,
+                                                             cell="binary + 4-bit act, binaryconnect")
+                    for r, v in records.items()})
+    rows = tool.p3_table(records)
+    assert "| LeNet-5 | binary + 4-bit act, bcgd | 0, 1, 2 | 98.00 ± 1.00 | 97.00 - 99.00 | 0.100 | 3 | 100 / 50 |" \
+        in rows[2]
+    assert tool._p3_paired(records) == ["- LeNet-5, binary: BCGD − BinaryConnect = +0.50 ± 1.00 points over 3 "
+                                        "seed(s) (min -0.50, max +1.50)"]
+
+
+@pytest.mark.slow
+def test_p3_grid_writes_one_json_per_run_the_report_section_and_resumes(tmp_path, recipes, synthetic_data):
+    messages: list[str] = []
+    options = tool.P3Options(results_dir=tmp_path / "p3", runs_dir=tmp_path / "runs", seeds=(0,),
+                             epochs_scale=0.02, log=messages.append, command="python -m tools.reproduce_paper --p3")
+    plan = tool.plan_p3(recipes, options)
+    records = tool.run_p3(plan, recipes, lambda net: synthetic_data, options)
+    assert [r["run_id"] for r in records] == [r.run_id for r in plan]
+    files = sorted(p.name for p in (tmp_path / "p3").glob("*.json"))
+    assert len(files) == 6 and "lenet5__ternary-bcgd__seed0.json" in files
+    binary = json.loads((tmp_path / "p3" / "lenet5__binary-bcgd__seed0.json").read_text())
+    assert binary["status"] == "done" and binary["settings"]["bcgd_rho"] == 1e-5 and binary["epochs"] == 1
+    assert set(binary["weight_codes"]) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert all(set(c) <= {-1, 1} for c in binary["weight_codes"].values())
+    ternary = json.loads((tmp_path / "p3" / "lenet5__ternary-binaryconnect__seed0.json").read_text())
+    assert ternary["settings"]["bcgd_rho"] is None and all(set(c) <= {-1, 0, 1}
+                                                             for c in ternary["weight_codes"].values())
+
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# Reproducing [P1]\n\nthe [P1] part\n")
+    section = tool.write_p3_report(report, tmp_path / "p3")
+    text = report.read_text()
+    assert text.startswith("# Reproducing [P1]\n\nthe [P1] part\n") and section in text
+    for row in ("| float |", "| 4-bit activations only |", "| binary + 4-bit act, bcgd |",
+                "| ternary + 4-bit act, binaryconnect |"):
+        assert row in text
+    assert "| 0 |" in text and " ± 0.00 |" in text and "64.36" in text and "62.98" in text
+    assert "BCGD − BinaryConnect" in text and "`python -m tools.reproduce_paper --p3`" in text
+    tool.write_p3_report(report, tmp_path / "p3")
+    assert report.read_text().count(tool.P3_BEGIN) == 1
+    tool.write_report(tool.ResultsStore(tmp_path / "p1.json"), recipes, report, tmp_path / "figures")
+    rewritten = report.read_text()  # [P1]'s writer replaces its part and keeps the [P3] section
+    assert "the [P1] part" not in rewritten and rewritten.count(tool.P3_BEGIN) == 1 and section in rewritten
+
+    messages.clear()  # same settings: every run is skipped
+    tool.run_p3(plan, recipes, lambda net: synthetic_data, options)
+    assert len(messages) == 6 and all(m.startswith("skip ") for m in messages)
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST not present at {MNIST_DIR}")
+def test_p3_tiny_mnist_run_from_the_command_line(tmp_path, capsys):
+    args = ["--p3", "--nets", "lenet5,resnet20", "--seeds", "0", "--p3-weights", "binary", "--p3-methods", "bcgd",
+            "--epochs-scale", "0.02", "--train-subset", "256", "--val-subset", "256", "--no-progress",
+            "--threads", "1", "--mnist", str(MNIST_DIR), "--runs-dir", str(tmp_path / "runs"),
+            "--p3-results", str(tmp_path / "p3"), "--report", str(tmp_path / "RESULTS.md")]
+    assert tool.main(args) == 0
+    assert "ResNet-20 rows need --cifar10 FOLDER: skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "p3").glob("*.json")) == [
+        "lenet5__act4__seed0.json", "lenet5__binary-bcgd__seed0.json", "lenet5__float__seed0.json"]
+    record = json.loads((tmp_path / "p3" / "lenet5__binary-bcgd__seed0.json").read_text())
+    assert record["data"] == "MNIST 28x28" and (record["train_images"], record["train_images_full"]) == (256, 60000)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| LeNet-5 | binary + 4-bit act, bcgd | 0 |" in text and "python -m tools.reproduce_paper --p3" in text

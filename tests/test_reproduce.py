@@ -266,7 +266,7 @@ def test_p3_table_mean_and_spread_over_seeds():
     assert "| LeNet-5 | binary + 4-bit act, bcgd | 0, 1, 2 | 98.00 ± 1.00 | 97.00 - 99.00 | 0.100 | 3 | 100 / 50 |" \
         in rows[2]
     assert tool._p3_paired(records) == ["- LeNet-5, binary: BCGD − BinaryConnect = +0.50 ± 1.00 points over 3 "
-                                        "seed(s) (min -0.50, max +1.50)"]
+                                        "seed(s) (min -0.50, max +1.50; no consistent sign: within seed noise)"]
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ CASES = {
     "cnn_binary_tensor": ("cnn", 1, False, {}, TensorProto.INT8),
     "cnn_ternary_channel_int8": ("cnn", "ternary", True, {"weight_format": "int8"}, TensorProto.INT8),
     "cnn_int4_channel_spec": ("cnn", 4, True, {"form": "spec"}, TensorProto.INT4),
+    "cnn_binary_spec_opset21": ("cnn", 1, False, {"form": "spec", "opset": 21}, TensorProto.INT4),  # no INT2 < 25
     "lenet_binary_channel_spec": ("lenet", 1, True, {"form": "spec"}, TensorProto.INT2),
     "lenet_ternary_tensor": ("lenet", "ternary", False, {}, TensorProto.INT8),
 }
@@ -202,6 +203,17 @@ def test_a_changed_weight_scale_fails_the_check(exports, tmp_path) -> None:
     assert next(w for w in report.weight_layers if w.name == "fc").outside == 0
 
 
+def test_checking_against_a_model_without_those_quantized_weights_is_refused(exports) -> None:
+    from qat_ste.errors import QatSteError
+
+    _, result = exports("cnn_binary_tensor")
+    torch.manual_seed(0)
+    float_weights = qat_ste.quantize(SmallCNN(), bits=4, example_input=torch.randn(2, *SHAPES["cnn"]))
+    qat_ste.calibrate(float_weights, [torch.randn(16, *SHAPES["cnn"])])
+    with pytest.raises(QatSteError, match="no quantized-weight layer"):
+        check_onnx(float_weights.eval(), result.path, torch.randn(2, *SHAPES["cnn"]), latency=False)
+
+
 def test_float_baseline_export_uses_the_float_weights(exports, tmp_path) -> None:
     model, _ = exports("cnn_binary_tensor")
     path = export_float_onnx(model, tmp_path / "float.onnx", torch.randn(1, *SHAPES["cnn"]))
@@ -225,7 +237,7 @@ def test_lenet5_binary_weights_bcgd_on_mnist_exports_two_valued_weights_with_exa
     torch.manual_seed(0)
     q = qat_ste.quantize(lenet5(bn_affine=False), 4, "clipped_relu", alpha_mode="bcgd", weight_bits=1,
                          weight_method="bcgd", keep_first_weights=False, keep_last_weights=False)
-    assert len(quant_weight_layers(q)) == 5
+    assert len(quant_weight_layers(q)) == 5 and all(m.weight_quantizer.rho == 1e-5 for _, m in quant_weight_layers(q))
     result = train(q, train_set, val_set, TrainConfig(epochs=2, batch_size=64, lr=0.05, device="cpu", progress=False,
                                                       log_format="none", tensorboard=False, plot=False,
                                                       print_summary=False, verbose=False))

@@ -214,6 +214,17 @@ def test_checking_against_a_model_without_those_quantized_weights_is_refused(exp
         check_onnx(float_weights.eval(), result.path, torch.randn(2, *SHAPES["cnn"]), latency=False)
 
 
+def test_spec_with_quantized_weights_below_opset_21_is_refused(tmp_path) -> None:
+    """8-bit activations need no narrow type; the binary weights' INT4/INT2 codes do."""
+    from qat_ste.errors import QatSteError
+
+    model = qat_ste.quantize(SmallCNN(), bits=8, example_input=torch.randn(2, *SHAPES["cnn"]))
+    to_quant_weight(model.conv1, WeightQuantizer(1))
+    qat_ste.calibrate(model, [torch.randn(8, *SHAPES["cnn"])])
+    with pytest.raises(QatSteError, match=r"UINT4/INT4 .*need opset >= 21; got opset=18"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(1, *SHAPES["cnn"]), form="spec", opset=18)
+
+
 def test_float_baseline_export_uses_the_float_weights(exports, tmp_path) -> None:
     model, _ = exports("cnn_binary_tensor")
     path = export_float_onnx(model, tmp_path / "float.onnx", torch.randn(1, *SHAPES["cnn"]))

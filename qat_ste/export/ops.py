@@ -12,6 +12,10 @@ Each QuantizeLinear carries node metadata ``qat_ste.site_index`` so that the pos
 the nodes of every site. Ceil rounding has no QuantizeLinear equivalent; it is exported exactly as
 ``Ceil(u / alpha)`` followed by a QuantizeLinear with scale 1 (the input is already an integer)
 and a DequantizeLinear with scale alpha.
+
+Layers with quantized weights route ``weight_quantizer(weight)`` through
+``torch.ops.qat_ste.weight_dequant`` (:func:`weight_routing`): the layer's int8 codes and scale,
+computed once, lowered to DequantizeLinear(codes, scale[, axis=0]) tagged ``qat_ste.weight_index``.
 """
 
 from __future__ import annotations

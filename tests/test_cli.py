@@ -622,7 +622,7 @@ def test_pretrained_start_takes_the_fine_tuning_defaults(tmp_path, capsys):
             "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "pre")]) == 0
     assert ("pretrained start (--weights, --float-epochs 0): fine-tuning defaults lr 0.002, warmup 0.1 epoch(s), "
-            "distillation from the float model (weight 0.5, temperature 1), BatchNorm statistics frozen after 200 "
+            "distillation from the float model (weight 0.5, temperature 2), BatchNorm statistics frozen after 200 "
             "step(s)") in capsys.readouterr().out
     resolved = yaml.safe_load((tmp_path / "pre" / "config.yaml").read_text())
     assert {k: resolved[k] for k in ("lr", "warmup_epochs", "distill", "freeze_bn_after", "float_epochs")} == {
@@ -653,7 +653,7 @@ def test_fine_tuning_options_become_train_config_settings(capsys):
     assert teacher is not model and torch.equal(teacher.weight, model.weight)
     args = build_parser().parse_args(["convert"])
     resolve_finetune_defaults(args)
-    assert _finetune_settings(args) == {"distill_weight": 0.0, "distill_temperature": 1.0, "ema_decay": None,
+    assert _finetune_settings(args) == {"distill_weight": 0.0, "distill_temperature": 2.0, "ema_decay": None,
                                         "freeze_bn_after_steps": None}
     assert _teacher(model, args) is None
     for bad, expected in ((["--ema", "1.5"], "ema_decay=1.5 must be a number between 0 and 1"),

@@ -102,7 +102,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
     workers: int | None = None
     distill_weight: float = 0.0
-    distill_temperature: float = 1.0
+    distill_temperature: float = 2.0
     ema_decay: float | None = None
     freeze_bn_after_steps: int | None = None
 

@@ -621,12 +621,12 @@ def test_pretrained_start_takes_the_fine_tuning_defaults(tmp_path, capsys):
     argv = ["convert", "--weights", str(weights), "--epochs", "0", "--calib-batches", "1", "--no-export",
             "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "pre")]) == 0
-    assert ("pretrained start (--weights, --float-epochs 0): fine-tuning defaults lr 0.002, warmup 0.1 epoch(s), "
+    assert ("pretrained start (--weights, --float-epochs 0): fine-tuning defaults warmup 0.1 epoch(s), "
             "distillation from the float model (weight 0.5, temperature 2), BatchNorm statistics frozen after 200 "
             "step(s)") in capsys.readouterr().out
     resolved = yaml.safe_load((tmp_path / "pre" / "config.yaml").read_text())
     assert {k: resolved[k] for k in ("lr", "warmup_epochs", "distill", "freeze_bn_after", "float_epochs")} == {
-        "lr": 0.002, "warmup_epochs": 0.1, "distill": True, "freeze_bn_after": 200, "float_epochs": 0}
+        "lr": 0.01, "warmup_epochs": 0.1, "distill": True, "freeze_bn_after": 200, "float_epochs": 0}
     assert main([*argv, "--out", str(tmp_path / "mine"), "--lr", "0.03", "--no-distill"]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning defaults warmup 0.1 epoch(s), BatchNorm statistics frozen after 200 step(s)" in out
@@ -635,7 +635,13 @@ def test_pretrained_start_takes_the_fine_tuning_defaults(tmp_path, capsys):
     assert main([*argv[:3], "--float-epochs", "1", *argv[3:], "--out", str(tmp_path / "float")]) == 0
     assert "pretrained start" not in capsys.readouterr().out
     resolved = yaml.safe_load((tmp_path / "float" / "config.yaml").read_text())
-    assert (resolved["lr"], resolved["distill"], resolved["freeze_bn_after"]) == (0.01, False, "never")
+    assert (resolved["warmup_epochs"], resolved["distill"], resolved["freeze_bn_after"]) == (0.0, False, "never")
+    # a new head (5 -> 10 classes) is untrained: the float model cannot teach, so no distillation
+    torch.save(create_zoo_model("lenet5", num_classes=5).state_dict(), weights)
+    assert main([*argv, "--out", str(tmp_path / "new_head")]) == 0
+    out = capsys.readouterr().out
+    assert "new head: fc3 (5 → 10 classes)" in out and "distillation off: the float model has untrained" in out
+    assert yaml.safe_load((tmp_path / "new_head" / "config.yaml").read_text())["distill"] is False
 
 
 def test_fine_tuning_options_become_train_config_settings(capsys):

@@ -235,7 +235,7 @@ def test_convert_fine_tunes_a_pretrained_model_with_the_recipe(tmp_path, capsys)
     saved = load_checkpoint(out / "qat" / "last.pt")
     settings = {k: saved["config"][k] for k in ("lr", "warmup_epochs", "distill_weight", "distill_temperature",
                                                  "ema_decay", "freeze_bn_after_steps", "label_smoothing")}
-    assert settings == {"lr": 0.002, "warmup_epochs": 0.1, "distill_weight": 0.5, "distill_temperature": 2.0,
+    assert settings == {"lr": 0.01, "warmup_epochs": 0.1, "distill_weight": 0.5, "distill_temperature": 2.0,
                         "ema_decay": 0.9, "freeze_bn_after_steps": 2, "label_smoothing": 0.1}
     assert saved["optimizer"][STATE_KEY]["updates"] == saved["step"] == 3  # 1437 digits / 512
     assert int(saved["model"]["bn1.num_batches_tracked"]) == 2  # frozen after 2 steps

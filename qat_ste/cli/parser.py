@@ -196,9 +196,7 @@ def _add_convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("--config", metavar="FILE.yaml", default=None,
                          help="a YAML or JSON file of convert options (keys: the long option names, with - or _); "
                               "options given on the command line win; OUT/config.yaml is such a file")
-    convert.add_argument("--lr", type=float, default=None,
-                         help="fine-tuning LR (default 0.01; 0.002 for a pretrained start: --weights with "
-                              "--float-epochs 0)")
+    convert.add_argument("--lr", type=float, default=0.01, help="fine-tuning LR (default 0.01)")
     convert.add_argument("--optimizer", default="sgd", help="sgd (default) or adamw")
     convert.add_argument("--weight-decay", type=float, default=5e-4)
     convert.add_argument("--schedule", default="cosine", help="cosine (default), multistep or constant")

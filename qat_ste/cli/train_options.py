@@ -11,7 +11,6 @@ from typing import Any
 #: what the options left at their 'auto' default (None) become: (for a start from random init or
 #: float pre-training, for a pretrained start: --weights with --float-epochs 0)
 FINETUNE_DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "lr": (0.01, 0.002),
     "warmup_epochs": (0.0, 0.1),
     "distill": (False, True),
     "freeze_bn_after": ("never", 200),
@@ -40,7 +39,7 @@ def resolve_finetune_defaults(args: argparse.Namespace) -> list[str]:
 
 def describe_pretrained_defaults(args: argparse.Namespace, filled: list[str]) -> str:
     """The line convert prints when a pretrained start took its fine-tuning defaults."""
-    parts = {"lr": f"lr {args.lr:g}", "warmup_epochs": f"warmup {args.warmup_epochs:g} epoch(s)",
+    parts = {"warmup_epochs": f"warmup {args.warmup_epochs:g} epoch(s)",
              "distill": (f"distillation from the float model (weight {args.distill_weight:g}, temperature "
                          f"{args.distill_temperature:g})" if args.distill else "no distillation"),
              "freeze_bn_after": f"BatchNorm statistics frozen after {args.freeze_bn_after} step(s)"}
@@ -63,7 +62,8 @@ def _teacher(model: Any, args: argparse.Namespace) -> Any:
 
 def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
     """Load --weights (refused unless it fits, or --allow-partial; a classifier for another number of
-    classes becomes a new head, said); the names left at random init."""
+    classes becomes a new head, said); the names left at random init. Without float pre-training a
+    model with random tensors cannot be the distillation teacher: --distill is turned off, said."""
     from ..train.build import load_weights_file
 
     if not args.model_weights:
@@ -72,6 +72,10 @@ def _load_start_weights(model: Any, args: argparse.Namespace, say: Callable[[str
                                 on_partial=lambda message: say(f"warning: {message}"), on_note=say)
     say(f"weights: {args.model_weights}" + (f" ({len(skipped)} tensor(s) kept their random init: "
                                             f"{', '.join(skipped[:4])})" if skipped else ""))
+    if skipped and getattr(args, "distill", False) and not args.float_epochs:
+        args.distill = False  # a teacher with an untrained head (or other random tensors) teaches noise
+        say("distillation off: the float model has untrained tensors (a new head), so it cannot teach; "
+            "pre-train it with --float-epochs N to distill from it")
     return skipped
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import QatSteError
 
@@ -77,6 +78,26 @@ def _mix_seed(*parts: int) -> int:
         h = ((h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, drop_last: bool, batch_size: int, rank: int,
+                world_size: int) -> torch.Tensor:
+    """The indices (of ``n`` samples) that ``rank`` visits in ``epoch``, in order: a permutation seeded
+    by (seed, epoch) (or 0..n-1), cut to whole global batches with ``drop_last``, else padded by
+    repetition to a multiple of ``world_size``, then every ``world_size``-th position from ``rank``.
+    The in-memory and the streaming loaders share it, so both visit the same samples."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(seed, epoch)))
+    else:
+        order = torch.arange(n)
+    w = world_size
+    if drop_last:
+        order = order[: (n // (batch_size * w)) * batch_size * w]
+    else:
+        total = math.ceil(n / w) * w
+        if total > n:
+            order = order.repeat(math.ceil(total / n))[:total]
+    return order[rank::w]
 
 
 def stratified_split(

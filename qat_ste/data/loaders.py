@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import QatSteError
-from .info import _mix_seed
+from .info import epoch_order
 from .stream import StreamImageDataset
 from .tensor import TensorImageDataset, TensorLoader
 
@@ -69,18 +69,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self, epoch: int) -> torch.Tensor:
         """The data set indices this rank visits in ``epoch`` (TensorLoader's order)."""
-        n, w = self.n, self.world_size
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch)))
-        else:
-            order = torch.arange(n)
-        if self.drop_last:
-            order = order[: (n // (self.batch_size * w)) * self.batch_size * w]
-        else:
-            total = math.ceil(n / w) * w
-            if total > n:
-                order = order.repeat(math.ceil(total / n))[:total]
-        return order[self.rank :: w]
+        return epoch_order(self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, drop_last=self.drop_last,
+                           batch_size=self.batch_size, rank=self.rank, world_size=self.world_size)
 
     def __len__(self) -> int:
         n, w = self.n, self.world_size

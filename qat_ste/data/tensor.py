@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QatSteError
-from .info import DatasetInfo, _mix_seed
+from .info import DatasetInfo, _mix_seed, epoch_order
 
 __all__ = ["TensorImageDataset", "TensorLoader", "random_crop_flip"]
 
@@ -239,19 +239,9 @@ class TensorLoader:
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
         """The data set indices this rank visits in ``epoch`` (default: the current one), in order."""
         epoch = self.epoch if epoch is None else int(epoch)
-        n, w = len(self.dataset), self.world_size
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.arange(n)
-        if self.drop_last:
-            order = order[: (n // (self.batch_size * w)) * self.batch_size * w]
-        else:
-            total = math.ceil(n / w) * w
-            if total > n:
-                order = order.repeat(math.ceil(total / n))[:total]
-        return order[self.rank :: w]
+        return epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                           drop_last=self.drop_last, batch_size=self.batch_size, rank=self.rank,
+                           world_size=self.world_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.batch_index >= len(self):  # the previous pass ended exactly at the last batch

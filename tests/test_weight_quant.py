@@ -360,6 +360,10 @@ def test_lenet5_binary_weights_4bit_activations_learn_digits() -> None:
     assert result.final_val_accuracy > 0.6  # chance: 0.1
     codes, _ = model.fc1.weight_quantizer.codes_and_scale(model.fc1.weight)
     assert set(codes.unique().tolist()) == {-1, 1}
+    # train() marks each epoch's codes: the report gives the share that changed in the last epoch
+    changed = {name: row["sign_change"] for name, row in weight_rows(model).items() if row["quantized"]}
+    assert len(changed) == 5 and all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in changed.values()), changed
+    assert any(v > 0 for v in changed.values())  # lr 0.05 flips some signs in an epoch
 
 
 def small_bcgd_model(seed: int = 0, method: str = "bcgd") -> nn.Module:

@@ -144,6 +144,7 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
     """(quantized model with the checkpoint's weights, its metadata, train set, val set)."""
     from ..train.build import build_model
     from ..train.checkpoint import load_checkpoint, load_model_state
+    from ..train.ema import checkpoint_weights
 
     state = load_checkpoint(path)
     meta = state.get("metadata") or {}
@@ -166,7 +167,9 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
                                                 getattr(args, "workers", None))
     # the kernel it trained with may not run here (triton on a CPU-only machine): export/check pick their own
     qmodel = _quantize(model, quant_from_plain(meta["quant"]).with_kernel("auto"), _example_input(val_set))
-    load_model_state(qmodel, state["model"], f"checkpoint {path}", "pass a checkpoint written by qat-ste convert")
+    # a run with weight EMA evaluated (and chose best.pt by) its EMA weights: those are the model
+    load_model_state(qmodel, checkpoint_weights(state), f"checkpoint {path}",
+                     "pass a checkpoint written by qat-ste convert")
     qmodel.eval()
     return qmodel, meta, train_set, val_set
 

@@ -21,7 +21,7 @@ from .sources import (
     _stream_data,
     _streamed_folder,
 )
-from .train_options import _load_start_weights, _train_settings
+from .train_options import _finetune_settings, _load_start_weights, _teacher, _train_settings
 
 
 @dataclass
@@ -150,9 +150,10 @@ def _qat_stage(run: _ConvertRun, qmodel: Any, quant: Any) -> Any:
     if run.args.epochs > 0:
         run.say(f"\n== quantization-aware fine-tuning: {run.args.epochs} epoch(s) ==")
         config = TrainConfig(epochs=run.args.epochs, lr=run.args.lr, out_dir=str(run.out / "qat"),
-                             resume=run.resume_from("qat"), **_train_settings(run.args))
+                             resume=run.resume_from("qat"), **_train_settings(run.args),
+                             **_finetune_settings(run.args))
         result = run.qat_result = train(qmodel, run.train_set, run.val_set, config,
-                                        metadata=run.metadata("qat", quant))
+                                        metadata=run.metadata("qat", quant), teacher=_teacher(run.model, run.args))
         if result.stopped_early:
             return result
     run.quant_eval = evaluate(qmodel, run.val_set, 256, run.device)

@@ -53,10 +53,11 @@ import torch.nn as nn
 from ..errors import QatSteError
 from ..nn_utils import logits_of
 from ..quantize import check_steps
+from ..quantizer.weight import mark_epoch
 from .bn_policy import BatchNormFreeze
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, TrainResult
-from .data import TensorImageDataset, TensorLoader
+from .data import StreamImageDataset, StreamLoader, TensorImageDataset, TensorLoader
 from .distill import Teacher, distillation_loss
 from .distributed import (
     DistInfo,
@@ -98,8 +99,8 @@ __all__ = ["train"]
 
 def train(
     model: nn.Module,
-    train_data: TensorImageDataset | TensorLoader,
-    val_data: TensorImageDataset | TensorLoader | None = None,
+    train_data: TensorImageDataset | TensorLoader | StreamImageDataset | StreamLoader,
+    val_data: TensorImageDataset | TensorLoader | StreamImageDataset | StreamLoader | None = None,
     config: TrainConfig | None = None,
     *,
     metadata: dict[str, Any] | None = None,
@@ -107,7 +108,8 @@ def train(
 ) -> TrainResult:
     """Train ``model`` (float, or returned by ``qat_ste.quantize``) in place; see the module doc.
 
-    ``train_data``: a TensorImageDataset (shuffled and sharded here) or a TensorLoader; ``val_data``
+    ``train_data``: a TensorImageDataset (in memory) or a StreamImageDataset (an image folder decoded by
+    worker processes), shuffled and sharded here, or a TensorLoader / StreamLoader; ``val_data``
     (optional) is evaluated every ``config.eval_every`` epochs. ``metadata`` (plain values) is
     stored in the checkpoints, e.g. what is needed to rebuild the model. ``teacher``: the float
     model to distill from (``config.distill_weight`` > 0); train() freezes it in place (eval mode,
@@ -194,6 +196,8 @@ def _train_one_epoch(run: Run, stop: StopRequest, recipe: _Recipe) -> str:
     run.loader.set_epoch(run.epoch)
     if run.loader.batch_index >= len(run.loader):  # saved right after the epoch's last step
         return ""
+    if run.loader.batch_index == 0:
+        mark_epoch(run.model)  # quantized weights: the codes the report's "changed this epoch" compares with
     bar = _progress_bar(run)
     every = run.config.checkpoint_every_steps
     try:

@@ -29,7 +29,8 @@ RESUME_METADATA_KEYS = ("model", "data", "quant", "calibration", "num_classes", 
 
 #: settings whose change on resume is warned about (the run will not match an uninterrupted one)
 RESUME_CONFIG_KEYS = ("epochs", "batch_size", "optimizer", "lr", "schedule", "milestones", "warmup_epochs", "seed",
-                      "weight_decay", "momentum", "amp", "grad_clip")
+                      "weight_decay", "momentum", "amp", "grad_clip", "label_smoothing", "distill_weight",
+                      "distill_temperature", "ema_decay", "freeze_bn_after_steps")
 
 
 @dataclass

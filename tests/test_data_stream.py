@@ -499,3 +499,30 @@ def test_resume_refuses_another_preprocessing_of_a_streamed_folder(tmp_path):
     with pytest.raises(QatSteError, match="preprocess: 'auto' -> 'ResNet18_Weights.IMAGENET1K_V1'"):
         check_resume_metadata(saved, now, TrainConfig(), tmp_path / "last.pt")
     check_resume_metadata({k: v for k, v in saved.items() if k != "preprocess"}, now, TrainConfig(), None)
+
+
+def test_sigterm_to_the_whole_process_group_stops_in_order(tmp_path):
+    """A scheduler (SLURM, Kubernetes) signals every process of the job, the loader's workers too: the
+    workers must leave the signal to the main process, which finishes its step and saves last.pt
+    (exit 143), instead of dying and ending the run with a "worker killed" error."""
+    import signal
+    import time
+
+    data = _cli_folder(tmp_path / "data", 12, 28)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "qat_ste.cli", "convert", "--model", "zoo:lenet5", "--data", f"imagefolder:{data}",
+            "--image-size", "28", "--float-epochs", "0", "--epochs", "50", "--workers", "2", "--batch-size", "2",
+            "--checkpoint-every", "1", "--no-export", "--no-progress", "--threads", "1", "--out", str(out)]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "qat" / "last.pt").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[0]
+        os.killpg(run.pid, signal.SIGTERM)
+        printed = run.communicate(timeout=120)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143, printed
+    assert "stopped (SIGTERM)" in printed and "internal error" not in printed, printed

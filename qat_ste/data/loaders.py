@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -127,7 +128,8 @@ class StreamLoader:
                                     drop_last=self.drop_last, rank=self.rank, world_size=self.world_size)
         options: dict[str, Any] = {}
         if self.workers > 0:
-            options = {"persistent_workers": bool(persistent), "prefetch_factor": int(prefetch_factor)}
+            options = {"persistent_workers": bool(persistent), "prefetch_factor": int(prefetch_factor),
+                       "worker_init_fn": ignore_stop_signals}
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self._loader = StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler,
@@ -241,6 +243,15 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
                         world_size=world_size, device=device)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker start: leave SIGTERM and SIGINT to the main process. A scheduler (SLURM, Kubernetes) or a
+    terminal signals the whole process group; a worker that died of it would end the run with a
+    "worker killed" error instead of the main process's orderly stop (finish the step, save last.pt).
+    The workers end when the main process shuts the loader down or exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def eval_batches(dataset: StreamImageDataset, batch_size: int, device: torch.device | None = None, rank: int = 0,
                  world: int = 1, workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The un-augmented batches of samples ``rank, rank + world, ...`` (each sample once over all
@@ -249,7 +260,8 @@ def eval_batches(dataset: StreamImageDataset, batch_size: int, device: torch.dev
     count = resolve_workers(workers if workers is not None else dataset.workers)
     subset = torch.utils.data.Subset(plain, range(rank, len(plain), world))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=count,
-                                         pin_memory=device is not None and device.type == "cuda")
+                                         pin_memory=device is not None and device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals if count else None)
     for images, labels in loader:
         if device is not None:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

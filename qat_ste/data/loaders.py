@@ -15,10 +15,12 @@ worker processes by torchdata's ``StatefulDataLoader``, behind the same small pr
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,6 +138,9 @@ class StreamLoader:
                                               num_workers=self.workers,
                                               pin_memory=self.device is not None and self.device.type == "cuda",
                                               **options)
+        # workers outlive a SIGTERM for a while (see ignore_stop_signals): at interpreter exit shut
+        # them down before multiprocessing's own exit handler terminates and joins them
+        atexit.register(_shut_down_workers, weakref.ref(self._loader))
         self._passes = 0  # odd while a pass runs; changed when it ends or the position is set
         self._pending: dict[str, Any] | None = None  # its state to restore before the next pass
 
@@ -243,13 +248,34 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
                         world_size=world_size, device=device)
 
 
+#: seconds a loader worker outlives a SIGTERM (unless the loader shuts it down first)
+WORKER_STOP_GRACE_S = 20
+
+
 def ignore_stop_signals(worker_id: int) -> None:
-    """Worker start: leave SIGTERM and SIGINT to the main process. A scheduler (SLURM, Kubernetes) or a
-    terminal signals the whole process group; a worker that died of it would end the run with a
-    "worker killed" error instead of the main process's orderly stop (finish the step, save last.pt).
-    The workers end when the main process shuts the loader down or exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Worker start: a SIGTERM does not kill a loader worker at once. A scheduler (SLURM, Kubernetes)
+    signals the whole process group; a worker that died of it would end the run with a "worker
+    killed" error (raised by torch in the main process, possibly mid-step) instead of the main
+    process's orderly stop (finish the step, save last.pt, exit 143). The worker leaves with exit
+    code 0 after :data:`WORKER_STOP_GRACE_S` seconds, or earlier when the loader shuts it down or
+    the main process exits. SIGINT keeps torch's handling (a worker ends quietly on Ctrl-C)."""
+    signal.signal(signal.SIGALRM, _leave)
+    signal.signal(signal.SIGTERM, _leave_later)
+
+
+def _shut_down_workers(loader_ref: weakref.ref) -> None:
+    loader = loader_ref()
+    shut_down = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if callable(shut_down):
+        shut_down()
+
+
+def _leave_later(signum: int, frame: Any) -> None:
+    signal.alarm(WORKER_STOP_GRACE_S)
+
+
+def _leave(signum: int, frame: Any) -> None:
+    os._exit(0)
 
 
 def eval_batches(dataset: StreamImageDataset, batch_size: int, device: torch.device | None = None, rank: int = 0,

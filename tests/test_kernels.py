@@ -262,6 +262,7 @@ def test_bad_kernel_values(bad) -> None:
 
 def test_triton_on_cpu_without_interpreter_or_triton(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(functional, "TRITON_FOUND", True)  # as if importable (a CPU-only torch has no triton)
     qa = QuantAct(RELU, bits=2, alpha_mode="fixed", step_init=0.5, kernel="triton")
     with pytest.raises(QatSteError, match="kernel='triton' got a tensor on cpu") as e:
         qa(torch.randn(4))

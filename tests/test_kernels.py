@@ -154,19 +154,9 @@ def test_quantact_triton_matches_torch_generic_site(interpreter) -> None:
 
 
 def _saved_bytes(kernel: str, ste: str, mode: str, n: int = 4096) -> int:
-    u = (torch.randn(n) * 2).to(torch.bfloat16).requires_grad_(True)
-    alpha = torch.tensor(0.25, requires_grad=mode != "fixed")
-    total = 0
+    from tools.bench_lean_backward import saved_bytes_per_element
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fake_quantize(u, alpha, torch.tensor(0.0), 15, get_ste(ste), mode, kernel=kernel)
-    y.sum().backward()
-    return total - 8  # alpha and the zero point: 4 bytes each
+    return round(saved_bytes_per_element(ste, mode, torch.bfloat16, n, "cpu", kernel) * n)
 
 
 #: bytes saved for backward per element (bf16 input; it was 2 = the input for every STE and mode)

@@ -18,6 +18,7 @@ gradient w.r.t. ``W`` is the gradient taken at ``Q(W)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -206,25 +207,26 @@ class QuantWeightModule(nn.Module):
         return self.weight_quantizer.quantize(self.weight)
 
 
-class QuantWeightConv1d(QuantWeightModule, nn.Conv1d):
+class _QuantWeightConv(QuantWeightModule):
+    """The forward of the quantized-weight convolutions: the conv's own ``_conv_forward`` with Q(weight)."""
+
+    _conv_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # nn.ConvNd's
+    bias: torch.Tensor | None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantWeightConv1d(_QuantWeightConv, nn.Conv1d):
     """nn.Conv1d whose forward uses ``weight_quantizer(weight)``; ``weight`` stays the float parameter."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
 
-
-class QuantWeightConv2d(QuantWeightModule, nn.Conv2d):
+class QuantWeightConv2d(_QuantWeightConv, nn.Conv2d):
     """nn.Conv2d whose forward uses ``weight_quantizer(weight)``; ``weight`` stays the float parameter."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
 
-
-class QuantWeightConv3d(QuantWeightModule, nn.Conv3d):
+class QuantWeightConv3d(_QuantWeightConv, nn.Conv3d):
     """nn.Conv3d whose forward uses ``weight_quantizer(weight)``; ``weight`` stays the float parameter."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantWeightLinear(QuantWeightModule, nn.Linear):

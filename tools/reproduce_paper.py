@@ -1239,6 +1239,21 @@ def _p3_block(text: str) -> str | None:
     return text[begin:end + len(P3_END)] if begin >= 0 and end > begin else None
 
 
+def _net_data_source(args: argparse.Namespace, recipes: Recipes, subset_seed: int) -> Callable[[str], NetData]:
+    """``data_for(net)``: each net's data, loaded once (the data sets shared through one cache)."""
+    cache: dict[tuple[str, str], TensorImageDataset] = {}
+    loaded: dict[str, NetData] = {}
+
+    def data_for(net: str) -> NetData:
+        if net not in loaded:
+            loaded[net] = load_net_data(net, recipes, args.mnist.expanduser(),
+                                        args.cifar10.expanduser() if args.cifar10 else None,
+                                        args.train_subset, args.val_subset, subset_seed, cache)
+        return loaded[net]
+
+    return data_for
+
+
 def _p3_main(args: argparse.Namespace, argv: list[str], recipes: Recipes) -> int:
     """``--p3``: run the [P3] grid and write its section of the report."""
     results_dir = args.p3_results
@@ -1261,15 +1276,7 @@ def _p3_main(args: argparse.Namespace, argv: list[str], recipes: Recipes) -> int
                         epochs_scale=args.epochs_scale, float_scale=args.float_epochs_scale, lr=args.p3_lr,
                         bcgd_rho=args.bcgd_rho, device=args.device, progress=not args.no_progress)
     plan = plan_p3(recipes, options)
-    cache: dict[tuple[str, str], TensorImageDataset] = {}
-    loaded: dict[str, NetData] = {}
-
-    def data_for(net: str) -> NetData:
-        if net not in loaded:
-            loaded[net] = load_net_data(net, recipes, args.mnist.expanduser(),
-                                        args.cifar10.expanduser() if args.cifar10 else None,
-                                        args.train_subset, args.val_subset, 0, cache)
-        return loaded[net]
+    data_for = _net_data_source(args, recipes, subset_seed=0)
 
     def log_with_command(message: str) -> None:
         _write_line(message)
@@ -1382,15 +1389,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                           epochs_scale=args.epochs_scale, instability_scale=args.instability_scale,
                           float_scale=args.float_epochs_scale,
                           train_subset=args.train_subset, val_subset=args.val_subset)
-    cache: dict[tuple[str, str], TensorImageDataset] = {}
-    loaded: dict[str, NetData] = {}
-
-    def data_for(net: str) -> NetData:
-        if net not in loaded:
-            loaded[net] = load_net_data(net, recipes, args.mnist.expanduser(),
-                                        args.cifar10.expanduser() if args.cifar10 else None,
-                                        args.train_subset, args.val_subset, args.seed, cache)
-        return loaded[net]
+    data_for = _net_data_source(args, recipes, subset_seed=args.seed)
 
     started, clock = _now(), time.perf_counter()
     index = store.add_invocation({"command": "python -m tools.reproduce_paper " + " ".join(argv), "started": started,

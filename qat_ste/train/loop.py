@@ -71,6 +71,7 @@ from .distributed import (
 from .ema import WeightEma
 from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
+from .optim import lr_factor
 from .precision import autocast, prepare_inputs, resolve_flags, upcast
 from .run_state import (
     EpochMeter,
@@ -325,7 +326,7 @@ def _finish_epoch(run: Run, log: MetricsLog | None, say: Callable[[str], None], 
     row = {
         "epoch": run.epoch + 1,
         "step": run.step,
-        "lr": float(run.optimizer.param_groups[0]["lr"]),
+        "lr": _epoch_lr(run),
         "train_loss": meter.loss_sum / meter.count if meter.count else None,
         "train_accuracy": meter.correct / meter.count if meter.count else None,
         "val_loss": val["loss"] if val else None,
@@ -346,6 +347,17 @@ def _finish_epoch(run: Run, log: MetricsLog | None, say: Callable[[str], None], 
     if log is not None:
         log.append(row)
     say(_epoch_line(row, config.epochs))
+
+
+def _epoch_lr(run: Run) -> float:
+    """The learning rate the epoch ``run.epoch`` (0-based) trained at: the mean over its steps of the
+    first parameter group's per-step LR (the schedule's :func:`lr_factor`), i.e. the epoch's LR under a
+    step schedule. (The optimizer's current LR is already the next step's: one epoch late at a milestone,
+    0 after the last step of a cosine schedule.)"""
+    steps = max(len(run.loader), 1)
+    base = float(run.optimizer.param_groups[0].get("initial_lr", run.optimizer.param_groups[0]["lr"]))
+    first = run.epoch * steps
+    return base * sum(lr_factor(step, run.config, steps) for step in range(first, first + steps)) / steps
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:

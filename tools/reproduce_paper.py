@@ -44,6 +44,7 @@ from qat_ste.atomic import atomic_save, atomic_write_text, json_safe
 from qat_ste.errors import QatSteError
 from qat_ste.train import TrainConfig, TrainingDiverged, evaluate, train
 from qat_ste.train.data import TensorImageDataset, load_dataset
+from qat_ste.train.setup import seed_everything
 from qat_ste.zoo import create_zoo_model
 from qat_ste.zoo.recipes import InstabilityRun, PaperResult, Recipes, Schedule, load_recipes
 
@@ -60,7 +61,7 @@ PAPER_DATA = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 __all__ = [
     "NetData", "RunSpec", "GridOptions", "ResultsStore", "load_net_data", "plan_runs", "run_grid",
-    "write_report", "summary_table", "machine_info", "main", "P3Run", "P3Options", "plan_p3", "run_p3",
+    "write_report", "summary_table", "machine_info", "provenance", "main", "P3Run", "P3Options", "plan_p3", "run_p3",
     "p3_table", "write_p3_report", "load_p3_results",
 ]
 
@@ -291,6 +292,31 @@ class ResultsStore:
         return len(self.data["invocations"]) - 1
 
 
+def provenance(command: str, seed: int) -> dict[str, Any]:
+    """Where a result comes from: the git commit (and whether the code under qat_ste/ and tools/ had
+    uncommitted changes), the command, the seed and the library versions."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "qat_ste", "tools")
+    versions = {"qat_ste": getattr(qat_ste, "__version__", None), "torch": torch.__version__,
+                "python": platform.python_version()}
+    for name in ("numpy", "torchvision"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_code_changes": None if changed is None else [line[3:] for line in changed.splitlines()],
+            "command": command, "seed": seed, "versions": versions}
+
+
 def machine_info(device: str | None = None) -> dict[str, Any]:
     """CPU (and GPU) name, torch version, threads."""
     cpu = platform.processor() or platform.machine()
@@ -328,6 +354,7 @@ class GridOptions:
     float_scale: float | None = None
     train_subset: int | None = None
     val_subset: int | None = None
+    command: str = ""  # the command line, stored in each record
     log: Callable[[str], None] = field(default=lambda message: _write_line(message))
 
 
@@ -417,6 +444,7 @@ def execute_run(
     its last finished epoch when started again with the same settings."""
     started = time.perf_counter()
     parent_weights = weights_path(options.runs_dir, spec.depends_on, parent["fingerprint"]) if parent else None
+    seed_everything(options.seed)  # before anything random: the model's initialization included
     model = _starting_model(spec, data, recipes, parent_weights)
     work = options.runs_dir / "work" / f"{_safe(spec.run_id)}-{digest}"
     history: list[dict[str, Any]] = []
@@ -469,6 +497,7 @@ def execute_run(
         "device": result.device if result is not None else options.device,
         "machine": machine_info(result.device if result is not None else options.device),
         "engine": "qat_ste.train.engine.train", "finished_at": _now(),
+        "provenance": provenance(options.command, options.seed),
     }
     shutil.rmtree(work, ignore_errors=True)  # the phase checkpoints are only needed to resume
     return record
@@ -1028,6 +1057,7 @@ def execute_p3_run(run: P3Run, data: NetData, recipes: Recipes, options: P3Optio
     """Train one [P3] run; returns its record (its float weights are kept under ``runs_dir``)."""
     started = time.perf_counter()
     state = torch.load(float_weights, map_location="cpu", weights_only=True) if float_weights else None
+    seed_everything(run.seed)  # before anything random: the model's initialization included
     model = p3_model(run, data, recipes, state, options.bcgd_rho)
     status, message, result = "done", "", None
     try:
@@ -1052,6 +1082,7 @@ def execute_p3_run(run: P3Run, data: NetData, recipes: Recipes, options: P3Optio
         "history": history, "wall_time_s": time.perf_counter() - started,
         "device": result.device if result is not None else options.device,
         "machine": machine_info(options.device), "finished_at": _now(), "command": options.command,
+        "provenance": provenance(options.command, run.seed),
     }
 
 
@@ -1274,7 +1305,8 @@ def _p3_main(args: argparse.Namespace, argv: list[str], recipes: Recipes) -> int
     options = P3Options(results_dir=results_dir, runs_dir=args.runs_dir, nets=tuple(nets),
                         weights=tuple(args.p3_weights), methods=tuple(args.p3_methods), seeds=tuple(args.seeds),
                         epochs_scale=args.epochs_scale, float_scale=args.float_epochs_scale, lr=args.p3_lr,
-                        bcgd_rho=args.bcgd_rho, device=args.device, progress=not args.no_progress)
+                        bcgd_rho=args.bcgd_rho, device=args.device, progress=not args.no_progress,
+                        command=command)
     plan = plan_p3(recipes, options)
     data_for = _net_data_source(args, recipes, subset_seed=0)
 
@@ -1388,7 +1420,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     options = GridOptions(runs_dir=args.runs_dir, device=args.device, seed=args.seed, progress=not args.no_progress,
                           epochs_scale=args.epochs_scale, instability_scale=args.instability_scale,
                           float_scale=args.float_epochs_scale,
-                          train_subset=args.train_subset, val_subset=args.val_subset)
+                          train_subset=args.train_subset, val_subset=args.val_subset,
+                          command="python -m tools.reproduce_paper " + " ".join(argv))
     data_for = _net_data_source(args, recipes, subset_seed=args.seed)
 
     started, clock = _now(), time.perf_counter()

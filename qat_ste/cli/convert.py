@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -118,8 +119,34 @@ def _report_document(run: _ConvertRun, quant: Any, report: Any) -> dict[str, Any
                   "float_checkpoint": str(out / "float" / "last.pt") if float_result else None},
         "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         "device": str(run.device), "world_size": run.world_size,
-        "versions": {"qat_ste": qat_ste.__version__, "torch": str(torch.__version__)},
+        "seed": args.seed, "commit": _source_commit(),
+        "versions": {"qat_ste": qat_ste.__version__, "torch": str(torch.__version__),
+                     "numpy": _version_of("numpy"), "python": platform.python_version()},
     }
+
+
+def _source_commit() -> str | None:
+    """The git commit of the qat_ste source this run used (None unless the package is a git checkout's
+    own ``qat_ste/`` folder, e.g. an editable install)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _version_of(module: str) -> str | None:
+    """``module.__version__``, or None when it is not installed."""
+    try:
+        return str(__import__(module).__version__)
+    except ImportError:
+        return None
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -176,14 +176,14 @@ def _model_from_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, di
 
 def _model_from_arguments(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """A --model quantized and calibrated on --data (post-training quantization)."""
-    import torch
-
     from ..train.build import build_model, load_weights_file
+    from ..train.setup import seed_everything
 
     quant = _quant_config(args)
     spec, data, image_size = _resolve_model_and_data(args)
+    seed_everything(args.seed)  # before anything random: data, then the model's initialization
     classes, channels, loaded = _data_shape(data, image_size, args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     model = build_model(spec, classes, channels, image_size)
     if args.model_weights:
         load_weights_file(model, args.model_weights, allow_partial=args.allow_partial,

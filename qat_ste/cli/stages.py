@@ -80,13 +80,13 @@ def _check_qat_resume(run: _ConvertRun, quant: Any) -> None:
 def _prepare_model(run: _ConvertRun, image_size: int) -> None:
     """Load the data, build the model and load --weights into it. A streamed image folder's classes
     are read first; its data sets follow the model, whose preprocessing they use."""
-    import torch
-
     from ..train.build import build_model
+    from ..train.setup import seed_everything
 
     tick = time.perf_counter()
+    seed_everything(run.args.seed)  # before anything random: data, then the model's initialization
     classes, channels, loaded = _data_shape(run.data, image_size, run.args.seed)
-    torch.manual_seed(run.args.seed)
+    seed_everything(run.args.seed)  # the same initialization whatever loading the data drew
     run.model = build_model(run.spec, classes, channels, image_size)
     run.train_set, run.val_set = loaded or _stream_data(run.data, run.model, image_size, run.args.preprocess,
                                                         run.args.workers)

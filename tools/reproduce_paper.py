@@ -302,9 +302,10 @@ def provenance(command: str, seed: int) -> dict[str, Any]:
             done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
-        return done.stdout.strip() if done.returncode == 0 else None
+        return done.stdout if done.returncode == 0 else None
 
     changed = git("status", "--porcelain", "--untracked-files=no", "--", "qat_ste", "tools")
+    commit = git("rev-parse", "HEAD")
     versions = {"qat_ste": getattr(qat_ste, "__version__", None), "torch": torch.__version__,
                 "python": platform.python_version()}
     for name in ("numpy", "torchvision"):
@@ -312,7 +313,7 @@ def provenance(command: str, seed: int) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    return {"commit": git("rev-parse", "HEAD"),
+    return {"commit": commit.strip() if commit else None,
             "uncommitted_code_changes": None if changed is None else [line[3:] for line in changed.splitlines()],
             "command": command, "seed": seed, "versions": versions}
 
@@ -719,9 +720,14 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     lines += _instability_section(runs, recipes, figures_dir)
     lines += _missing_section(runs, recipes)
     text = "\n".join(lines).rstrip() + "\n"
-    kept = _p3_block(Path(report_path).read_text(encoding="utf-8")) if Path(report_path).exists() else None
+    old = Path(report_path).read_text(encoding="utf-8") if Path(report_path).exists() else ""
+    kept = _p3_block(old)
     if kept is not None:  # the [P3] section is written by --p3 from its own results: keep it
         text = _with_p3_section(text, kept)
+    begin, end = old.find(T1_BEGIN), old.find(T1_END)
+    if begin >= 0 and end > begin:  # so is the Table 1 block of tools/paper_table1.py: after the title
+        marker = text.find("\n## ")
+        text = text[:marker + 1] + old[begin:end + len(T1_END)] + "\n\n" + text[marker + 1:]
     atomic_write_text(report_path, text)
     return text
 
@@ -920,6 +926,8 @@ def _rel(path: Path) -> str:
 P3_FORMAT = "qat_ste.reproduce_paper.p3/1"
 DEFAULT_P3_RESULTS = REPO_ROOT / "model_zoo" / "results" / "p3"
 P3_BEGIN, P3_END = "<!-- [P3] section: begin -->", "<!-- [P3] section: end -->"
+#: the block of RESULTS.md written by tools/paper_table1.py (kept by write_report)
+T1_BEGIN, T1_END = "<!-- Table 1 MNIST paper scale: begin -->", "<!-- Table 1 MNIST paper scale: end -->"
 P3_ACT_BITS = 4
 P3_WEIGHT_BITS: dict[str, int | str] = {"binary": 1, "ternary": "ternary"}
 P3_METHODS = ("bcgd", "binaryconnect")

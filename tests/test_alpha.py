@@ -15,9 +15,13 @@ import qat_ste
 from qat_ste import QatSteError
 from qat_ste.quantizer.alpha import (
     AUTHORS_STEP,
+    FIXED_STEP_CHOICES,
+    HALF_GAUSSIAN_CEIL_STEP,
     HALF_GAUSSIAN_STEP,
     INIT_METHODS,
     fixed_step,
+    half_gaussian_mse,
+    mse_optimal_step,
     range_from_samples,
     step_and_zero_point,
 )
@@ -71,14 +75,53 @@ def test_half_gaussian_step_table(bits: int) -> None:
         assert _half_gaussian_mse(res.x * off, bits) > _half_gaussian_mse(res.x, bits)
 
 
+def _half_gaussian_ceil_mse(alpha: float, bits: int) -> float:
+    """E (sigma_alpha(X) - X)^2 for X half-normal, ceil rounding: level k on ((k-1) alpha, k alpha], the
+    top level L on ((L-1) alpha, inf) (section 1)."""
+    L = 2 ** bits - 1
+    return sum(2 * _segment((k - 1) * alpha, k * alpha if k < L else math.inf, k * alpha) for k in range(1, L + 1))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_ceil_step_table_is_mse_optimal_for_ceil(bits: int) -> None:
+    res = optimize.minimize_scalar(_half_gaussian_ceil_mse, bounds=(1e-3, 3.0), args=(bits,), method="bounded",
+                                   options={"xatol": 1e-10})
+    assert res.success
+    assert HALF_GAUSSIAN_CEIL_STEP[bits] == round(res.x, 4)  # the table: the optimum to 4 decimals
+    assert mse_optimal_step(bits, "ceil") == pytest.approx(res.x, abs=1e-6)
+    assert half_gaussian_mse(0.9 * res.x, bits, "ceil") == pytest.approx(_half_gaussian_ceil_mse(0.9 * res.x, bits),
+                                                                          rel=1e-12)
+    assert half_gaussian_mse(0.9, bits) == pytest.approx(_half_gaussian_mse(0.9, bits), rel=1e-12)  # nearest
+    assert mse_optimal_step(bits, "nearest") == pytest.approx(HALF_GAUSSIAN_STEP[bits], abs=5e-4)
+
+
+def test_ceil_step_exact_values() -> None:
+    assert HALF_GAUSSIAN_CEIL_STEP == {1: 0.7979, 2: 0.4866, 3: 0.2893, 4: 0.1666, 5: 0.0938, 6: 0.0520,
+                                       7: 0.0284, 8: 0.0154}
+    assert mse_optimal_step(1, "ceil") == pytest.approx(math.sqrt(2 / math.pi), abs=1e-7)  # the half-normal mean
+    # the authors' constants are not MSE-optimal for ceil: +32.4 % error at 2 bits, +15.0 % at 4 bits
+    assert half_gaussian_mse(0.6511, 2, "ceil") / half_gaussian_mse(mse_optimal_step(2, "ceil"), 2, "ceil") \
+        == pytest.approx(1.32397, abs=1e-4)
+    assert half_gaussian_mse(0.1946, 4, "ceil") / half_gaussian_mse(mse_optimal_step(4, "ceil"), 4, "ceil") \
+        == pytest.approx(1.14994, abs=1e-4)
+
+
 def test_fixed_step_choice() -> None:
+    assert FIXED_STEP_CHOICES == ("nearest", "ceil", "paper_ceil")
     assert AUTHORS_STEP == {2: 0.6511, 4: 0.1946}
-    assert fixed_step(2, "ceil") == 0.6511 and fixed_step(4, "ceil") == 0.1946
+    assert fixed_step(2, "paper_ceil") == 0.6511 and fixed_step(4, "paper_ceil") == 0.1946
     assert fixed_step(2) == 0.6509 and fixed_step(4, "nearest") == 0.1932
     assert fixed_step(1) == 1.2236 and fixed_step(3) == 0.3532
-    for bits in (1, 3, 5, 6, 7, 8):  # no authors' constant: the half-Gaussian fit for ceil too
-        assert fixed_step(bits, "ceil") == HALF_GAUSSIAN_STEP[bits]
+    for bits in range(1, 9):  # ceil: the MSE-optimal step for ceil, every bit width
+        assert fixed_step(bits, "ceil") == HALF_GAUSSIAN_CEIL_STEP[bits]
+    with pytest.raises(QatSteError, match="no fixed step for 3 bits"):
+        fixed_step(3, "paper_ceil")
+    with pytest.raises(QatSteError, match="unknown fixed-step choice 'floor'"):
+        fixed_step(2, "floor")
     q = qat_ste.quantize(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), bits=4, alpha_mode="fixed", rounding="ceil")
+    assert q[1].alpha.item() == pytest.approx(0.1666)
+    q = qat_ste.quantize(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), bits=4, alpha_mode="fixed", rounding="ceil",
+                         step_init=fixed_step(4, "paper_ceil"))  # the authors' constant, asked for explicitly
     assert q[1].alpha.item() == pytest.approx(0.1946)
 
 

@@ -251,3 +251,21 @@ def test_recipes_load_from_the_wheel_away_from_the_checkout(built_wheel: Path, t
     assert done.returncode == 0, done.stderr[-3000:]
     module_file, cells = done.stdout.split()
     assert module_file.startswith(str(built_wheel)) and cells == "18"
+
+
+def test_recipes_rounding_choices_give_the_quantize_options() -> None:
+    import copy
+
+    from qat_ste.errors import QatSteError
+    from qat_ste.zoo.recipes import parse_recipes
+
+    data = json.loads(files("qat_ste.zoo").joinpath("recipes.json").read_text(encoding="utf-8"))
+    assert parse_recipes(data).quant_options(2) == {"alpha_mode": "fixed", "rounding": "nearest"}
+    for rounding, options in (("ceil", {"alpha_mode": "fixed", "rounding": "ceil"}),
+                              ("paper_ceil", {"alpha_mode": "fixed", "rounding": "ceil", "step_init": 0.1946})):
+        changed = copy.deepcopy(data)
+        changed["quantization"]["rounding"] = rounding
+        assert parse_recipes(changed).quant_options(4) == options
+    changed["quantization"]["rounding"] = "floor"
+    with pytest.raises(QatSteError, match="rounding 'floor' is unknown"):
+        parse_recipes(changed)

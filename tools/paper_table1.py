@@ -149,7 +149,7 @@ def _model(run: T1Run, data: NetData, recipes: Recipes, float_state: Mapping[str
         return model
     assert float_state is not None and run.ste is not None
     model.load_state_dict(float_state)
-    return qat_ste.quantize(model, run.bits, run.ste, alpha_mode=recipes.alpha_mode, rounding=recipes.rounding)
+    return qat_ste.quantize(model, run.bits, run.ste, **recipes.quant_options(run.bits))
 
 
 def execute(run: T1Run, data: NetData, recipes: Recipes, options: T1Options, settings: dict[str, Any],
@@ -313,9 +313,9 @@ def section(records: Mapping[str, Mapping[str, Any]], recipes: Recipes, results_
              "LeNet-5 (affine-free BatchNorm before each ReLU) on the full MNIST (60000 training / 10000 validation "
              "images, 28x28), the paper's recipe: float pre-training, then from the float weights of the same seed "
              "50 epochs, batch 64, lr 0.1 ×0.1 at epochs 20 and 40, SGD momentum 0.9, weight decay 1e-4, fixed "
-             "steps (nearest rounding). Measured: validation accuracy after the last epoch and the mean training "
-             "loss of the last epoch, mean ± sample std over seeds. Verdict: *within noise* when the paper's value "
-             "lies within mean ± 2 std; cells with fewer than 3 seeds get no verdict. "
+             f"steps ({recipes.rounding} rounding). Measured: validation accuracy after the last epoch and the mean "
+             "training loss of the last epoch, mean ± sample std over seeds. Verdict: *within noise* when the "
+             "paper's value lies within mean ± 2 std; cells with fewer than 3 seeds get no verdict. "
              f"Per-run results (commit, command, seed, library versions, history): `{rel}/*.json` "
              f"({len(done)} finished).", "",
              "| bits | STE | seeds | val acc % (mean ± std) | val acc % ([P1]) | train loss (mean ± std) | "

@@ -377,8 +377,7 @@ def build_model(net: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
 
 def quantized_model(net: str, bits: int, ste: str, data: NetData, recipes: Recipes) -> torch.nn.Module:
     """The zoo network with every ReLU quantized (fixed alpha by default, as [P1])."""
-    return qat_ste.quantize(build_model(net, data, recipes), bits, ste, alpha_mode=recipes.alpha_mode,
-                            rounding=recipes.rounding)
+    return qat_ste.quantize(build_model(net, data, recipes), bits, ste, **recipes.quant_options(bits))
 
 
 def run_settings(spec: RunSpec, data: NetData, recipes: Recipes, options: GridOptions,
@@ -423,7 +422,7 @@ def _starting_model(spec: RunSpec, data: NetData, recipes: Recipes, parent_weigh
     if spec.kind == "grid":  # from the float weights, then quantize
         model = build_model(spec.net, data, recipes)
         model.load_state_dict(state)
-        return qat_ste.quantize(model, spec.bits, spec.ste, alpha_mode=recipes.alpha_mode, rounding=recipes.rounding)
+        return qat_ste.quantize(model, spec.bits, spec.ste, **recipes.quant_options(spec.bits))
     # instability: the same quantized network with another STE (the STE only changes the backward pass)
     model = quantized_model(spec.net, spec.bits, spec.ste, data, recipes)
     model.load_state_dict(state)

@@ -189,6 +189,17 @@ class Recipes:
         """[P1] Table 1's numbers for one cell, or None if the paper has none."""
         return self.paper_table1.get((net, int(bits), ste))
 
+    def quant_options(self, bits: int) -> dict[str, Any]:
+        """``qat_ste.quantize`` keyword arguments of the recipes' quantized ReLU at ``bits``: the step
+        mode and rounding; with ``"rounding": "paper_ceil"`` ceil rounding and the authors' constant
+        steps (2 and 4 bits) instead of the MSE-optimal ceil steps."""
+        options: dict[str, Any] = {"alpha_mode": self.alpha_mode, "rounding": self.rounding}
+        if self.rounding == "paper_ceil":
+            from ..quantizer.alpha import fixed_step
+
+            options.update(rounding="ceil", step_init=fixed_step(int(bits), "paper_ceil"))
+        return options
+
     def grid_cells(self) -> list[tuple[str, int, str]]:
         """The full Table 1 grid as (net, bits, ste), in the paper's order."""
         return [(n, b, s) for n in self.grid_nets for b in self.grid_bits for s in self.grid_stes]
@@ -278,13 +289,22 @@ def parse_recipes(data: Mapping[str, Any]) -> Recipes:
         grid_bits=tuple(int(b) for b in _need(grid, "bits", "grid")),
         grid_stes=tuple(_need(grid, "stes", "grid")),
         alpha_mode=str(_need(quant, _alpha_mode_key(quant), "quantization")),
-        rounding=str(quant.get("rounding", "nearest")),
+        rounding=_rounding(quant),
         bn_affine=bool(_need(quant, "bn_affine", "quantization")),
         paper_table1=table,
         instability=tuple(runs),
         open_choices=dict(data.get("open_choices", {})),
         source=str(data.get("source", "")),
     )
+
+
+def _rounding(quant: Mapping[str, Any]) -> str:
+    """The recipes' rounding: nearest, ceil (MSE-optimal ceil steps) or paper_ceil (the authors' steps)."""
+    rounding = str(quant.get("rounding", "nearest"))
+    if rounding not in ("nearest", "ceil", "paper_ceil"):
+        raise QatSteError(f"recipes: quantization rounding {rounding!r} is unknown",
+                          "use nearest, ceil or paper_ceil (ceil with the authors' 2- and 4-bit steps)")
+    return rounding
 
 
 def load_recipes(path: str | Path | None = None) -> Recipes:

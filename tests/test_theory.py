@@ -315,3 +315,38 @@ def test_float64_torch_not_needed_by_callers() -> None:
     est = T.monte_carlo("relu", V, W, V_STAR, W_STAR, n_samples=100, seed=0)
     assert isinstance(est.coarse_grad, np.ndarray) and est.coarse_grad.dtype == np.float64
     assert torch.get_default_dtype() == torch.float32  # the module changed no global torch state
+
+
+# ---- the figures next to the critical points (tools.theory_figures (d), (e)) ---------------------
+
+
+def test_algorithm1_next_to_the_spurious_minimizer_and_the_saddle(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tools import theory_figures as F
+
+    rows = F.figure_near_critical_points(tmp_path, lr=0.1, iters=1500)
+    assert (tmp_path / "theory_near_critical_points.png").stat().st_size > 10_000
+    end = {(label.split(",")[0], label.split("= ")[1], ste): (f1, t1) for label, ste, _, f1, t1 in rows}
+    for ste in ("relu", "clipped_relu"):  # settle at the spurious minimizer (f = 1/8 here, theta = pi)
+        f1, t1 = end[("spurious minimizer", "pi - 0.1", ste)]
+        assert f1 == pytest.approx(0.125, abs=1e-4) and t1 == pytest.approx(math.pi, abs=1e-3)
+        assert end[("saddle", "theta_s - 0.05", ste)][0] < 1e-4  # the saddle's other side: the global minimum
+    for start in (("spurious minimizer", "pi - 0.1"), ("saddle", "theta_s + 0.05"), ("saddle", "theta_s - 0.05")):
+        f1, t1 = end[(*start, "identity")]
+        assert f1 < 1e-8 and t1 < 1e-3  # identity leaves both critical points (to the global minimum here)
+    block = F.report_block(rows, F.figure_gradient_path(tmp_path), 0.1, 1500, "cmd")
+    assert block.count("**reproduced**") == 4 and "not reproduced" not in block
+
+
+def test_coarse_gradient_norm_along_the_path_through_the_critical_points(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tools import theory_figures as F
+
+    rows = {ste: norms for ste, *norms in F.figure_gradient_path(tmp_path)}
+    assert (tmp_path / "theory_gradient_path.png").is_file()
+    for ste in ("relu", "clipped_relu"):
+        assert max(rows[ste]) < 1e-6  # zero at the global min, the saddle and the spurious min
+    g_global, g_saddle, g_spurious = rows["identity"]
+    assert g_global < 1e-6 and g_saddle == pytest.approx(0.088955, abs=1e-5)
+    # the reference's closed form at the spurious minimizer: 2(m-1)(1'v*)^2 / (sqrt(2 pi)(m+1)^2), m = 3, 1'v* = 1
+    assert g_spurious == pytest.approx(2 * 2 * 1.0 / (math.sqrt(2 * math.pi) * 16), rel=1e-6)

@@ -61,8 +61,8 @@ PAPER_DATA = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 __all__ = [
     "NetData", "RunSpec", "GridOptions", "ResultsStore", "load_net_data", "plan_runs", "run_grid",
-    "write_report", "summary_table", "machine_info", "provenance", "main", "P3Run", "P3Options", "plan_p3", "run_p3",
-    "p3_table", "write_p3_report", "load_p3_results",
+    "write_report", "summary_table", "machine_info", "provenance", "put_block", "main", "P3Run", "P3Options",
+    "plan_p3", "run_p3", "p3_table", "write_p3_report", "load_p3_results",
 ]
 
 
@@ -723,12 +723,54 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
     kept = _p3_block(old)
     if kept is not None:  # the [P3] section is written by --p3 from its own results: keep it
         text = _with_p3_section(text, kept)
-    begin, end = old.find(T1_BEGIN), old.find(T1_END)
-    if begin >= 0 and end > begin:  # so is the Table 1 block of tools/paper_table1.py: after the title
-        marker = text.find("\n## ")
-        text = text[:marker + 1] + old[begin:end + len(T1_END)] + "\n\n" + text[marker + 1:]
+    for name, block in kept_blocks(old):  # so are the blocks other tools write (put_block)
+        if block not in text:
+            text = with_block(text, name, block)
     atomic_write_text(report_path, text)
     return text
+
+
+def block_markers(name: str) -> tuple[str, str]:
+    """The begin and end comments of a named block of RESULTS.md."""
+    return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+
+
+def kept_blocks(text: str) -> list[tuple[str, str]]:
+    """(name, block) of every named block in ``text`` except [P3]'s (kept by its own writer)."""
+    import re
+
+    out = []
+    for match in re.finditer(r"<!-- (.+?): begin -->", text):
+        name = match.group(1)
+        if name == "[P3] section":
+            continue
+        end = text.find(block_markers(name)[1], match.start())
+        if end > 0:
+            out.append((name, text[match.start():end + len(block_markers(name)[1])]))
+    return out
+
+
+def with_block(text: str, name: str, block: str) -> str:
+    """``text`` with block ``name`` replaced by ``block``; a new block goes right after the title's
+    paragraphs when it is Table 1's, else before the [P3] section (or at the end)."""
+    begin_marker, end_marker = block_markers(name)
+    begin, end = text.find(begin_marker), text.find(end_marker)
+    if begin >= 0 and end > begin:
+        return text[:begin] + block + text[end + len(end_marker):]
+    at = text.find("\n## ") + 1 if (begin_marker, end_marker) == (T1_BEGIN, T1_END) else text.find(P3_BEGIN)
+    if at <= 0:
+        return (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    return text[:at] + block + "\n\n" + text[at:]
+
+
+def put_block(report_path: Path, name: str, block_body: str) -> str:
+    """Write ``block_body`` as the named block of ``report_path`` (replacing the previous one); returns
+    the block. :func:`write_report` keeps such blocks."""
+    begin, end = block_markers(name)
+    block = f"{begin}\n{block_body.strip()}\n{end}"
+    old = Path(report_path).read_text(encoding="utf-8") if Path(report_path).exists() else ""
+    atomic_write_text(report_path, with_block(old, name, block))
+    return block
 
 
 def _report_header(store: ResultsStore, done: list[dict[str, Any]]) -> list[str]:
@@ -926,7 +968,8 @@ P3_FORMAT = "qat_ste.reproduce_paper.p3/1"
 DEFAULT_P3_RESULTS = REPO_ROOT / "model_zoo" / "results" / "p3"
 P3_BEGIN, P3_END = "<!-- [P3] section: begin -->", "<!-- [P3] section: end -->"
 #: the block of RESULTS.md written by tools/paper_table1.py (kept by write_report)
-T1_BEGIN, T1_END = "<!-- Table 1 MNIST paper scale: begin -->", "<!-- Table 1 MNIST paper scale: end -->"
+T1_NAME = "Table 1 MNIST paper scale"
+T1_BEGIN, T1_END = f"<!-- {T1_NAME}: begin -->", f"<!-- {T1_NAME}: end -->"
 P3_ACT_BITS = 4
 P3_WEIGHT_BITS: dict[str, int | str] = {"binary": 1, "ternary": "ternary"}
 P3_METHODS = ("bcgd", "binaryconnect")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import onnxruntime  # noqa: E402
 
 import qat_ste  # noqa: E402
 from qat_ste.errors import QatSteError  # noqa: E402
@@ -147,3 +149,84 @@ def test_bad_arguments(quantized, files, data, tmp_path) -> None:
         check_onnx(other, files["float"], data[0])
     with pytest.raises(QatSteError, match="labels do not match"):
         check_onnx(quantized, files["float"], data[0], data[1][:3])
+
+
+def test_the_report_names_its_runtime(report_float) -> None:
+    assert report_float.runtime == "onnxruntime" and report_float.runtime_name == "ONNX Runtime"
+    assert "in ONNX Runtime (form=deploy" in report_float.table() and "ORT options per figure" in report_float.table()
+    assert report_float.to_dict()["runtime"] == "onnxruntime"
+
+
+def test_unknown_runtime_lists_the_choices(quantized, files, data) -> None:
+    with pytest.raises(QatSteError, match="unknown runtime 'tensorrt'") as caught:
+        check_onnx(quantized, files["float"], data[0], runtime="tensorrt")
+    assert "onnxruntime, openvino" in caught.value.fix
+
+
+def test_missing_openvino_is_a_clear_error(quantized, files, data, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, as when not installed
+    with pytest.raises(QatSteError, match="'openvino' package\\) is not installed") as caught:
+        check_onnx(quantized, files["float"], data[0], runtime="openvino")
+    assert "pip install 'qat_ste[openvino]'" in caught.value.fix
+
+
+def _labels_with_known_accuracy(model: nn.Module, x: torch.Tensor, wrong: int) -> torch.Tensor:
+    """The model's own top-1 with the first ``wrong`` labels moved to another class."""
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+    labels[:wrong] = (labels[:wrong] + 1) % 4
+    return labels
+
+
+def test_accuracy_of_pytorch_and_of_the_file_side_by_side(quantized, files, data) -> None:
+    x = data[0]
+    y = _labels_with_known_accuracy(quantized, x, wrong=6)
+    r = check_onnx(quantized, files["float"], [x[:12], x[12:]], [y[:12], y[12:]], latency=False)
+    assert r.top1_agreement == 1.0
+    assert r.accuracy_torch == r.accuracy_onnx == r.accuracy_model == 18 / 24
+    assert "accuracy (24 labelled samples)       PyTorch 75.00%, ONNX Runtime 75.00% (+0.00 points)" in r.table()
+    assert "accuracy of the model as given" not in r.table()  # the reference is the model as given
+    unlabelled = check_onnx(quantized, files["float"], x, latency=False)
+    assert unlabelled.accuracy_torch is unlabelled.accuracy_onnx is unlabelled.accuracy_model is None
+    assert "accuracy" not in unlabelled.table()
+
+
+def test_accuracy_of_an_int8_file_and_of_the_model_as_given(quantized, files, data) -> None:
+    from qat_ste.export.check import int8_weight_reference
+
+    x = data[0]
+    y = _labels_with_known_accuracy(quantized, x, wrong=6)
+    with torch.no_grad():
+        rounded = int8_weight_reference(quantized)(x).argmax(-1)
+    r = check_onnx(quantized, files["int8"], x, y, latency=False)
+    assert r.accuracy_model == 18 / 24  # the model as given
+    assert r.accuracy_torch == int((rounded == y).sum()) / 24  # the reference: the file's int8 weights
+    session = onnxruntime.InferenceSession(files["int8"], providers=["CPUExecutionProvider"])
+    top = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax(-1)
+    assert r.accuracy_onnx == int((top == y.numpy()).sum()) / 24
+    assert f"accuracy of the model as given       {18 / 24:.2%}" in r.table()
+    assert r.to_dict()["accuracy_model"] == 0.75
+
+
+def test_runtime_options_reach_the_deployed_run(quantized, files, data) -> None:
+    r = check_onnx(quantized, files["int8"], data[0], latency=False,
+                   runtime_options={"session.disable_quant_qdq": "1"})
+    assert "session.disable_quant_qdq=1" in r.options["logits"]
+    assert r.integer_ops == {}  # ORT ran the file without its QDQ fusions
+    assert r.ok, r.table()
+
+
+def test_cli_check_runtime_option(files, capsys, monkeypatch) -> None:
+    from qat_ste.cli import main
+    from qat_ste.cli.parser import CHECK_RUNTIMES
+    from qat_ste.export.runtime import RUNTIMES
+
+    assert CHECK_RUNTIMES == tuple(RUNTIMES)
+    base = ["check", "--onnx", files["float"], "--model", "zoo:lenet5"]
+    assert main([*base, "--runtime", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tensorrt'" in err and "onnxruntime" in err and "openvino" in err
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main([*base, "--runtime", "openvino"]) == 2  # refused before the model is built
+    err = capsys.readouterr().err
+    assert "not installed" in err and "pip install 'qat_ste[openvino]'" in err and "Traceback" not in err

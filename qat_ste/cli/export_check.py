@@ -7,11 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import QatSteError
 from .output import EXIT_FAILED, EXIT_OK, _human_bytes, _out
 from .parser import _check_thresholds
-from .sources import _example_input, _run_check, _source_model
+from .sources import _example_input, _source_model, _val_batches
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -64,11 +65,24 @@ def _check(args: argparse.Namespace) -> int:
     if not onnx_path.is_file():
         raise QatSteError(f"ONNX file {onnx_path} does not exist", "pass the file qat-ste convert/export wrote")
     _check_thresholds(args)
+    from ..export.runtime import check_runtime
+
+    check_runtime(args.runtime)  # before the model loads: a runtime that is not installed fails at once
     qmodel, _, val_set = _source_model(args)
-    report = _run_check(qmodel, onnx_path, val_set, args)
+    report = _check_in_runtime(qmodel, onnx_path, val_set, args)
     _out(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if not report.ok:
         print(f"qat-ste check: {onnx_path} fails the parity thresholds: {'; '.join(report.failures)}",
               file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _check_in_runtime(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse.Namespace) -> Any:
+    """check_onnx() on --check-samples held-out samples in --runtime, with the command's thresholds."""
+    from ..export import check_onnx
+
+    inputs, labels = _val_batches(val_set, args.check_samples)
+    return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
+                      min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
+                      latency=not args.no_latency, runtime=args.runtime)

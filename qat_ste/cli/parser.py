@@ -14,6 +14,9 @@ DEFAULT_DATA = "digits"
 
 DEFAULT_MODEL = "zoo:lenet5"
 
+#: ``qat-ste check --runtime`` choices (qat_ste.export.runtime.RUNTIMES, not imported: that loads the export package)
+CHECK_RUNTIMES = ("onnxruntime", "openvino")
+
 #: --distill-weight's default: the hard and the soft loss weigh the same, as in LSQ's distillation
 #: (TrainConfig's own default, 0, means no distillation)
 DISTILL_WEIGHT = 0.5
@@ -250,10 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     export.add_argument("--opset", type=int, default=None)
 
-    check = commands.add_parser("check", help="check an ONNX file against its PyTorch model in ONNX Runtime",
-                                description="Compare an exported ONNX file with the model it came from; exits 1 "
-                                            "when parity falls below the thresholds.")
+    check = commands.add_parser("check", help="check an ONNX file against its PyTorch model in ONNX Runtime or "
+                                              "OpenVINO",
+                                description="Compare an exported ONNX file with the model it came from, run in "
+                                            "--runtime; exits 1 when parity falls below the thresholds.")
     check.add_argument("--onnx", required=True, help="the ONNX file")
+    check.add_argument("--runtime", default="onnxruntime", choices=CHECK_RUNTIMES,
+                       help="runtime that runs the file: onnxruntime (default) or openvino (needs "
+                            "pip install 'qat_ste[openvino]')")
     check.add_argument("--checkpoint", default=None, help="the qat-ste checkpoint the file was exported from")
     _add_model_arguments(check, "--model-weights")
     _add_check_thresholds(check)

@@ -1,21 +1,26 @@
 """check_onnx(): does an exported file compute what the PyTorch model computes?
 
-Figures (each names the ONNX Runtime options it used, see ``CheckReport.options``):
+In ONNX Runtime (``runtime="onnxruntime"``, the default) or OpenVINO (``runtime="openvino"``, the
+optional ``openvino`` extra); the report says which (``CheckReport.runtime``). Figures (each names
+the runtime options it used, see ``CheckReport.options``):
 
-- per-site code parity: every site's quantizer gets the SAME input ``u`` in both runtimes (ORT's
-  own upstream value, exposed as an extra graph output) and must give identical codes and
-  dequantized values. This is exact; anything below 100 % is a failure.
-- end-to-end code agreement: ORT's codes against PyTorch's, each runtime computing everything
+- per-site code parity: every site's quantizer gets the SAME input ``u`` in both runtimes (the
+  runtime's own upstream value, exposed as an extra graph output) and must give identical codes and
+  dequantized values. This is exact; anything below 100 % is a failure. OpenVINO computes this
+  instrumented file with float32 arithmetic (``INFERENCE_PRECISION_HINT=f32``); the file as deployed
+  runs with its defaults (bf16 float arithmetic on CPUs that have it).
+- end-to-end code agreement: the runtime's codes against PyTorch's, each computing everything
   upstream itself. Float convolutions accumulate in a different order, so a few codes near a
   rounding boundary differ; a tolerance applies (``min_code_agreement``). With int8 weights in
   the file (the PyTorch model keeps float weights) this figure, and the logits, also carry the
   weight quantization error.
-- max |logit difference|, top-1 agreement, and the accuracy of both when labels are given.
-- which ops ORT runs as integer kernels (its optimized graph), and latency against the float
-  model's own export.
+- max |logit difference|, top-1 agreement, and the accuracy of both when labels are given (and of
+  the model as given, when the reference rounds its weights as an int8 file does).
+- which ops run as integer kernels (ORT's optimized graph; OpenVINO's runtime graph, each compute
+  node's runtime precision), and latency against the float model's own export in the same runtime.
 - per layer with quantized weights: the distinct codes in the file against the spec's value set
   (binary 2, ternary 3, b-bit 2^b - 1 symmetric values; any value outside fails), and codes x scale,
-  in numpy and as ORT's DequantizeLinear computes it, against PyTorch's Q(w) bit for bit.
+  in numpy and as the runtime's DequantizeLinear computes it, against PyTorch's Q(w) bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import copy
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +45,13 @@ from .onnx_export import DISABLE_QDQ, export_float_onnx, read_metadata
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
 from .runtime import (
     FLOAT_COMPUTE_OPS,
+    RUNTIMES,
+    Runner,
+    check_runtime,
     describe_options,
     is_integer_op,
-    make_session,
-    median_latency_ms,
+    median_call_ms,
+    open_runner,
     optimized_op_counts,
 )
 from .weights import dequantize_per_channel, int8_per_channel
@@ -77,7 +85,7 @@ class WeightCheck:
     allowed: int                 # size of the spec's value set (2, 3, 2^b - 1)
     outside: int                 # codes outside that set (must be 0)
     exact: bool                  # codes x scale (float32) equals PyTorch's Q(w) bit for bit
-    ort_exact: bool              # ONNX Runtime's DequantizeLinear output equals PyTorch's Q(w) bit for bit
+    ort_exact: bool              # the runtime's DequantizeLinear output equals PyTorch's Q(w) bit for bit
 
 
 @dataclass
@@ -96,16 +104,26 @@ class CheckReport:
     code_agreement: float              # end-to-end, all sites pooled
     max_logit_diff: float
     top1_agreement: float              # share of equal argmax (over the last axis) between the runtimes
-    accuracy_torch: float | None
-    accuracy_onnx: float | None
-    integer_ops: dict[str, int]        # integer kernels in ORT's optimized graph (the file's session options)
+    accuracy_torch: float | None       # the PyTorch reference's accuracy on the labelled samples
+    accuracy_onnx: float | None        # the file's, in ``runtime``
+    integer_ops: dict[str, int]        # integer kernels in ORT's optimized graph (the file's session options),
+                                       # or in OpenVINO's runtime graph (by layer type)
     float_ops: dict[str, int]          # float conv/matmul/gemm kernels left in that graph
-    integer_ops_default_options: dict[str, int] | str  # same with ORT's default options (str: why it failed)
+    integer_ops_default_options: dict[str, int] | str  # same with ORT's default options (str: why it failed);
+                                                       # OpenVINO: the same as integer_ops
     latency_ms: dict[str, float] | None  # quantized, float, speedup (float / quantized), batch
     thresholds: dict[str, float | None]
     options: dict[str, str]            # figure -> the ORT session options it used
     notes: list[str] = field(default_factory=list)
     weight_layers: list[WeightCheck] = field(default_factory=list)  # layers with quantized weights
+    runtime: str = "onnxruntime"       # the runtime that ran the file: "onnxruntime" or "openvino"
+    accuracy_model: float | None = None  # the model as given (differs from accuracy_torch when the
+                                         # reference rounds the weights, as for an int8 file)
+
+    @property
+    def runtime_name(self) -> str:
+        """The runtime as a reader names it ("ONNX Runtime", "OpenVINO")."""
+        return RUNTIMES.get(self.runtime, self.runtime)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (NaN becomes None)."""
@@ -120,7 +138,8 @@ class CheckReport:
 
     def table(self) -> str:
         """A readable text report."""
-        lines = [f"ONNX check of {self.onnx_path} (form={self.form}, weights={self.weight_format}, "
+        name = self.runtime_name
+        lines = [f"ONNX check of {self.onnx_path} in {name} (form={self.form}, weights={self.weight_format}, "
                  f"{self.samples} samples): {'OK' if self.ok else 'FAILED'}",
                  f"  compared with {self.reference}"]
         width = max([len("site")] + [len(s.name) for s in self.sites])
@@ -130,8 +149,9 @@ class CheckReport:
                          f"{'exact' if s.dequant_exact else 'DIFF':<7}  {s.end_to_end:>9.2%}")
         if self.weight_layers:
             wide = max([len("layer")] + [len(w.name) for w in self.weight_layers])
+            short = "ORT" if self.runtime == "onnxruntime" else name
             lines.append(f"  {'layer':<{wide}}  spec      container  per-channel  values  codes present   "
-                         "outside  file=Q(w)  ORT=Q(w)")
+                         f"outside  file=Q(w)  {short}=Q(w)")
             for w in self.weight_layers:
                 present = f"{len(w.distinct)} of {w.allowed}"
                 channel = "yes" if w.per_channel else "no"
@@ -146,24 +166,40 @@ class CheckReport:
             + (f"  (max {t['max_logit_diff']:g})" if t.get("max_logit_diff") is not None else "  (not limited)"),
             f"  top-1 agreement                      {self.top1_agreement:.2%}  (min {t['min_top1_agreement']:.2%})",
         ]
-        if self.accuracy_torch is not None:
-            lines.append(f"  accuracy                             PyTorch {self.accuracy_torch:.2%}, "
-                         f"ONNX Runtime {self.accuracy_onnx:.2%}")
-        lines.append(f"  integer ops (file's options)         {_ops_text(self.integer_ops)}; "
-                     f"float conv/matmul left: {_ops_text(self.float_ops)}")
-        default = self.integer_ops_default_options
-        lines.append("  integer ops (ORT default options)    "
-                     + (_ops_text(default) if isinstance(default, dict) else f"not loadable: {default}"))
+        lines += self._accuracy_lines()
+        lines += self._kernel_lines()
         if self.latency_ms:
             lat = self.latency_ms
             lines.append(f"  latency, batch {int(lat['batch'])} (median)           "
                          f"quantized {lat['quantized']:.2f} ms, "
                          f"float {lat['float']:.2f} ms, speedup {lat['speedup']:.2f}x")
-        lines.append("  ORT options per figure:")
+        lines.append(f"  {'ORT' if self.runtime == 'onnxruntime' else name} options per figure:")
         lines += [f"    {k}: {v}" for k, v in self.options.items()]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  FAILED: {f}" for f in self.failures]
         return "\n".join(lines)
+
+    def _accuracy_lines(self) -> list[str]:
+        if self.accuracy_torch is None or self.accuracy_onnx is None:
+            return []
+        delta = (self.accuracy_onnx - self.accuracy_torch) * 100
+        label = f"accuracy ({self.samples} labelled samples)"
+        lines = [f"  {label:<35}  PyTorch {self.accuracy_torch:.2%}, {self.runtime_name} "
+                 f"{self.accuracy_onnx:.2%} ({delta:+.2f} points)"]
+        if self.accuracy_model is not None and "as given" not in self.reference:
+            lines.append(f"  {'accuracy of the model as given':<35}  {self.accuracy_model:.2%} (PyTorch, before "
+                         "the file's weight rounding)")
+        return lines
+
+    def _kernel_lines(self) -> list[str]:
+        if self.runtime == "openvino":
+            return [f"  integer kernels (runtime graph)      {_ops_text(self.integer_ops)}; "
+                    f"float conv/matmul left: {_ops_text(self.float_ops)}"]
+        default = self.integer_ops_default_options
+        return [f"  integer ops (file's options)         {_ops_text(self.integer_ops)}; "
+                f"float conv/matmul left: {_ops_text(self.float_ops)}",
+                "  integer ops (ORT default options)    "
+                + (_ops_text(default) if isinstance(default, dict) else f"not loadable: {default}")]
 
 
 def _ops_text(ops: dict[str, int]) -> str:
@@ -187,8 +223,9 @@ def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor 
     return list(zip(xs, ys, strict=True))
 
 
-def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]]:
-    """The file with each site's u, codes (as uint8) and dequantized output as extra graph outputs."""
+def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True) -> tuple[bytes, dict[str, str]]:
+    """The file with each site's u (unless ``expose_inputs`` is False), codes (as uint8) and dequantized
+    output as extra graph outputs."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -204,7 +241,8 @@ def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]
             outputs.add(name)
 
     for t in tensors:
-        expose(t.input, TensorProto.FLOAT)
+        if expose_inputs:
+            expose(t.input, TensorProto.FLOAT)
         expose(t.output, TensorProto.FLOAT)
         codes = t.codes
         if t.codes_type != TensorProto.UINT8:  # 4/2-bit codes: widen for numpy
@@ -215,6 +253,48 @@ def _instrumented(proto: Any, tensors: list[Any]) -> tuple[bytes, dict[str, str]
         expose(codes, TensorProto.UINT8)
         codes_as[t.codes] = codes
     return model.SerializeToString(), codes_as
+
+
+def _quantizers_alone(instrumented: bytes, tensors: list[Any], codes_as: dict[str, str]) -> bytes:
+    """Each site's quantizer nodes alone, cut from the instrumented file: its u as a graph input
+    (of the rank shape inference gives it), its codes and dequantized output as graph outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto()
+    model.ParseFromString(instrumented)
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an exporter's graph that shape inference does not follow: ranks unknown
+        typed = model
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in typed.graph.value_info
+             if v.type.tensor_type.HasField("shape")}
+    inputs = list(dict.fromkeys(t.input for t in tensors))
+    outputs = list(dict.fromkeys([codes_as[t.codes] for t in tensors] + [t.output for t in tensors]))
+    producer = {out: n for n in model.graph.node for out in n.output}
+    needed, stack, seen = [], list(outputs), set(inputs)
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        needed.append(node)
+        stack.extend(node.input)
+    order = {id(n): k for k, n in enumerate(model.graph.node)}
+    nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order[id(n)])
+    used = {i for n in nodes for i in n.input}
+    initializers = [t for t in model.graph.initializer if t.name in used]
+
+    def shape(name: str) -> list[str] | None:
+        return [f"{name}_d{k}" for k in range(ranks[name])] if name in ranks else None
+
+    graph = helper.make_graph(
+        nodes, "site_quantizers", [helper.make_tensor_value_info(i, TensorProto.FLOAT, shape(i)) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.UINT8 if o in set(codes_as.values()) else TensorProto.FLOAT,
+                                       None) for o in outputs], initializers)
+    alone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return alone.SerializeToString()
 
 
 def int8_weight_reference(model: nn.Module) -> nn.Module:
@@ -260,52 +340,107 @@ def check_onnx(
     latency_runs: int = 10,
     threads: int | None = None,
     float_onnx_path: str | os.PathLike | None = None,
+    runtime: str = "onnxruntime",
+    runtime_options: Mapping[str, str] | None = None,
 ) -> CheckReport:
     """Compare the ONNX file written by ``export_onnx`` with the PyTorch ``model`` it came from.
 
     ``inputs``: one batch (a tensor, batch first) or a sequence of batches, for a single-input
-    model; ``labels``: class indices matching them (adds accuracies). ``ok`` requires exact
+    model; ``labels``: class indices matching them (adds the accuracy of both). ``ok`` requires exact
     per-site code parity, end-to-end code agreement >= ``min_code_agreement``, top-1 agreement
     >= ``min_top1_agreement`` and, when given, max |logit difference| <= ``max_logit_diff``.
+    ``runtime``: ``"onnxruntime"`` (default) or ``"openvino"`` (the ``openvino`` extra) runs the file;
+    ``runtime_options`` are added to the options of the file as deployed and of both latency runs
+    (OpenVINO properties, e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}`` where bf16 is its default;
+    ORT session config entries).
     ``latency``: also time the file against the float model's export (``float_onnx_path``, or
-    exported to a temp dir) with ``threads`` intra-op threads (None: ORT's default), median of
-    ``latency_runs`` runs on the first batch. See the module docstring for what each figure means.
+    exported to a temp dir) in the same runtime with ``threads`` intra-op threads (None: the
+    runtime's default), median of ``latency_runs`` runs on the first batch. See the module docstring
+    for what each figure means.
     """
+    check_runtime(runtime)
     path, proto, meta = _read_exported(onnx_path, model)
     batches = _batches(inputs, labels)
-    file_config: dict[str, str] = dict(meta.get("session_config", {}))
-    options = {
-        "site_parity": describe_options(DISABLE_QDQ) + " (the file with each site's u/codes as extra outputs)",
-        "end_to_end_codes": describe_options(DISABLE_QDQ) + " (same run)",
-        "logits": describe_options(file_config) + " (the file as deployed)",
-        "integer_ops": describe_options(file_config) + "; and ORT defaults",
-    }
-    if meta.get("weight_layers"):
-        options["weights"] = describe_options(DISABLE_QDQ) + " (each quantized weight as an extra output)"
+    deploy_config, probe_config = _runtime_configs(runtime, meta)
+    extra = {str(k): str(v) for k, v in (runtime_options or {}).items()}
+    deploy_config.update(extra)
     reference_model, reference, notes = _reference_for(model, meta)
-    tally = _compare(reference_model, proto, path, file_config, batches)
+    deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config)
+    options = {
+        "site_parity": probe.runner.description + (
+            " (each site's quantizer nodes alone, fed PyTorch's u)" if probe.quantizers
+            else " (the file with each site's u/codes as extra outputs)"),
+        "end_to_end_codes": probe.runner.description + (
+            " (the file with each site's codes as extra outputs)" if probe.quantizers else " (same run)"),
+        "logits": deployed.description + " (the file as deployed)",
+    }
+    tally = _compare(model, reference_model, deployed, probe, batches)
     site_checks = _site_checks(tally, meta)
     thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
                   "min_top1_agreement": min_top1_agreement}
-    weight_checks = _weight_checks(model, proto, meta, batches[0][0])
+    weight_checks = _weight_checks(model, proto, meta, batches[0][0], runtime, probe_config)
+    if weight_checks:
+        options["weights"] = probe.runner.description + " (each quantized weight as an extra output)"
     failures = tally.failures + _threshold_failures(site_checks, tally, thresholds) + _weight_failures(weight_checks)
-    integer_ops, float_ops, default_ops = _integer_ops(path, file_config)
+    integer_ops, float_ops, default_ops, ops_options = _integer_ops(runtime, path, deploy_config, deployed)
+    options["integer_ops"] = ops_options
     latency_ms = None
     if latency:
-        latency_ms = _latency(model, path, batches[0][0], file_config, meta, latency_runs, threads,
-                              float_onnx_path, notes)
-        options["latency"] = (f"quantized: {describe_options(file_config, threads)}; "
-                              f"float export: {describe_options({}, threads)}")
-    has_labels = labels is not None and tally.total > 0
+        latency_ms = _latency(model, path, batches[0][0], runtime, (deploy_config, extra), meta, latency_runs,
+                              threads, float_onnx_path, notes, options)
+    labelled = labels is not None and tally.total > 0
     return CheckReport(
         onnx_path=str(path), form=str(meta.get("form")), weight_format=str(meta.get("weight_format")),
         reference=reference, samples=tally.samples, ok=not failures, failures=failures, sites=site_checks,
         site_parity=min((s.parity for s in site_checks), default=1.0), code_agreement=tally.code_agreement,
         max_logit_diff=tally.max_diff, top1_agreement=tally.agree / max(tally.total, 1),
-        accuracy_torch=tally.correct_torch / tally.total if has_labels else None,
-        accuracy_onnx=tally.correct_onnx / tally.total if has_labels else None,
+        accuracy_torch=tally.correct_torch / tally.total if labelled else None,
+        accuracy_onnx=tally.correct_onnx / tally.total if labelled else None,
         integer_ops=integer_ops, float_ops=float_ops, integer_ops_default_options=default_ops,
-        latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes, weight_layers=weight_checks)
+        latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes, weight_layers=weight_checks,
+        runtime=runtime, accuracy_model=tally.correct_model / tally.total if labelled else None)
+
+
+def _runtime_configs(runtime: str, meta: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the options the file is deployed with, the options of the instrumented file) in ``runtime``:
+    ORT session config entries (the file's own, recorded in its metadata; the probe stops ORT's QDQ
+    fusions), or OpenVINO properties (its defaults; the probe computes floats in float32)."""
+    if runtime == "openvino":
+        from .openvino_runtime import PRECISION_HINT
+
+        return {}, {PRECISION_HINT: "f32"}
+    return dict(meta.get("session_config", {})), dict(DISABLE_QDQ)
+
+
+@dataclass
+class _Probe:
+    """The instrumented file in the check's runtime, and how to read each site from it."""
+
+    runner: Runner               # the file with each site's codes and output (ORT: and u) as extra outputs
+    tensors: list[Any]           # the site occurrences (passes.SiteTensors)
+    codes_as: dict[str, str]     # codes tensor -> the name it is exposed under (uint8)
+    quantizers: Runner | None    # OpenVINO: the sites' quantizers alone, fed PyTorch's u
+
+
+def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str, str],
+                  probe_config: dict[str, str]) -> tuple[Runner, _Probe]:
+    """(the file as deployed, the instrumented file). OpenVINO 2026.4's CPU plugin gives wrong codes
+    after an integer convolution whose float output is also a graph output, so there the site
+    inputs u are not exposed: each site's quantizer runs alone on PyTorch's u for the parity."""
+    from .passes import site_tensors
+
+    tensors = site_tensors(proto)
+    ov = runtime == "openvino"
+    instrumented, codes_as = _instrumented(proto, tensors, expose_inputs=not ov)
+    probe = open_runner(runtime, instrumented, probe_config)
+    quantizers = open_runner(runtime, _quantizers_alone(instrumented, tensors, codes_as), probe_config) if ov else None
+    deployed = open_runner(runtime, path, deploy_config)
+    exposed = set(probe.outputs) | (set(quantizers.outputs) if quantizers else set())
+    missing = sorted({t.output for t in tensors} - exposed)
+    if missing:
+        raise QatSteError(f"{RUNTIMES[runtime]} does not expose the site output(s) {', '.join(missing[:5])} of "
+                          f"{path}", "check the file with runtime='onnxruntime'")
+    return deployed, _Probe(probe, tensors, codes_as, quantizers)
 
 
 def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path, Any, dict[str, Any]]:
@@ -366,6 +501,7 @@ class _Tally:
     total: int = 0
     correct_torch: int = 0
     correct_onnx: int = 0
+    correct_model: int = 0   # the model as given (the reference may round its weights)
     samples: int = 0
 
     @property
@@ -374,17 +510,10 @@ class _Tally:
         return sum(c.end_to_end for c in self.sites.values()) / values
 
 
-def _compare(reference_model: nn.Module, proto: Any, path: Path, file_config: dict[str, str],
+def _compare(model: nn.Module, reference_model: nn.Module, deployed: Runner, probe: _Probe,
              batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> _Tally:
     """Run every batch through PyTorch, the file as deployed and the instrumented file; count."""
-    from .passes import site_tensors
-
-    tensors = site_tensors(proto)
-    instrumented, codes_as = _instrumented(proto, tensors)
-    probe = make_session(instrumented, DISABLE_QDQ)
-    deployed = make_session(path, file_config)
-    input_name = deployed.get_inputs()[0].name
-    probe_names = [o.name for o in probe.get_outputs()]
+    input_name, tensors = deployed.inputs[0], probe.tensors
     device = next((p.device for p in reference_model.parameters()), torch.device("cpu"))
     sites = {s.name: s for s in quant_sites(reference_model)}
     by_site: dict[str, list[Any]] = {}
@@ -397,30 +526,57 @@ def _compare(reference_model: nn.Module, proto: Any, path: Path, file_config: di
             with export_routing(reference_model, list(sites.values()), _capture_hook(store)):
                 logits_t = logits_of(reference_model(x.to(device))).float().cpu()
             feeds = {input_name: x.detach().cpu().numpy()}
-            logits_o = torch.from_numpy(deployed.run(None, feeds)[0]).float()
-            values = dict(zip(probe_names, probe.run(None, feeds), strict=True))
+            logits_o = torch.from_numpy(deployed.run(feeds)[0]).float()
+            values = probe.runner.named({probe.runner.inputs[0]: feeds[input_name]})
+            given = _quantizers_on(probe, store, by_site) if probe.quantizers else values
             for name, occurrences in by_site.items():
-                _count_site(tally, name, sites[name].module, occurrences, values, codes_as, store.get(name, []))
+                _count_site(tally, name, sites[name].module, occurrences, (given, values), probe.codes_as,
+                            store.get(name, []))
             _count_logits(tally, logits_t, logits_o, y)
+            if y is not None:
+                as_given = logits_t if model is reference_model else logits_of(model(x.to(device))).float().cpu()
+                tally.correct_model += int((as_given.argmax(-1) == y.cpu().reshape(as_given.shape[:-1])).sum())
             tally.samples += len(x)
     return tally
 
 
-def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any], values: dict[str, np.ndarray],
-                codes_as: dict[str, str], captured: list[torch.Tensor]) -> None:
-    """Per-site parity (same u in both runtimes), dequantization and end-to-end codes of one batch."""
+def _quantizers_on(probe: _Probe, store: dict[str, list[torch.Tensor]], by_site: dict[str, list[Any]]
+                   ) -> dict[str, np.ndarray]:
+    """Each site's u (PyTorch's), and its codes and output from the runtime's quantizer nodes alone.
+    Empty when a site occurrence has no PyTorch u (a failure, counted where it is compared)."""
+    assert probe.quantizers is not None
+    feeds: dict[str, np.ndarray] = {}
+    for name, occurrences in by_site.items():
+        captured = store.get(name, [])
+        if len(captured) < len(occurrences):
+            return {}
+        for t, u in zip(occurrences, captured, strict=False):
+            feeds[t.input] = u.numpy()
+    return {**feeds, **probe.quantizers.named(feeds)}
+
+
+def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any],
+                values: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], codes_as: dict[str, str],
+                captured: list[torch.Tensor]) -> None:
+    """Per-site parity (same u in both runtimes), dequantization and end-to-end codes of one batch.
+    ``values``: (u, codes and output given the same u; codes through the whole network)."""
     counts = tally.sites[name]
+    given, network = values
     for k, t in enumerate(occurrences):
-        u_onnx = torch.from_numpy(values[t.input])
-        codes_onnx = torch.from_numpy(values[codes_as[t.codes]].astype(np.float32))
+        codes_network = torch.from_numpy(network[codes_as[t.codes]].astype(np.float32))
+        if t.input not in given:
+            tally.failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart")
+            continue
+        u_onnx = torch.from_numpy(given[t.input])
+        codes_onnx = torch.from_numpy(given[codes_as[t.codes]].astype(np.float32))
         expected = reference_codes(module, u_onnx)
         step, zero_point = module.grid(u_onnx)
         y_expected = ((expected - zero_point.cpu()) * step.detach().cpu()).float().numpy()
         counts.values += expected.numel()
         counts.parity += int((expected == codes_onnx).sum())
-        counts.dequant_exact = counts.dequant_exact and np.array_equal(y_expected, values[t.output])
-        if k < len(captured) and captured[k].shape == u_onnx.shape:
-            counts.end_to_end += int((reference_codes(module, captured[k]) == codes_onnx).sum())
+        counts.dequant_exact = counts.dequant_exact and np.array_equal(y_expected, given[t.output])
+        if k < len(captured) and captured[k].shape == codes_network.shape:
+            counts.end_to_end += int((reference_codes(module, captured[k]) == codes_network).sum())
         else:
             tally.failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart of the same shape")
 
@@ -471,26 +627,36 @@ def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds:
     return failures
 
 
-def _integer_ops(path: Path, file_config: dict[str, str]
-                 ) -> tuple[dict[str, int], dict[str, int], dict[str, int] | str]:
+def _integer_ops(runtime: str, path: Path, file_config: dict[str, str], deployed: Runner
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, int] | str, str]:
     """(integer kernels, float conv/matmul kernels) in ORT's optimized graph under the file's options,
-    and the integer kernels under ORT's defaults (a string: why the file does not load that way)."""
+    the integer kernels under ORT's defaults (a string: why the file does not load that way), and the
+    options used; in OpenVINO, the compute nodes of the deployed model's runtime graph by precision."""
+    if runtime == "openvino":
+        from .openvino_runtime import kernel_counts
+
+        integer, floating = kernel_counts(deployed.handle)
+        return integer, floating, dict(integer), deployed.description + " (its runtime graph)"
     deployed_ops = optimized_op_counts(path, file_config)
     integer_ops = {k: v for k, v in deployed_ops.items() if is_integer_op(k)}
     float_ops = {k: v for k, v in deployed_ops.items() if k in FLOAT_COMPUTE_OPS}
+    described = describe_options(file_config) + "; and ORT defaults"
     if not file_config:
-        return integer_ops, float_ops, dict(integer_ops)
+        return integer_ops, float_ops, dict(integer_ops), described
     try:
         default_ops: dict[str, int] | str = {
             k: v for k, v in optimized_op_counts(path, {}).items() if is_integer_op(k)}
     except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
         default_ops = str(e).strip().splitlines()[-1][:200]
-    return integer_ops, float_ops, default_ops
+    return integer_ops, float_ops, default_ops, described
 
 
-def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, str], meta: dict[str, Any],
-             runs: int, threads: int | None, float_path: str | os.PathLike | None, notes: list[str]
+def _latency(model: nn.Module, path: Path, x: torch.Tensor, runtime: str,
+             configs: tuple[dict[str, str], dict[str, str]], meta: dict[str, Any], runs: int, threads: int | None,
+             float_path: str | os.PathLike | None, notes: list[str], options: dict[str, str]
              ) -> dict[str, float] | None:
+    """Median latency of the file and of the float model's export, in ``runtime`` with ``threads``;
+    ``configs``: (the file's options, the float export's)."""
     feeds_x = x.detach().cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(float_path) if float_path is not None else Path(tmp) / "float.onnx"
@@ -500,10 +666,11 @@ def _latency(model: nn.Module, path: Path, x: torch.Tensor, config: dict[str, st
             except Exception as e:  # noqa: BLE001
                 notes.append(f"no latency comparison: the float model did not export ({e})")
                 return None
-        quantized = make_session(path, config, threads=threads)
-        baseline = make_session(reference, {}, threads=threads)
-        q_ms = median_latency_ms(quantized, {quantized.get_inputs()[0].name: feeds_x}, runs)
-        f_ms = median_latency_ms(baseline, {baseline.get_inputs()[0].name: feeds_x}, runs)
+        quantized = open_runner(runtime, path, configs[0], threads=threads)
+        baseline = open_runner(runtime, reference, configs[1], threads=threads)
+        q_ms = median_call_ms(lambda: quantized.run({quantized.inputs[0]: feeds_x}), runs)
+        f_ms = median_call_ms(lambda: baseline.run({baseline.inputs[0]: feeds_x}), runs)
+    options["latency"] = f"quantized: {quantized.description}; float export: {baseline.description}"
     return {"quantized": q_ms, "float": f_ms, "speedup": f_ms / q_ms, "batch": float(len(x))}
 
 
@@ -524,8 +691,9 @@ def allowed_weight_codes(spec: str) -> tuple[int, ...]:
                       "check a file written by qat_ste's export_onnx()")
 
 
-def _ort_weights(proto: Any, outputs: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
-    """ONNX Runtime's value of each dequantized weight (the file with only those as outputs)."""
+def _runtime_weights(proto: Any, outputs: list[str], x: torch.Tensor, runtime: str, config: dict[str, str]
+                     ) -> dict[str, np.ndarray]:
+    """The runtime's value of each dequantized weight (the file with only those as outputs)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -533,9 +701,9 @@ def _ort_weights(proto: Any, outputs: list[str], x: torch.Tensor) -> dict[str, n
     model.CopyFrom(proto)
     del model.graph.output[:]
     model.graph.output.extend([helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
-    session = make_session(model.SerializeToString(), DISABLE_QDQ)
-    feeds = {session.get_inputs()[0].name: x.detach().cpu().numpy()} if session.get_inputs() else {}
-    return dict(zip(outputs, session.run(None, feeds), strict=True))
+    runner = open_runner(runtime, model.SerializeToString(), config)
+    values = runner.named({runner.inputs[0]: x.detach().cpu().numpy()} if runner.inputs else {})
+    return {o: values[o] for o in outputs}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -543,9 +711,10 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a.view(np.int32), b.view(np.int32)))
 
 
-def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.Tensor) -> list[WeightCheck]:
+def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.Tensor, runtime: str = "onnxruntime",
+                   config: dict[str, str] | None = None) -> list[WeightCheck]:
     """Per quantized-weight layer: the codes in the file against the spec's value set (the spec read
-    from the metadata), and codes x scale (in numpy and in ONNX Runtime) against PyTorch's Q(w)."""
+    from the metadata), and codes x scale (in numpy and in ``runtime`` with ``config``) against PyTorch's Q(w)."""
     from .passes import WEIGHT_CONTAINERS, weight_tensors
     from .weights import dequantize_per_channel
 
@@ -553,7 +722,8 @@ def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.
     if not specs:
         return []
     tensors = [t for t in weight_tensors(proto) if t.name in specs]
-    ort_values = _ort_weights(proto, [t.output for t in tensors], x)
+    ort_values = _runtime_weights(proto, [t.output for t in tensors], x, runtime,
+                                  DISABLE_QDQ if config is None else config)
     modules = dict(model.named_modules())
     containers: dict[int, str] = {int(code): name for name, (code, _, _) in WEIGHT_CONTAINERS.items()}
     checks = []

@@ -1,4 +1,6 @@
-"""ONNX Runtime (CPU) helpers: sessions with explicit options, the optimized graph, latency."""
+"""Runtime helpers: ONNX Runtime (CPU) sessions with explicit options, its optimized graph, latency;
+and ``Runner``, one ONNX file loaded in either runtime check_onnx() supports (ONNX Runtime or
+OpenVINO, see ``openvino_runtime``)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,16 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..errors import QatSteError
+
+#: the runtimes check_onnx() runs a file in -> how reports name them
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 #: ops that run on integers in ORT's optimized graph
 INTEGER_OP_NAMES = frozenset({
@@ -71,11 +79,68 @@ def optimized_op_counts(model: str | os.PathLike | bytes, config: Mapping[str, s
 
 def median_latency_ms(session: Any, feeds: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> float:
     """Median wall time of ``session.run`` over ``runs`` runs (after ``warmup``), in milliseconds."""
+    return median_call_ms(lambda: session.run(None, feeds), runs, warmup)
+
+
+def median_call_ms(call: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``call()`` over ``runs`` calls (after ``warmup``), in milliseconds."""
     for _ in range(warmup):
-        session.run(None, feeds)
+        call()
     times = []
     for _ in range(max(runs, 1)):
         start = time.perf_counter()
-        session.run(None, feeds)
+        call()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+# ---- one file in either runtime --------------------------------------------------------------------
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one check_onnx() supports, else a QatSteError listing them."""
+    if runtime not in RUNTIMES:
+        raise QatSteError(f"unknown runtime {runtime!r}", f"pass one of: {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        from .openvino_runtime import import_openvino
+
+        import_openvino()
+    return runtime
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One ONNX model loaded in one runtime on CPU."""
+
+    runtime: str                 # a key of RUNTIMES
+    inputs: tuple[str, ...]      # input names
+    outputs: dict[str, int]      # each output's tensor name(s) -> its position in run()'s list
+    description: str             # the options it runs with, readable
+    handle: Any                  # the ORT InferenceSession or the OpenVINO CompiledModel
+    call: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs for ``feeds`` (input name -> array), in output order."""
+        return self.call(feeds)
+
+    def named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs for ``feeds`` by tensor name."""
+        values = self.call(feeds)
+        return {name: values[k] for name, k in self.outputs.items()}
+
+
+def open_runner(runtime: str, model: str | os.PathLike | bytes, config: Mapping[str, str] | None = None, *,
+                threads: int | None = None) -> Runner:
+    """``model`` (a path or serialized ONNX) loaded in ``runtime`` with ``config``: ORT session config
+    entries, or OpenVINO properties (empty: the runtime's defaults); ``threads`` intra-op threads."""
+    check_runtime(runtime)
+    if runtime == "openvino":
+        from . import openvino_runtime as ovr
+
+        compiled = ovr.compile_model(model, config, threads=threads)
+        return Runner(runtime, tuple(ovr.input_names(compiled)), ovr.output_index(compiled),
+                      ovr.describe_properties(compiled, config), compiled, lambda feeds: ovr.run(compiled, feeds))
+    session = make_session(model, config, threads=threads)
+    return Runner(runtime, tuple(i.name for i in session.get_inputs()),
+                  {o.name: k for k, o in enumerate(session.get_outputs())}, describe_options(config or {}, threads),
+                  session, lambda feeds: list(session.run(None, feeds)))

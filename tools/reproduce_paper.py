@@ -699,8 +699,8 @@ def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path 
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.suptitle("ResNet-20: retraining STE-trained quantized weights with another STE "
-                 "(dotted line: end of the lr 1e-5 phase)", fontsize=10)
+    fig.suptitle(f"ResNet-20 on {_scale_caption(chosen)}: retraining STE-trained quantized weights with another "
+                 "STE\n(dotted line: end of the lr 1e-5 phase)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -708,9 +708,62 @@ def plot_instability(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path 
     return path
 
 
+def _scale_caption(records: Sequence[Mapping[str, Any]]) -> str:
+    """The data and scale of some runs, for a title: data set, images, epochs against the paper's."""
+    first = records[0]
+    data = "MNIST-32 (substitute for CIFAR-10)" if first.get("substitute_data") else first.get("data", "?")
+    epochs = sorted({(r["epochs"], r["paper_epochs"]) for r in records})
+    return (f"{data}, {first['train_images']} of {first['train_images_full']} training images, "
+            + ", ".join(f"{e} of {p} epochs" for e, p in epochs) + ", one seed")
+
+
+#: accuracy points within which a change counts as noise for one seed at reduced scale
+INSTABILITY_NOISE_PTS = 1.0
+
+
+def instability_verdict(record: Mapping[str, Any], chance_pct: float = 10.0) -> str:
+    """A verdict on [P1]'s claim for one instability run, computed from its numbers: reproduced,
+    not reproduced or inconclusive, with the numbers it rests on."""
+    first = [h for h in record["history"] if h["phase"] == 0]
+    start = record.get("start") or {}
+    if not first or start.get("val_accuracy") is None or start.get("train_loss") is None:
+        return "inconclusive: the run has no start or phase-1 numbers"
+    acc0, acc1 = 100.0 * start["val_accuracy"], 100.0 * (first[-1].get("val_accuracy") or 0.0)
+    loss0, loss1 = start["train_loss"], first[-1]["train_loss"]
+    final = record["final_val_accuracy_pct"]
+    phase1 = (f"phase 1 ({first[-1]['epoch']} ep at lr 1e-5): loss {loss0:.3f} -> {loss1:.3f}, val acc "
+              f"{acc0:.2f} -> {acc1:.2f} %")
+    if record["role"] == "control":
+        moved = abs(final - acc0)
+        return (f"control: {'stays near its start' if moved <= INSTABILITY_NOISE_PTS else 'moves'} "
+                f"({acc0:.2f} -> {final:.2f} %); {phase1}")
+    rose = loss1 > loss0 and acc1 < acc0 - INSTABILITY_NOISE_PTS
+    fell = loss1 < loss0 and acc1 >= acc0 - INSTABILITY_NOISE_PTS
+    p1 = ("reproduced" if rose else "not reproduced (loss fell, accuracy held or rose)" if fell
+          else "inconclusive (within one-seed noise)")
+    if len(record["settings"]["phases"]) == 1:  # the slow-degradation claim: the end against the start
+        change = final - acc0
+        verdict = ("reproduced" if change < -INSTABILITY_NOISE_PTS else "not reproduced" if change > 0
+                   else "inconclusive (within one-seed noise)")
+        return f"slow degradation: {verdict} ({acc0:.2f} -> {final:.2f} %); {phase1}"
+    if final <= 2 * chance_pct:
+        end = (f"ends much worse in direction ({acc0:.2f} -> {final:.2f} %, train loss "
+               f"{record['final_train_loss']:.3f}), but as a collapse to near chance within the normal-schedule "
+               "phase, which plain divergence at that lr would also give: inconclusive")
+    elif final < acc0 - 5.0:
+        end = f"ends much worse ({acc0:.2f} -> {final:.2f} %): reproduced"
+    else:
+        end = f"does not end much worse ({acc0:.2f} -> {final:.2f} %): not reproduced"
+    return f"rise during the lr 1e-5 phase: {p1} [{phase1}]; end: {end}"
+
+
 def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figures_dir: Path) -> str:
     """Write RESULTS.md (and the instability PNG) from every run in ``store``; returns the text."""
     runs = store.runs
+    if not runs and Path(report_path).exists() and _has_measured_rows(Path(report_path).read_text(encoding="utf-8")):
+        raise QatSteError(f"the results file {store.path} holds no run, and rewriting {report_path} from it would "
+                          "erase the measured tables it has",
+                          "pass --results with the file those runs were written to (or move the report away)")
     done = [r for r in runs.values() if r.get("status") == "done"]
     lines = _report_header(store, done)
     lines += _float_section(runs, recipes)
@@ -728,6 +781,14 @@ def write_report(store: ResultsStore, recipes: Recipes, report_path: Path, figur
             text = with_block(text, name, block)
     atomic_write_text(report_path, text)
     return text
+
+
+def _has_measured_rows(text: str) -> bool:
+    """Whether the [P1] part of a report (outside the named blocks) has a measured table row."""
+    for block in [_p3_block(text) or ""] + [b for _, b in kept_blocks(text)]:
+        text = text.replace(block, "") if block else text
+    return any(line.startswith(tuple(f"| {t} |" for t in NET_TITLES.values())) and "not run" not in line
+               for line in text.splitlines())
 
 
 def block_markers(name: str) -> tuple[str, str]:
@@ -875,7 +936,8 @@ def _ranking_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes) ->
 def _instability_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes,
                          figures_dir: Path) -> list[str]:
     """The instability runs (table, [P1]'s claims, the figure)."""
-    lines = ["## Instability runs (ResNet-20)", ""]
+    inst_done = [r for r in runs.values() if r.get("kind") == "instability" and r.get("status") == "done"]
+    lines = ["## Instability runs (ResNet-20" + (f", {_scale_caption(inst_done)})" if inst_done else ")"), ""]
     figure = plot_instability(runs, figures_dir / INSTABILITY_FIGURE)
     inst = [r for r in runs.values() if r.get("kind") == "instability"]
     if inst:
@@ -902,8 +964,14 @@ def _instability_section(runs: Mapping[str, Mapping[str, Any]], recipes: Recipes
                 + f" (paper {record['paper_epochs']}) | "
                 + " / ".join(_fmt_loss(v) for v in losses) + " | " + " / ".join(_fmt_acc(v) for v in accs) + " | "
                 f"{_fmt_wall(record['wall_time_s'])} |")
-        claims = [c for c in (_claim(recipes, r) for r in sorted(inst, key=lambda r: r["run_id"])) if c]
+        ordered = sorted(inst, key=lambda r: r["run_id"])
+        claims = [c for c in (_claim(recipes, r) for r in ordered) if c]
         lines += ["", "What [P1] reports for these runs (the control is ours):", ""] + [f"- {c}" for c in claims] + [""]
+        done = [r for r in ordered if r.get("status") == "done"]
+        if done:
+            lines += [f"Verdicts, from the numbers above ({_scale_caption(done)}; a change under "
+                      f"{INSTABILITY_NOISE_PTS:g} accuracy point counts as noise):", ""]
+            lines += [f"- {r['run_id'].split('/', 1)[1]}: {instability_verdict(r)}" for r in done] + [""]
     else:
         lines += ["No instability run has been made yet.", ""]
     if figure is not None:

@@ -226,6 +226,9 @@ def test_cli_check_runtime_option(files, capsys, monkeypatch) -> None:
     assert main([*base, "--runtime", "tensorrt"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'tensorrt'" in err and "onnxruntime" in err and "openvino" in err
+    assert main([*base, "--runtime-option", "INFERENCE_PRECISION_HINT"]) == 2
+    err = capsys.readouterr().err
+    assert "--runtime-option 'INFERENCE_PRECISION_HINT' is not KEY=VALUE" in err
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert main([*base, "--runtime", "openvino"]) == 2  # refused before the model is built
     err = capsys.readouterr().err

@@ -171,5 +171,6 @@ def test_cli_check_runtime_openvino(tmp_path, capsys) -> None:
     assert report["runtime"] == "openvino" and report["samples"] == 32 and report["site_parity"] == 1.0
     assert report["accuracy_torch"] is not None and report["accuracy_onnx"] is not None
     assert main(["check", "--onnx", str(target), *common, "--runtime", "openvino", "--check-samples", "32",
-                 "--no-latency"]) == 0
-    assert "in OpenVINO" in capsys.readouterr().out
+                 "--no-latency", "--runtime-option", "INFERENCE_PRECISION_HINT=f32"]) == 0
+    out = capsys.readouterr().out
+    assert "in OpenVINO" in out and "INFERENCE_PRECISION_HINT=f32, float arithmetic in f32" in out

@@ -68,6 +68,7 @@ def _check(args: argparse.Namespace) -> int:
     from ..export.runtime import check_runtime
 
     check_runtime(args.runtime)  # before the model loads: a runtime that is not installed fails at once
+    _runtime_options(args.runtime_option)
     qmodel, _, val_set = _source_model(args)
     report = _check_in_runtime(qmodel, onnx_path, val_set, args)
     _out(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
@@ -85,4 +86,17 @@ def _check_in_runtime(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse
     inputs, labels = _val_batches(val_set, args.check_samples)
     return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
                       min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
-                      latency=not args.no_latency, runtime=args.runtime)
+                      latency=not args.no_latency, runtime=args.runtime,
+                      runtime_options=_runtime_options(args.runtime_option))
+
+
+def _runtime_options(given: list[str] | None) -> dict[str, str]:
+    """--runtime-option KEY=VALUE (repeatable; a later KEY wins) as a dict."""
+    options: dict[str, str] = {}
+    for item in given or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise QatSteError(f"--runtime-option {item!r} is not KEY=VALUE",
+                              "pass e.g. --runtime-option INFERENCE_PRECISION_HINT=f32")
+        options[key.strip()] = value.strip()
+    return options

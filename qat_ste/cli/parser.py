@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--runtime", default="onnxruntime", choices=CHECK_RUNTIMES,
                        help="runtime that runs the file: onnxruntime (default) or openvino (needs "
                             "pip install 'qat_ste[openvino]')")
+    check.add_argument("--runtime-option", action="append", metavar="KEY=VALUE", default=None,
+                       help="an option of the file as deployed and of the latency runs (repeatable): an OpenVINO "
+                            "property, e.g. INFERENCE_PRECISION_HINT=f32 (bf16 is its default on CPUs that have it), "
+                            "or an ONNX Runtime session config entry")
     check.add_argument("--checkpoint", default=None, help="the qat-ste checkpoint the file was exported from")
     _add_model_arguments(check, "--model-weights")
     _add_check_thresholds(check)

@@ -31,6 +31,8 @@ WEIGHT_METHODS = ("bcgd", "binaryconnect")
 WEIGHT_DEFAULTS: dict[str, Any] = {"weight_bits": None, "weight_method": "bcgd", "bcgd_rho": 1e-5,
                                    "weight_scale": "auto", "weight_per_channel": False,
                                    "keep_first_weights": True, "keep_last_weights": True}
+#: fields added later that to_dict() also leaves out at their defaults (older metadata stays as it was)
+LATER_DEFAULTS: dict[str, Any] = {"integer_graph": False}
 #: deprecated option names -> current names (accepted for one release)
 RENAMED_OPTIONS = {"alpha": "alpha_mode", "alpha_init": "step_init"}
 
@@ -77,6 +79,7 @@ class _QuantFields:
     weight_per_channel: bool = False
     keep_first_weights: bool = True
     keep_last_weights: bool = True
+    integer_graph: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -111,7 +114,7 @@ class _QuantFields:
             raise QatSteError(f"bcgd_rho={rho!r}: BCGD's blending factor must be a number in [0, 1]",
                               "pass e.g. bcgd_rho=1e-5 (the paper's value); 0 is BinaryConnect")
         object.__setattr__(self, "bcgd_rho", float(rho))
-        for name in ("weight_per_channel", "keep_first_weights", "keep_last_weights"):
+        for name in ("weight_per_channel", "keep_first_weights", "keep_last_weights", "integer_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise QatSteError(f"{name}={getattr(self, name)!r} must be True or False", f"pass {name}=True/False")
 
@@ -156,6 +159,13 @@ class QuantConfig(_QuantFields):
       ``weight_scale`` / ``weight_per_channel`` apply to the layers' module paths;
       ``keep_first_weights`` / ``keep_last_weights`` (default True) leave the model's first / last
       Conv/Linear layer (module registration order) float.
+    - ``integer_graph``: add the quantization points a fully integer runtime needs (8 bits, kind
+      ``point``: the graph input, the non-activation inputs of residual adds / muls / concats, the
+      inputs of matmuls and of convolutions / linear layers that are not codes yet, e.g. after average
+      pooling), so that every Conv / Gemm / MatMul can run as an integer kernel and QAT trains what is
+      deployed. Export such a model with ``export_onnx(..., weight_format="int8")``. The points are
+      sites like the others: named ``..._point``, in the report, subject to include / exclude /
+      overrides (``bits``: their bits instead of 8).
     - ``kernel``: which implementation runs the quantizers: ``auto`` (the fused Triton kernels on
       CUDA tensors, torch elsewhere), ``triton`` or ``torch``. An execution detail, not part of the
       model: the state_dict is the same, and a checkpoint saved with one loads with the other.
@@ -194,13 +204,14 @@ class QuantConfig(_QuantFields):
         """Every field as plain JSON values (lists for tuples, the STE's name); ``kernel`` only when
         it is not the default ``auto`` (an execution detail: what a checkpoint stored before the
         option existed, and readable by releases without it), the weight fields only where they
-        differ from their defaults (:data:`WEIGHT_DEFAULTS`)."""
+        differ from their defaults (:data:`WEIGHT_DEFAULTS`), ``integer_graph`` only when True."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if (f.name == "kernel" and value == "auto") or (
                     f.name in WEIGHT_DEFAULTS and value == WEIGHT_DEFAULTS[f.name]
-                    and type(value) is type(WEIGHT_DEFAULTS[f.name])):
+                    and type(value) is type(WEIGHT_DEFAULTS[f.name])) or (
+                    f.name in LATER_DEFAULTS and value is LATER_DEFAULTS[f.name]):
                 continue
             if isinstance(value, STE):
                 value = value.name

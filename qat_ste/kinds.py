@@ -7,6 +7,8 @@ A *kind* says how a call is quantized:
 - family ``generic``: the activation's output ``y = f(x)`` is quantized on a grid over [lo, hi]
   (a zero point where f goes negative); the STE acts on y and autograd multiplies by f'(x).
 - family ``gate``: Sigmoid, Hardsigmoid, Softmax; left float unless gates are asked for.
+- family ``point``: not an activation; the quantization points ``integer_graph=True`` adds (identity,
+  then the grid), placed by the rewrite, never found in a model.
 
 This is a base module: it imports nothing from qat_ste. timm's activation classes are recognised
 without importing timm: a timm activation module can only exist once timm's activation modules are
@@ -56,6 +58,9 @@ TANH = _k("tanh", lower=-1.0, upper=1.0)
 SIGMOID = _k("sigmoid", "gate", 0.0, 1.0)
 HARDSIGMOID = _k("hardsigmoid", "gate", 0.0, 1.0)
 SOFTMAX = _k("softmax", "gate", 0.0, 1.0)
+#: a quantization point of the integer graph (not an activation: the identity on an 8-bit grid with a
+#: zero point, where an integer op reads a tensor that is not yet codes); not in KIND_NAMES
+POINT = _k("point", "point", None, None)
 
 #: every kind name, for the ``kinds=`` option of quantize()
 KIND_NAMES = (

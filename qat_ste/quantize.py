@@ -19,7 +19,7 @@ from .nn_utils import preserve_modes
 from .quantizer.alpha import INIT_METHODS
 from .quantizer.module import QuantAct
 from .quantizer.weight import QuantWeightModule
-from .rewrite.engine import analyse_and_rewrite
+from .rewrite.engine import add_integer_points, analyse_and_rewrite
 from .rewrite.report import QuantReport
 from .rewrite.weights import quantize_weights
 
@@ -45,7 +45,8 @@ def quantize(
     ``keep_last``, ``kinds``, ``quantize_gates``, ``kernel``; ``alpha`` and ``alpha_init`` are deprecated
     aliases of the first two; ``weight_bits``, ``weight_method``, ``bcgd_rho``, ``weight_scale``,
     ``weight_per_channel``, ``keep_first_weights``, ``keep_last_weights`` quantize the Conv/Linear
-    weights too, see :class:`QuantConfig`), or pass a ready ``config``. ``example_input`` (a tensor or a tuple
+    weights too; ``integer_graph`` adds the quantization points of a fully integer graph; see
+    :class:`QuantConfig`), or pass a ready ``config``. ``example_input`` (a tensor or a tuple
     of them) is used for one census forward pass when the rewrite needs it (modules FX cannot
     trace, keep_first/keep_last); without it a timm/zoo input size or 224x224 is tried.
     The report is ``qat_ste.report(result)``.
@@ -66,6 +67,8 @@ def quantize(
                           "quantize the float model once; to change settings, quantize the float original again")
     target = model if inplace else copy.deepcopy(model)
     report = analyse_and_rewrite(target, config, example_input)
+    if config.integer_graph:
+        add_integer_points(target, config, example_input, report)
     report.weights = quantize_weights(target, config)
     for name, m in quant_modules(target):  # the implementation per site (overrides applied)
         m.kernel = config.for_site(m.site or name).kernel

@@ -314,7 +314,7 @@ def export_onnx(
     example_input: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     form: str = "deploy",
-    weight_format: str = "float",
+    weight_format: str | None = None,
     opset: int | None = None,
     dynamic_batch: bool = True,
     weights: str | None = None,
@@ -325,7 +325,8 @@ def export_onnx(
     step and zero point; the codes equal PyTorch's. ``form``: ``"deploy"`` (uint8 codes, fusable
     by ONNX Runtime) or ``"spec"`` (UINT4/UINT2 codes where they fit). ``weight_format``: ``"float"``
     or ``"int8"`` (per-channel int8 weights + int32 biases, for integer kernels; ``weights=`` is its
-    deprecated alias). ``opset``: 18..25, default 21 (25 when ``spec`` has 1-2 bit sites).
+    deprecated alias); by default ``"int8"`` for a model quantized with ``integer_graph=True`` (the
+    fully integer form), else ``"float"``. ``opset``: 18..25, default 21 (25 when ``spec`` has 1-2 bit sites).
     ``dynamic_batch``: the first axis of every input is dynamic. The model is not changed. The file
     is checked with ``onnx.checker.check_model(full_check=True)`` and written atomically; its
     metadata_props ``"qat_ste"`` holds the settings of every site (and, under ``weight_layers``, the
@@ -336,6 +337,8 @@ def export_onnx(
         warnings.warn("export_onnx(weights=...) is deprecated; use weight_format=...", DeprecationWarning,
                       stacklevel=2)
         weight_format = weights
+    if weight_format is None:
+        weight_format = "int8" if has_integer_points(model) else "float"
     sites = _exportable_sites(model, form, weight_format)
     layers = weight_layers(model)
     bits = [s.module.bits for s in sites]
@@ -378,6 +381,11 @@ def export_onnx(
         output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
         session_config=session_config, weight_counts=weight_counts, notes=tuple(notes),
         weight_layers=tuple(weight_infos))
+
+
+def has_integer_points(model: nn.Module) -> bool:
+    """Whether ``model`` was quantized with ``integer_graph=True`` (it has quantization points)."""
+    return any(isinstance(m, QuantAct) and m.kind.family == "point" for m in model.modules())
 
 
 def _weight_quants(layers: Sequence[WeightLayer], form: str, opset: int) -> list:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -530,3 +530,33 @@ def _function_for(name: str):
         return getattr(torch.Tensor, attr.rstrip("_"))
     fn = getattr({"F": F, "torch": torch}[space], attr)
     return strip_inplace(fn, (), {})[0]
+
+
+def add_integer_points(model: nn.Module, cfg: QuantConfig, example_input: Any, report: QuantReport) -> None:
+    """``integer_graph=True``: add the quantization points of a fully integer graph (see
+    :mod:`qat_ste.rewrite.integer_points`) to the rewritten ``model``; their sites join ``report``."""
+    from .integer_points import FxTools, place_points
+
+    if example_input is None:
+        example_input = _default_example_input(model)
+    if example_input is None:
+        raise QatSteError("integer_graph=True needs one run of the model and no input size could be guessed",
+                          "pass example_input=<a batch the model accepts> to quantize()")
+
+    def install(owner: nn.Module, graph: fx.Graph) -> None:
+        if hasattr(type(owner), "_qat_forward_src"):  # rewritten before: the new graph holds both rewrites
+            owner.__class__ = cast(Any, type(owner))._qat_base_class
+        _install_forward(owner, graph)
+
+    names: dict[int, _AttrNames] = {}
+
+    def new_name(owner: nn.Module, base: str) -> str:
+        return names.setdefault(id(owner), _AttrNames(owner)).new(base)
+
+    def hazard(owner: nn.Module) -> str:
+        return "" if hasattr(type(owner), "_qat_forward_src") else _trace_hazard(owner)
+
+    tools = FxTools(trace=lambda m: _ShallowTracer().trace(m), hazard=hazard, install=install, new_name=new_name)
+    sites, skipped = place_points(model, cfg, example_input, tools)
+    report.sites.extend(sites)
+    report.points_skipped = skipped

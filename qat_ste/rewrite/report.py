@@ -114,6 +114,8 @@ class QuantReport:
     untraced: dict[str, str] = field(default_factory=dict)
     census_calls: int | None = None
     weights: list[WeightLayer] = field(default_factory=list)  # empty unless weights are quantized
+    #: integer_graph: the owners that got no quantization points although they may need some, and why
+    points_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[Site]:
@@ -150,7 +152,14 @@ class QuantReport:
                "left_float": len(self.skipped), "methods": self.methods()}
         if self.weights:
             out["weights"] = [w.row() for w in self.weights]
+        if self.points_skipped:
+            out["points_skipped"] = dict(self.points_skipped)
         return out
+
+    @property
+    def points(self) -> list[Site]:
+        """The quantization points of an integer graph (kind ``point``)."""
+        return [s for s in self.sites if s.kind == "point"]
 
     def table(self, max_rows: int | None = None) -> str:
         """The report as a fixed-width text table."""
@@ -180,6 +189,12 @@ class QuantReport:
             out.append("quantizer kernel: " + ", ".join(f"{k} at {n} site(s)" for k, n in kernels.items()))
         if self.untraced:
             out.append(f"{len(self.untraced)} module(s) not FX-traceable, handled at run time if they call activations")
+        points = self.points
+        if points:
+            out.append(f"integer graph: {sum(s.quantized for s in points)} quantization point(s) (kind 'point') "
+                       "where integer ops read tensors that are not codes")
+        for path, why in self.points_skipped.items():
+            out.append(f"integer graph: no points inside {path or '<root>'}: {why}")
         if self.weights:
             out += [""] + _weight_table(self.weights)
         return "\n".join(out)

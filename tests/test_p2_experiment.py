@@ -87,3 +87,58 @@ def test_thread_setting_is_restored() -> None:
     before = torch.get_num_threads()
     P2.run_p2("identity", iters=2, **TINY)
     assert torch.get_num_threads() == before
+
+
+# ---- [P2] on MNIST (the two-linear-layer net, 10 classes) -----------------------------------------
+
+
+def _fake_mnist(n: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 784, generator=g)
+    y = (x[:, :10] @ torch.randn(10, 10, generator=g)).argmax(1)
+    return x, y, x[:64], y[:64]
+
+
+def test_mnist_runs_share_the_start_and_repeat_exactly() -> None:
+    data = _fake_mnist()
+    runs = {ste: P2.run_p2_mnist(ste, data, 2, seed=3, hidden=32, epochs=2, batch_size=64) for ste in P2.MNIST_STES}
+    starts = {r["history"][0]["train_loss"] for r in runs.values()}
+    assert len(starts) == 1  # the same initialization whatever the STE
+    assert [h["epoch"] for h in runs["relu"]["history"]] == [0, 1, 2]
+    assert runs["relu"]["config"] == {"hidden": 32, "epochs": 2, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
+                                      "train_images": 256, "test_images": 64}
+    again = P2.run_p2_mnist("relu", data, 2, seed=3, hidden=32, epochs=2, batch_size=64)
+    assert again["history"] == runs["relu"]["history"]  # same seed, same numbers
+    other = P2.run_p2_mnist("relu", data, 2, seed=4, hidden=32, epochs=2, batch_size=64)
+    assert other["history"][0]["train_loss"] != runs["relu"]["history"][0]["train_loss"]
+    for r in runs.values():
+        assert r["final_train_loss"] < r["history"][0]["train_loss"]
+
+
+def test_mnist_block_reports_mean_std_and_noise(tmp_path) -> None:
+    def fake(ste, seed, acc):
+        history = [{"epoch": e, "batch_loss": None, "train_loss": 2.0 / (e + 1), "train_accuracy": acc,
+                    "test_accuracy": acc} for e in range(3)]
+        return {"ste": ste, "seed": seed, "bits": 2, "alpha": 0.6509, "history": history, "final_train_accuracy": acc,
+                "final_test_accuracy": acc, "final_train_loss": history[-1]["train_loss"],
+                "config": {"hidden": 256, "epochs": 2, "batch_size": 128, "lr": 0.05, "momentum": 0.9,
+                           "train_images": 60000, "test_images": 10000}}
+    results = [fake("identity", s, a) for s, a in ((0, 0.90), (1, 0.91), (2, 0.92))] + \
+              [fake("clipped_relu", s, a) for s, a in ((0, 0.970), (1, 0.971), (2, 0.972))]
+    block = P2.mnist_block(results, "figures/p2_mnist.png", "cmd", "model_zoo/results/p2_mnist")
+    assert "| identity | 3 | 2.000 -> 0.6667 | 0 of 3 | 91.00 ± 1.00 | 91.00 ± 1.00 |" in block
+    assert "identity 6.10 points behind (beyond 2 std = 2.00)" in block
+    assert "MNIST (60000 training / 10000 test images), 784-256-10 net" in block
+    P2.plot_mnist(results, tmp_path / "p2.png")
+    assert (tmp_path / "p2.png").stat().st_size > 10_000
+
+
+def test_load_mnist_vectors_when_present() -> None:
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    if not folder.is_dir():
+        pytest.skip("no MNIST here")
+    x, y, x_test, y_test = P2.load_mnist_vectors(folder, 1000, seed=0)
+    assert x.shape == (1000, 784) and x_test.shape == (10000, 784) and y.dtype == torch.long
+    assert abs(float(x_test.mean())) < 0.05 and float(x_test.std()) == pytest.approx(1.0, abs=0.05)

@@ -357,7 +357,10 @@ def _epoch_lr(run: Run) -> float:
     steps = max(len(run.loader), 1)
     base = float(run.optimizer.param_groups[0].get("initial_lr", run.optimizer.param_groups[0]["lr"]))
     first = run.epoch * steps
-    return base * sum(lr_factor(step, run.config, steps) for step in range(first, first + steps)) / steps
+    factors = [lr_factor(step, run.config, steps) for step in range(first, first + steps)]
+    if min(factors) == max(factors):  # a constant epoch: its lr exactly, not a rounded mean
+        return base * factors[0]
+    return base * math.fsum(factors) / steps
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:

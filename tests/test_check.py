@@ -92,6 +92,10 @@ def test_good_file_passes_with_every_figure(report_float, quantized) -> None:
 def test_table_and_dict(report_float) -> None:
     text = report_float.table()
     assert "OK" in text and "act1" in text and "per-site code parity" in text and "latency" in text
+    lines = text.splitlines()
+    column = next(line for line in lines if "per-site code parity" in line).index("100.0000%")
+    for label, value in (("latency, batch", "quantized"), ("accuracy (", "PyTorch"), ("top-1 agreement", "100.00%")):
+        assert next(line for line in lines if label in line).index(value) == column, label  # values in one column
     d = json.loads(json.dumps(report_float.to_dict()))
     assert d["ok"] is True and d["sites"][0]["name"] == "act1" and d["thresholds"]["min_code_agreement"] == 0.9
 

@@ -170,8 +170,8 @@ class CheckReport:
         lines += self._kernel_lines()
         if self.latency_ms:
             lat = self.latency_ms
-            lines.append(f"  latency, batch {int(lat['batch'])} (median)           "
-                         f"quantized {lat['quantized']:.2f} ms, "
+            label = f"latency, batch {int(lat['batch'])} (median)"
+            lines.append(f"  {label:<35}  quantized {lat['quantized']:.2f} ms, "
                          f"float {lat['float']:.2f} ms, speedup {lat['speedup']:.2f}x")
         lines.append(f"  {'ORT' if self.runtime == 'onnxruntime' else name} options per figure:")
         lines += [f"    {k}: {v}" for k, v in self.options.items()]

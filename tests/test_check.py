@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -96,6 +97,8 @@ def test_table_and_dict(report_float) -> None:
     column = next(line for line in lines if "per-site code parity" in line).index("100.0000%")
     for label, value in (("latency, batch", "quantized"), ("accuracy (", "PyTorch"), ("top-1 agreement", "100.00%")):
         assert next(line for line in lines if label in line).index(value) == column, label  # values in one column
+    wide = dataclasses.replace(report_float, latency_ms={**report_float.latency_ms, "batch": 128.0}).table()
+    assert next(line for line in wide.splitlines() if "latency, batch 128" in line).index("quantized") == column
     d = json.loads(json.dumps(report_float.to_dict()))
     assert d["ok"] is True and d["sites"][0]["name"] == "act1" and d["thresholds"]["min_code_agreement"] == 0.9
 

@@ -401,8 +401,10 @@ def plot_mnist(results: list[dict[str, Any]], path: Path) -> None:
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("[P2] coarse gradient with monotone STEs on " + mnist_title(results) + "\n(line: mean over "
-                 "seeds; band: min-max)", fontsize=8)
+    import textwrap
+
+    fig.suptitle(textwrap.fill("[P2] coarse gradient with monotone STEs on " + mnist_title(results)
+                               + " (line: mean over seeds; band: min-max)", 130), fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -439,9 +441,13 @@ def mnist_block(results: list[dict[str, Any]], figure: str, command: str, result
         if s != best:
             gap, noise = summary[best][1][0] - mean, 2 * max(std, summary[best][1][1])
             gaps.append(f"{s} {gap:.2f} points behind ({'beyond' if gap > noise else 'within'} 2 std = {noise:.2f})")
+    low = min(v[3] for v in summary.values())
+    stalls = [f"{s} stalls at a loss {v[3] / low:.0f}x the lowest ({v[3]:.4f} vs {low:.4f})"
+              for s, v in summary.items() if v[3] > 10 * low]
     lines += ["", f"Measured: the coarse gradient trains the quantized network with every monotone STE "
               f"({', '.join(trained) or 'none'}: the whole-training-set loss falls to under half its start), as "
-              f"[P2] proves for this class. Test accuracy against the best ({best}): " + "; ".join(gaps) + ". "
+              f"[P2] proves for this class{'; but ' + ', '.join(stalls) if stalls else ''}. Test accuracy "
+              f"against the best ({best}): " + "; ".join(gaps) + ". "
               "The epoch-to-epoch rises of the loss (SGD with momentum at a constant lr, not [P2]'s small-step "
               "method) are counted in the table; [P2]'s theorem is about the limit, which a run of this length "
               "approaches, not proves."]
@@ -453,15 +459,26 @@ def main_mnist(args: argparse.Namespace, argv: list[str]) -> None:
     import json
 
     from qat_ste.atomic import atomic_write_text
+    from tools.reproduce_paper import provenance
 
-    data = load_mnist_vectors(args.mnist, args.train_subset)
     results_dir = Path(args.results)
     results = []
-    for name, seed in tqdm([(n, s) for n in (args.stes or MNIST_STES) for s in args.seeds], desc="P2 MNIST runs"):
+    if args.report_only:  # the figure and the block from the stored runs
+        results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(results_dir.glob("*.json"))]
+        results = [r for r in results if r.get("format") == P2_MNIST_FORMAT]
+        order = {s: i for i, s in enumerate(MNIST_STES)}
+        results.sort(key=lambda r: (order.get(r["ste"], len(order)), r["seed"]))
+        if not results:
+            raise QatSteError(f"no [P2] MNIST results in {results_dir}", "run without --report-only first")
+    data = load_mnist_vectors(args.mnist, args.train_subset) if not args.report_only else None
+    for name, seed in tqdm([] if data is None else [(n, s) for n in (args.stes or MNIST_STES) for s in args.seeds],
+                           desc="P2 MNIST runs"):
         torch.set_num_threads(1)
+        assert data is not None
         record = run_p2_mnist(name, data, args.bits, seed, hidden=args.hidden, epochs=args.epochs, lr=args.mnist_lr,
                               momentum=args.mnist_momentum)
         record["command"] = "python -m tools.p2_experiment " + " ".join(argv)
+        record["provenance"] = provenance(record["command"], seed)
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_dir / f"{record['ste']}__seed{seed}.json", json.dumps(record, indent=1) + "\n")
         results.append(record)
@@ -503,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     mnist.add_argument("--results", type=Path, default=Path("model_zoo/results/p2_mnist"),
                        help="folder of the per-run JSON")
     mnist.add_argument("--report", type=Path, default=None, help="RESULTS.md to write the block into")
+    mnist.add_argument("--report-only", action="store_true", help="only the figure and the block, from --results")
     args = parser.parse_args(argv)
     if args.mnist is not None:
         main_mnist(args, list(sys.argv[1:] if argv is None else argv))

@@ -342,6 +342,14 @@ def section(records: Mapping[str, Mapping[str, Any]], recipes: Recipes, results_
         m = sample["machine"]
         lines += ["", f"Wall time per run: {min(walls) / 60:.1f}-{max(walls) / 60:.1f} min on {m.get('cpu', '?')} "
                   f"(torch threads {m.get('torch_threads', '?')}, niced, sharing the machine)." if walls else ""]
+    commits: dict[str, int] = {}
+    for r in done:
+        commit = (r.get("provenance") or {}).get("commit") or "unknown"
+        commits[commit[:10]] = commits.get(commit[:10], 0) + 1
+    if commits:
+        lines += ["", "Code: " + ", ".join(f"commit `{c}` ({n} run(s))" for c, n in sorted(commits.items()))
+                  + "; torch " + ", ".join(sorted({str((r.get("provenance") or {}).get("versions", {}).get("torch"))
+                                                   for r in done})) + "."]
     lines += ["", "Command: `nice -n 19 env OMP_NUM_THREADS=1 python -m tools.paper_table1` (resumable; "
               "`--report-only` rewrites this block).", END]
     return "\n".join(lines)

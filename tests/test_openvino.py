@@ -174,3 +174,26 @@ def test_cli_check_runtime_openvino(tmp_path, capsys) -> None:
                  "--no-latency", "--runtime-option", "INFERENCE_PRECISION_HINT=f32"]) == 0
     out = capsys.readouterr().out
     assert "in OpenVINO" in out and "INFERENCE_PRECISION_HINT=f32, float arithmetic in f32" in out
+
+
+def test_per_channel_sites_in_openvino(data, tmp_path) -> None:
+    q = _quantized(per_channel=True)
+    path = export_onnx(q, tmp_path / "channels.onnx", torch.randn(1, *SHAPE)).path
+    x = data[0]
+    r = check_onnx(q, path, [x[:8], x[8:11]], runtime="openvino", latency=False)  # two batch shapes
+    assert r.ok, r.table()
+    assert r.site_parity == 1.0 and all(s.dequant_exact for s in r.sites) and r.samples == 11
+
+
+def test_a_file_openvino_cannot_read_is_a_clear_error(quantized, int8_file, data, tmp_path) -> None:
+    proto = onnx.load(int8_file)
+    output = proto.graph.output[0].name
+    last = next(n for n in proto.graph.node if output in n.output)
+    last.output[0] = "before_custom"
+    proto.graph.node.append(onnx.helper.make_node("Unknown", ["before_custom"], [output], domain="example.custom"))
+    proto.opset_import.append(onnx.helper.make_opsetid("example.custom", 1))
+    custom = tmp_path / "custom.onnx"
+    onnx.save(proto, str(custom))
+    with pytest.raises(qat_ste.QatSteError, match="OpenVINO .* cannot load .*custom.onnx") as caught:
+        check_onnx(quantized, custom, data[0], runtime="openvino", latency=False)
+    assert "runtime='onnxruntime'" in caught.value.fix

@@ -255,46 +255,38 @@ def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True) ->
     return model.SerializeToString(), codes_as
 
 
-def _quantizers_alone(instrumented: bytes, tensors: list[Any], codes_as: dict[str, str]) -> bytes:
-    """Each site's quantizer nodes alone, cut from the instrumented file: its u as a graph input
-    (of the rank shape inference gives it), its codes and dequantized output as graph outputs."""
+def _quantizers_alone(instrumented: bytes, tensors: list[Any], codes_as: dict[str, str],
+                      shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """Each site's quantizer nodes alone, cut from the instrumented file: its u as a graph input of
+    the static shape ``shapes[u]`` (OpenVINO 2026.4 mis-broadcasts per-channel quantizers of several
+    inputs with dynamic shapes), its codes and dequantized output as graph outputs."""
     import onnx
     from onnx import TensorProto, helper
 
     model = onnx.ModelProto()
     model.ParseFromString(instrumented)
-    try:
-        typed = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - an exporter's graph that shape inference does not follow: ranks unknown
-        typed = model
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in typed.graph.value_info
-             if v.type.tensor_type.HasField("shape")}
     inputs = list(dict.fromkeys(t.input for t in tensors))
     outputs = list(dict.fromkeys([codes_as[t.codes] for t in tensors] + [t.output for t in tensors]))
     producer = {out: n for n in model.graph.node for out in n.output}
-    needed, stack, seen = [], list(outputs), set(inputs)
+    needed: dict[int, Any] = {}
+    stack, seen = list(outputs), set(inputs)
     while stack:
         name = stack.pop()
         if name in seen or name not in producer:
             continue
         seen.add(name)
-        node = producer[name]
-        needed.append(node)
-        stack.extend(node.input)
-    order = {id(n): k for k, n in enumerate(model.graph.node)}
-    nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order[id(n)])
+        needed[id(producer[name])] = producer[name]
+        stack.extend(producer[name].input)
+    nodes = [n for n in model.graph.node if id(n) in needed]  # graph order
     used = {i for n in nodes for i in n.input}
-    initializers = [t for t in model.graph.initializer if t.name in used]
-
-    def shape(name: str) -> list[str] | None:
-        return [f"{name}_d{k}" for k in range(ranks[name])] if name in ranks else None
-
+    codes = set(codes_as.values())
     graph = helper.make_graph(
-        nodes, "site_quantizers", [helper.make_tensor_value_info(i, TensorProto.FLOAT, shape(i)) for i in inputs],
-        [helper.make_tensor_value_info(o, TensorProto.UINT8 if o in set(codes_as.values()) else TensorProto.FLOAT,
-                                       None) for o in outputs], initializers)
-    alone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return alone.SerializeToString()
+        nodes, "site_quantizers",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, list(shapes[i])) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.UINT8 if o in codes else TensorProto.FLOAT, None)
+         for o in outputs],
+        [t for t in model.graph.initializer if t.name in used])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
 
 
 def int8_weight_reference(model: nn.Module) -> nn.Module:
@@ -368,10 +360,10 @@ def check_onnx(
     deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config)
     options = {
         "site_parity": probe.runner.description + (
-            " (each site's quantizer nodes alone, fed PyTorch's u)" if probe.quantizers
+            " (each site's quantizer nodes alone, fed PyTorch's u)" if probe.alone
             else " (the file with each site's u/codes as extra outputs)"),
         "end_to_end_codes": probe.runner.description + (
-            " (the file with each site's codes as extra outputs)" if probe.quantizers else " (same run)"),
+            " (the file with each site's codes as extra outputs)" if probe.alone else " (same run)"),
         "logits": deployed.description + " (the file as deployed)",
     }
     tally = _compare(model, reference_model, deployed, probe, batches)
@@ -419,7 +411,9 @@ class _Probe:
     runner: Runner               # the file with each site's codes and output (ORT: and u) as extra outputs
     tensors: list[Any]           # the site occurrences (passes.SiteTensors)
     codes_as: dict[str, str]     # codes tensor -> the name it is exposed under (uint8)
-    quantizers: Runner | None    # OpenVINO: the sites' quantizers alone, fed PyTorch's u
+    alone: bytes | None = None   # OpenVINO: the instrumented file, whose quantizers run alone on PyTorch's u
+    config: dict[str, str] = field(default_factory=dict)  # the options they run with
+    quantizers: dict[tuple[Any, ...], Runner] = field(default_factory=dict)  # by the u shapes they take
 
 
 def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str, str],
@@ -432,15 +426,13 @@ def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str,
     tensors = site_tensors(proto)
     ov = runtime == "openvino"
     instrumented, codes_as = _instrumented(proto, tensors, expose_inputs=not ov)
+    deployed = open_runner(runtime, path, deploy_config)  # first: a file the runtime cannot read is named
     probe = open_runner(runtime, instrumented, probe_config)
-    quantizers = open_runner(runtime, _quantizers_alone(instrumented, tensors, codes_as), probe_config) if ov else None
-    deployed = open_runner(runtime, path, deploy_config)
-    exposed = set(probe.outputs) | (set(quantizers.outputs) if quantizers else set())
-    missing = sorted({t.output for t in tensors} - exposed)
+    missing = sorted({codes_as[t.codes] for t in tensors} - set(probe.outputs))
     if missing:
-        raise QatSteError(f"{RUNTIMES[runtime]} does not expose the site output(s) {', '.join(missing[:5])} of "
+        raise QatSteError(f"{RUNTIMES[runtime]} does not expose the site codes {', '.join(missing[:5])} of "
                           f"{path}", "check the file with runtime='onnxruntime'")
-    return deployed, _Probe(probe, tensors, codes_as, quantizers)
+    return deployed, _Probe(probe, tensors, codes_as, instrumented if ov else None, probe_config)
 
 
 def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path, Any, dict[str, Any]]:
@@ -528,7 +520,7 @@ def _compare(model: nn.Module, reference_model: nn.Module, deployed: Runner, pro
             feeds = {input_name: x.detach().cpu().numpy()}
             logits_o = torch.from_numpy(deployed.run(feeds)[0]).float()
             values = probe.runner.named({probe.runner.inputs[0]: feeds[input_name]})
-            given = _quantizers_on(probe, store, by_site) if probe.quantizers else values
+            given = _quantizers_on(probe, store, by_site) if probe.alone else values
             for name, occurrences in by_site.items():
                 _count_site(tally, name, sites[name].module, occurrences, (given, values), probe.codes_as,
                             store.get(name, []))
@@ -544,7 +536,7 @@ def _quantizers_on(probe: _Probe, store: dict[str, list[torch.Tensor]], by_site:
                    ) -> dict[str, np.ndarray]:
     """Each site's u (PyTorch's), and its codes and output from the runtime's quantizer nodes alone.
     Empty when a site occurrence has no PyTorch u (a failure, counted where it is compared)."""
-    assert probe.quantizers is not None
+    assert probe.alone is not None
     feeds: dict[str, np.ndarray] = {}
     for name, occurrences in by_site.items():
         captured = store.get(name, [])
@@ -552,7 +544,13 @@ def _quantizers_on(probe: _Probe, store: dict[str, list[torch.Tensor]], by_site:
             return {}
         for t, u in zip(occurrences, captured, strict=False):
             feeds[t.input] = u.numpy()
-    return {**feeds, **probe.quantizers.named(feeds)}
+    key = tuple(sorted((name, u.shape) for name, u in feeds.items()))
+    if key not in probe.quantizers:
+        shapes = {name: tuple(u.shape) for name, u in feeds.items()}
+        probe.quantizers[key] = open_runner(probe.runner.runtime,
+                                            _quantizers_alone(probe.alone, probe.tensors, probe.codes_as, shapes),
+                                            probe.config)
+    return {**feeds, **probe.quantizers[key].named(feeds)}
 
 
 def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any],

@@ -49,15 +49,22 @@ def compile_model(model: str | os.PathLike | bytes, properties: Mapping[str, str
     if threads:
         config[THREADS] = str(threads)
     core = ov.Core()
-    if isinstance(model, bytes):  # through a file: read_model of ONNX bytes is not in every version >= 2024
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            with open(path, "wb") as f:
-                f.write(model)
-            read = core.read_model(path)
-    else:
-        read = core.read_model(str(model))
-    return core.compile_model(read, "CPU", config)
+    what = "the instrumented copy of the file" if isinstance(model, bytes) else str(model)
+    try:
+        if isinstance(model, bytes):  # through a file: read_model of ONNX bytes is not in every version >= 2024
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                with open(path, "wb") as f:
+                    f.write(model)
+                read = core.read_model(path)
+        else:
+            read = core.read_model(str(model))
+        return core.compile_model(read, "CPU", config)
+    except RuntimeError as e:
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[-2:])
+        raise QatSteError(f"OpenVINO {ov.get_version().split('-')[0]} cannot load {what}: {reason}",
+                          "export the deploy form (uint8 codes: export_onnx(form='deploy')), which OpenVINO reads, "
+                          "or check the file with runtime='onnxruntime'") from e
 
 
 def output_index(compiled: Any) -> dict[str, int]:

@@ -114,9 +114,11 @@ def test_report_block_lists_cells_and_is_kept_by_the_p1_report(recipes, tmp_path
                 "val_images_full": 10000, "wall_time_s": 600.0, "machine": {"cpu": "test"}}
     records = {r["run_id"]: r for r in [record(s, 2, "relu", 99.0 + 0.1 * s) for s in range(3)]
                + [record(0, 2, "identity", 98.5)]}
+    records["x"] = {**record(1, 4, "identity", None), "status": "diverged"}
     block = t1.section(records, recipes, tmp_path)
     assert "| 2 | relu | 0, 1, 2 | 99.10 ± 0.10 | 99.24 | 1.0e-02 ± 0.0e+00 | 5.1e-03 | within noise" in block
     assert "| 2 | identity | 0 | 98.50 ± 0.00 | 98.49 |" in block and "only 1 seed(s)" in block
+    assert "| 4 | identity | - | diverged | 98.98 | - | 6.0e-03 | diverged; diverged with seed(s) 1 |" in block
     assert "2-bit relu − identity: +0.50 ± 0.00 points over 1 seed(s) (ahead in every seed; only 1 seed(s)" in block
     report = tmp_path / "RESULTS.md"
     report.write_text("# title\n\nintro\n\n## Float baselines\n\nold\n")

@@ -321,12 +321,13 @@ def section(records: Mapping[str, Mapping[str, Any]], recipes: Recipes, results_
              "| bits | STE | seeds | val acc % (mean ± std) | val acc % ([P1]) | train loss (mean ± std) | "
              "train loss ([P1]) | verdict (accuracy) |", "|---|---|---|---|---|---|---|---|"]
     float_stats = cell_stats(records, None, None)
-    lines.append(_row("float", "-", float_stats, None, None))
+    lines.append(_row("float", "-", float_stats, None, None, _diverged(records, None, None)))
     for bits in (2, 4):
         for ste in STES:
             paper = recipes.paper_result(NET, bits, ste)
             lines.append(_row(str(bits), ste, cell_stats(records, bits, ste),
-                              paper.val_accuracy_pct if paper else None, paper.train_loss if paper else None))
+                              paper.val_accuracy_pct if paper else None, paper.train_loss if paper else None,
+                              _diverged(records, bits, ste)))
     pairs = [p for bits in (2, 4) for p in (_paired(records, bits, "relu", "identity"),
                                            _paired(records, bits, "clipped_relu", "identity"),
                                            _paired(records, bits, "clipped_relu", "relu")) if p]
@@ -355,14 +356,23 @@ def section(records: Mapping[str, Mapping[str, Any]], recipes: Recipes, results_
     return "\n".join(lines)
 
 
-def _row(bits: str, ste: str, stats: CellStats | None, paper_acc: float | None, paper_loss: float | None) -> str:
+def _diverged(records: Mapping[str, Mapping[str, Any]], bits: int | None, ste: str | None) -> list[int]:
+    """The seeds of a cell whose run diverged (a non-finite loss)."""
+    return sorted(r["seed"] for r in records.values()
+                  if r.get("status") == "diverged" and r.get("bits") == bits and r.get("ste") == ste)
+
+
+def _row(bits: str, ste: str, stats: CellStats | None, paper_acc: float | None, paper_loss: float | None,
+         diverged: Sequence[int] = ()) -> str:
     p_acc = "-" if paper_acc is None else f"{paper_acc:.2f}"
     p_loss = "-" if paper_loss is None else f"{paper_loss:.1e}"
+    note = f"; diverged with seed(s) {', '.join(map(str, diverged))}" if diverged else ""
     if stats is None:
-        return f"| {bits} | {ste} | - | not run yet | {p_acc} | - | {p_loss} | not run yet |"
+        state = "diverged" if diverged else "not run yet"
+        return f"| {bits} | {ste} | - | {state} | {p_acc} | - | {p_loss} | {state}{note} |"
     (acc, acc_sd), (loss, loss_sd) = stats.acc, stats.loss
     return (f"| {bits} | {ste} | {', '.join(map(str, stats.seeds))} | {acc:.2f} ± {acc_sd:.2f} | {p_acc} | "
-            f"{loss:.1e} ± {loss_sd:.1e} | {p_loss} | {verdict(stats, paper_acc)} |")
+            f"{loss:.1e} ± {loss_sd:.1e} | {p_loss} | {verdict(stats, paper_acc)}{note} |")
 
 
 def write_section(report: Path, records: Mapping[str, Mapping[str, Any]], recipes: Recipes,

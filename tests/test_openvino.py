@@ -197,3 +197,23 @@ def test_a_file_openvino_cannot_read_is_a_clear_error(quantized, int8_file, data
     with pytest.raises(qat_ste.QatSteError, match="OpenVINO .* cannot load .*custom.onnx") as caught:
         check_onnx(quantized, custom, data[0], runtime="openvino", latency=False)
     assert "runtime='onnxruntime'" in caught.value.fix
+
+
+def test_a_code_at_a_rounding_boundary_is_explained_not_failed(tmp_path) -> None:
+    """OpenVINO quantizes as u * (1/step): 0.38476387 / 0.05919444 = 6.5000005 rounds to 7 in ONNX and
+    PyTorch, but 0.38476387 * (1 / 0.05919444) = 6.5 rounds (half to even) to 6 in OpenVINO."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[0].bias.zero_()
+    q = qat_ste.quantize(model, bits=4, alpha_mode="fixed", step_init=0.05919444).eval()
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
+    x[0, :2] = 0.38476387
+    path = export_onnx(q, tmp_path / "boundary.onnx", x[:1]).path
+    ort = check_onnx(q, path, x, latency=False)
+    assert ort.ok and ort.sites[0].parity == 1.0 and ort.sites[0].near_boundary == 0
+    ov = check_onnx(q, path, x, runtime="openvino", latency=False)
+    assert ov.ok, ov.failures
+    (site,) = ov.sites
+    assert site.values == 32 and site.parity == 30 / 32 and site.near_boundary == 2 and site.dequant_exact
+    assert any("2 code(s) given the same u differ by one" in n and "u * (1/step)" in n for n in ov.notes)

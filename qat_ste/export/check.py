@@ -6,9 +6,13 @@ the runtime options it used, see ``CheckReport.options``):
 
 - per-site code parity: every site's quantizer gets the SAME input ``u`` in both runtimes (the
   runtime's own upstream value, exposed as an extra graph output) and must give identical codes and
-  dequantized values. This is exact; anything below 100 % is a failure. OpenVINO computes this
-  instrumented file with float32 arithmetic (``INFERENCE_PRECISION_HINT=f32``); the file as deployed
-  runs with its defaults (bf16 float arithmetic on CPUs that have it).
+  dequantized values. This is exact; anything below 100 % is a failure. In OpenVINO each site's
+  quantizer nodes run alone on PyTorch's u (its CPU plugin miscomputes codes after an integer
+  convolution whose output is also a graph output), in float32 (``INFERENCE_PRECISION_HINT=f32``);
+  OpenVINO quantizes as u * (1/step) where ONNX divides, so a code may differ by one where u/step
+  lies within an ulp of a rounding boundary: counted (``SiteCheck.near_boundary``) and noted, not a
+  failure there. The file as deployed runs with OpenVINO's defaults (bf16 float arithmetic on CPUs
+  that have it) unless ``runtime_options`` say otherwise.
 - end-to-end code agreement: the runtime's codes against PyTorch's, each computing everything
   upstream itself. Float convolutions accumulate in a different order, so a few codes near a
   rounding boundary differ; a tolerance applies (``min_code_agreement``). With int8 weights in
@@ -67,8 +71,10 @@ class SiteCheck:
     occurrences: int
     values: int          # code values compared
     parity: float        # share of equal codes given the same input u (must be 1.0)
-    dequant_exact: bool  # DequantizeLinear's output equals (q - z) * step bit for bit
-    end_to_end: float    # share of ORT codes equal to PyTorch's through the whole network
+    dequant_exact: bool  # DequantizeLinear's output equals (q - z) * step bit for bit (q: the file's codes)
+    end_to_end: float    # share of the runtime's codes equal to PyTorch's through the whole network
+    near_boundary: int = 0  # codes given the same u that differ by one where u/step lies within 2 float32
+                            # ulps of a rounding boundary (OpenVINO quantizes as u * (1/step); ONNX: u / step)
 
 
 @dataclass(frozen=True)
@@ -373,7 +379,13 @@ def check_onnx(
     weight_checks = _weight_checks(model, proto, meta, batches[0][0], runtime, probe_config)
     if weight_checks:
         options["weights"] = probe.runner.description + " (each quantized weight as an extra output)"
-    failures = tally.failures + _threshold_failures(site_checks, tally, thresholds) + _weight_failures(weight_checks)
+    failures = (tally.failures + _threshold_failures(site_checks, tally, thresholds, runtime)
+                + _weight_failures(weight_checks))
+    boundary = {c.name: c.near_boundary for c in site_checks if c.near_boundary}
+    if boundary and runtime == "openvino":
+        notes.append(f"{sum(boundary.values())} code(s) given the same u differ by one at u/step within 2 ulps of a "
+                     f"rounding boundary (site(s) {', '.join(list(boundary)[:5])}): OpenVINO quantizes as "
+                     "u * (1/step), ONNX as u / step; not a failure in OpenVINO")
     integer_ops, float_ops, default_ops, ops_options = _integer_ops(runtime, path, deploy_config, deployed)
     options["integer_ops"] = ops_options
     latency_ms = None
@@ -480,6 +492,7 @@ class _SiteTally:
     end_to_end: int = 0
     dequant_exact: bool = True
     occurrences: int = 0
+    near_boundary: int = 0
 
 
 @dataclass
@@ -569,14 +582,27 @@ def _count_site(tally: _Tally, name: str, module: Any, occurrences: list[Any],
         codes_onnx = torch.from_numpy(given[codes_as[t.codes]].astype(np.float32))
         expected = reference_codes(module, u_onnx)
         step, zero_point = module.grid(u_onnx)
-        y_expected = ((expected - zero_point.cpu()) * step.detach().cpu()).float().numpy()
+        y_expected = ((codes_onnx - zero_point.cpu()) * step.detach().cpu()).float().numpy()
+        mismatch = expected != codes_onnx
         counts.values += expected.numel()
-        counts.parity += int((expected == codes_onnx).sum())
+        counts.parity += expected.numel() - int(mismatch.sum())
+        if bool(mismatch.any()):
+            counts.near_boundary += _near_boundary(module.rounding, u_onnx, step, expected, codes_onnx, mismatch)
         counts.dequant_exact = counts.dequant_exact and np.array_equal(y_expected, given[t.output])
         if k < len(captured) and captured[k].shape == codes_network.shape:
             counts.end_to_end += int((reference_codes(module, captured[k]) == codes_network).sum())
         else:
             tally.failures.append(f"site {name}: occurrence {k} has no PyTorch counterpart of the same shape")
+
+
+def _near_boundary(rounding: str, u: torch.Tensor, step: torch.Tensor, expected: torch.Tensor, codes: torch.Tensor,
+                   mismatch: torch.Tensor) -> int:
+    """How many of the ``mismatch``ed codes differ by one where u/step lies within 2 float32 ulps of a
+    rounding boundary (a half-way point for nearest rounding, an integer for ceil)."""
+    ratio = u.double() / step.detach().cpu().double()
+    boundary = ratio.floor() + 0.5 if rounding == "nearest" else ratio.round()
+    near = (ratio - boundary).abs() <= 2 * torch.finfo(torch.float32).eps * ratio.abs().clamp_min(1.0)
+    return int((mismatch & near & ((expected - codes).abs() == 1)).sum())
 
 
 def _count_logits(tally: _Tally, logits_torch: torch.Tensor, logits_onnx: torch.Tensor,
@@ -600,17 +626,18 @@ def _site_checks(tally: _Tally, meta: dict[str, Any]) -> list[SiteCheck]:
         checks.append(SiteCheck(
             name=name, bits=int(meta_sites[name]["bits"]), container=str(meta_sites[name].get("container", "?")),
             occurrences=c.occurrences, values=c.values, parity=c.parity / n, dequant_exact=c.dequant_exact,
-            end_to_end=c.end_to_end / n))
+            end_to_end=c.end_to_end / n, near_boundary=c.near_boundary))
     return checks
 
 
-def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds: dict[str, float | None]
-                        ) -> list[str]:
+def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds: dict[str, float | None],
+                        runtime: str = "onnxruntime") -> list[str]:
     failures = []
     for s in site_checks:
-        if s.parity < 1.0:
-            failures.append(f"site {s.name}: {s.values - round(s.parity * s.values)} of {s.values} codes differ "
-                            "given the same input (the file's step/zero point/rounding differ from the model's)")
+        differ = s.values - round(s.parity * s.values)
+        if differ - (s.near_boundary if runtime == "openvino" else 0) > 0:
+            failures.append(f"site {s.name}: {differ} of {s.values} codes differ given the same input "
+                            "(the file's step/zero point/rounding differ from the model's)")
         if not s.dequant_exact:
             failures.append(f"site {s.name}: dequantized values differ from (q - z) * step")
     min_codes, max_diff, min_top1 = (thresholds["min_code_agreement"], thresholds["max_logit_diff"],

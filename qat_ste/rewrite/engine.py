@@ -560,3 +560,19 @@ def add_integer_points(model: nn.Module, cfg: QuantConfig, example_input: Any, r
     sites, skipped = place_points(model, cfg, example_input, tools)
     report.sites.extend(sites)
     report.points_skipped = skipped
+
+
+def owner_graphs(model: nn.Module) -> dict[str, fx.Graph]:
+    """The shallow FX trace of every module of ``model`` that owns calls (not a torch building block,
+    activation or quantizer), by path; modules FX cannot trace and runtime-fallback owners are left out."""
+    graphs = {}
+    for path, m in model.named_modules():
+        cls = type(m)
+        if (isinstance(m, QuantAct) or module_kind(m) is not None or _is_torch_builtin(m)
+                or (hasattr(cls, "_qat_base_class") and not hasattr(cls, "_qat_forward_src"))):
+            continue
+        try:
+            graphs[path] = _ShallowTracer().trace(m)
+        except Exception:  # noqa: BLE001, S112 - an untraceable module is simply not in the result
+            continue
+    return graphs

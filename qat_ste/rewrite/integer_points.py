@@ -103,32 +103,55 @@ _PRODUCT_MODULES: tuple[tuple[type, str], ...] = ((nn.Conv1d, "conv"), (nn.Conv2
 class CodeFlow:
     """What one run of the model showed: for every module call, whether its inputs and output were codes.
 
-    ``inputs[id(module)][i]`` / ``output[id(module)]`` are True only when they were codes at every call.
+    ``inputs[id(module)][i]`` / ``output[id(module)]`` are True only when they were codes at every call;
+    ``producer[id(module)]`` is the QuantAct whose codes the module's first input was at every call
+    (absent when it was not codes, or codes of different quantizers at different calls).
     """
 
     inputs: dict[int, list[bool]] = field(default_factory=dict)
     output: dict[int, bool] = field(default_factory=dict)
+    producer: dict[int, QuantAct] = field(default_factory=dict)
+    #: id(module) -> the QuantAct that read the module's output tensor itself (through identities)
+    consumer: dict[int, QuantAct] = field(default_factory=dict)
+    _mixed: set[int] = field(default_factory=set)
+
+    def saw_input(self, module: nn.Module, codes: list[bool], producer: QuantAct | None) -> None:
+        key = id(module)
+        before = self.inputs.get(key)
+        self.inputs[key] = codes if before is None else [x and y for x, y in zip(before, codes, strict=False)]
+        known = self.producer.get(key)
+        if producer is None or key in self._mixed or (before is not None and known is not producer):
+            self.producer.pop(key, None)
+            self._mixed.add(key)
+        else:
+            self.producer[key] = producer
 
 
 class _CodeTracker(TorchFunctionMode):
-    """Follows codes through code-preserving ops; forgets a tensor changed in place."""
+    """Follows codes (and the quantizer they come from) through code-preserving ops; forgets a
+    tensor changed in place."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.codes: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so ids stay unique)
+        #: id -> (tensor, its quantizer); the tensor is kept alive so that ids stay unique
+        self.codes: dict[int, tuple[torch.Tensor, QuantAct]] = {}
 
-    def mark(self, value: Any) -> None:
+    def mark(self, value: Any, producer: QuantAct) -> None:
         for t in _tensors(value):
-            self.codes[id(t)] = t
+            self.codes[id(t)] = (t, producer)
 
     def is_code(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and id(value) in self.codes
+
+    def producer(self, value: Any) -> QuantAct | None:
+        entry = self.codes.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return entry[1] if entry is not None else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         if name in _CODE_PRESERVING and args and self.is_code(args[0]):
-            self.mark(result)
+            self.mark(result, self.codes[id(args[0])][1])
         elif (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
             for t in (args[0] if args else None, result):  # in place: no longer the codes it was
                 if isinstance(t, torch.Tensor):
@@ -146,26 +169,30 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 def code_flow(model: nn.Module, example_input: Any) -> CodeFlow:
-    """Run ``model`` once on ``example_input`` (no grad, eval mode, quantizers passing the float value
-    through) and record which module inputs and outputs were codes."""
+    """Run ``model`` once on ``example_input`` (no grad, eval mode; quantizers not yet calibrated pass
+    the float value through) and record which module inputs and outputs were codes."""
     tracker, flow = _CodeTracker(), CodeFlow()
+    #: id(output) -> (output, the first module that returned it: identities pass the same tensor on)
+    made_by: dict[int, tuple[torch.Tensor, nn.Module]] = {}
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
-        seen = [tracker.is_code(a) for a in args]
-        before = flow.inputs.get(id(module))
-        flow.inputs[id(module)] = seen if before is None else [x and y for x, y in zip(before, seen, strict=False)]
+        flow.saw_input(module, [tracker.is_code(a) for a in args], tracker.producer(args[0]) if args else None)
+        if isinstance(module, QuantAct) and args and id(args[0]) in made_by:
+            flow.consumer[id(made_by[id(args[0])][1])] = module
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(module, QuantAct):
-            tracker.mark(output)
+            tracker.mark(output, module)
         flow.output[id(module)] = flow.output.get(id(module), True) and tracker.is_code(output)
+        if isinstance(output, torch.Tensor):
+            made_by.setdefault(id(output), (output, module))
 
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with ExitStack() as stack:
         for m in model.modules():
             stack.callback(m.register_forward_pre_hook(pre_hook).remove)
             stack.callback(m.register_forward_hook(post_hook).remove)
-            if isinstance(m, QuantAct):
+            if isinstance(m, QuantAct) and not m.is_initialized:
                 stack.enter_context(m.observing(_ignore))
         stack.enter_context(preserve_modes(model, training=False))
         stack.enter_context(torch.no_grad())

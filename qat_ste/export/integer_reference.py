@@ -43,6 +43,7 @@ class IntegerLayer(nn.Module):
     weight_codes: torch.Tensor
     out_scale: torch.Tensor
     bias_codes: torch.Tensor | None
+    multiplier: torch.Tensor
 
     def __init__(self, layer: Any, input_step: float, name: str, output: QuantAct | None = None) -> None:
         """``output``: the quantizer that reads the layer's result directly (a ReLU-family site or a

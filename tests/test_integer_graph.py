@@ -159,3 +159,34 @@ def test_a_quantized_integer_graph_trains_and_its_points_learn(tmp_path):
         assert point.alpha.grad is not None and torch.isfinite(point.alpha.grad).all()
         opt.step()
     assert not torch.equal(point.alpha.detach(), before)
+
+
+def test_the_check_of_an_integer_graph_compares_the_deployed_integer_kernels_with_the_integer_reference(tmp_path):
+    x = torch.randn(8, 3, 16, 16)
+    model = ResidualCNN().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.5, 0.5)
+    q = _quantized(model, x)
+    export_onnx(q, tmp_path / "m.onnx", x[:1])
+    report = qat_ste.check_onnx(q, tmp_path / "m.onnx", x, latency=False)
+    assert report.ok, report.failures
+    assert report.reference == "the integer reference: what the file's integer kernels compute"
+    assert report.code_agreement == 1.0 and report.site_parity == 1.0
+    assert report.max_logit_diff < 1e-5
+    assert report.options["end_to_end_codes"].startswith("default session options")
+    assert any("6 BatchNorm(s) folded, 7 layer(s) as integer kernels" in n for n in report.notes)
+
+
+def test_openvino_runs_an_integer_graph_with_int8_convolutions(tmp_path):
+    pytest.importorskip("openvino")
+    x = torch.randn(8, 3, 16, 16)
+    q = _quantized(ResidualCNN(), x)
+    export_onnx(q, tmp_path / "m.onnx", x[:1])
+    report = qat_ste.check_onnx(q, tmp_path / "m.onnx", x, latency=False, runtime="openvino")
+    assert report.ok, report.failures
+    assert report.site_parity == 1.0 or all(s.near_boundary for s in report.sites if s.parity < 1.0)
+    assert report.top1_agreement == 1.0
+    assert report.integer_ops == {"Convolution": 6, "FullyConnected": 1} and report.float_ops == {}

@@ -45,7 +45,8 @@ import torch.nn as nn
 from ..atomic import json_safe
 from ..errors import QatSteError
 from ..nn_utils import logits_of
-from .onnx_export import DISABLE_QDQ, export_float_onnx, read_metadata
+from .integer_reference import integer_reference
+from .onnx_export import DISABLE_QDQ, export_float_onnx, has_integer_points, read_metadata
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
 from .runtime import (
     FLOAT_COMPUTE_OPS,
@@ -229,9 +230,10 @@ def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor 
     return list(zip(xs, ys, strict=True))
 
 
-def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True) -> tuple[bytes, dict[str, str]]:
+def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True, expose_outputs: bool = True
+                  ) -> tuple[bytes, dict[str, str]]:
     """The file with each site's u (unless ``expose_inputs`` is False), codes (as uint8) and dequantized
-    output as extra graph outputs."""
+    output (unless ``expose_outputs`` is False) as extra graph outputs."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -249,7 +251,8 @@ def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True) ->
     for t in tensors:
         if expose_inputs:
             expose(t.input, TensorProto.FLOAT)
-        expose(t.output, TensorProto.FLOAT)
+        if expose_outputs:
+            expose(t.output, TensorProto.FLOAT)
         codes = t.codes
         if t.codes_type != TensorProto.UINT8:  # 4/2-bit codes: widen for numpy
             codes = f"{t.codes}/as_uint8"
@@ -359,11 +362,12 @@ def check_onnx(
     check_runtime(runtime)
     path, proto, meta = _read_exported(onnx_path, model)
     batches = _batches(inputs, labels)
-    deploy_config, probe_config = _runtime_configs(runtime, meta)
+    integer = meta.get("weight_format") == "int8" and has_integer_points(model)
+    deploy_config, probe_config = _runtime_configs(runtime, meta, integer)
     extra = {str(k): str(v) for k, v in (runtime_options or {}).items()}
     deploy_config.update(extra)
-    reference_model, reference, notes = _reference_for(model, meta)
-    deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config)
+    reference_model, reference, notes = _reference_for(model, meta, batches[0][0][:1] if integer else None)
+    deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config, integer)
     options = {
         "site_parity": probe.runner.description + (
             " (each site's quantizer nodes alone, fed PyTorch's u)" if probe.alone
@@ -405,15 +409,18 @@ def check_onnx(
         runtime=runtime, accuracy_model=tally.correct_model / tally.total if labelled else None)
 
 
-def _runtime_configs(runtime: str, meta: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+def _runtime_configs(runtime: str, meta: dict[str, Any], integer: bool = False
+                     ) -> tuple[dict[str, str], dict[str, str]]:
     """(the options the file is deployed with, the options of the instrumented file) in ``runtime``:
     ORT session config entries (the file's own, recorded in its metadata; the probe stops ORT's QDQ
-    fusions), or OpenVINO properties (its defaults; the probe computes floats in float32)."""
+    fusions, except for an ``integer`` graph, whose probe runs the integer kernels as deployed), or
+    OpenVINO properties (its defaults; the probe computes floats in float32)."""
     if runtime == "openvino":
         from .openvino_runtime import PRECISION_HINT
 
         return {}, {PRECISION_HINT: "f32"}
-    return dict(meta.get("session_config", {})), dict(DISABLE_QDQ)
+    deployed = dict(meta.get("session_config", {}))
+    return deployed, (dict(deployed) if integer else dict(DISABLE_QDQ))
 
 
 @dataclass
@@ -429,15 +436,17 @@ class _Probe:
 
 
 def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str, str],
-                  probe_config: dict[str, str]) -> tuple[Runner, _Probe]:
+                  probe_config: dict[str, str], integer: bool = False) -> tuple[Runner, _Probe]:
     """(the file as deployed, the instrumented file). OpenVINO 2026.4's CPU plugin gives wrong codes
     after an integer convolution whose float output is also a graph output, so there the site
-    inputs u are not exposed: each site's quantizer runs alone on PyTorch's u for the parity."""
+    inputs u are not exposed: each site's quantizer runs alone on PyTorch's u for the parity. The
+    same holds for an ``integer`` graph in ORT, whose instrumented file exposes the codes only, so
+    that every integer kernel stays fused: its end-to-end codes are the deployed file's."""
     from .passes import site_tensors
 
     tensors = site_tensors(proto)
-    ov = runtime == "openvino"
-    instrumented, codes_as = _instrumented(proto, tensors, expose_inputs=not ov)
+    ov = runtime == "openvino" or integer
+    instrumented, codes_as = _instrumented(proto, tensors, expose_inputs=not ov, expose_outputs=not integer)
     deployed = open_runner(runtime, path, deploy_config)  # first: a file the runtime cannot read is named
     probe = open_runner(runtime, instrumented, probe_config)
     missing = sorted({codes_as[t.codes] for t in tensors} - set(probe.outputs))
@@ -474,9 +483,19 @@ def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path
     return path, proto, meta
 
 
-def _reference_for(model: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, str, list[str]]:
+def _reference_for(model: nn.Module, meta: dict[str, Any], integer_input: torch.Tensor | None = None
+                   ) -> tuple[nn.Module, str, list[str]]:
     """(the PyTorch model to compare with, how it is described, notes): with int8 weights in the file,
-    a copy of ``model`` whose weights are rounded the same way."""
+    a copy of ``model`` whose weights are rounded the same way; for an integer graph
+    (``integer_input``: an example batch), :func:`integer_reference`, which computes what the
+    integer kernels compute."""
+    if integer_input is not None:
+        reference, counts = integer_reference(model, integer_input)
+        note = (f"integer graph: PyTorch figures use the integer reference ({counts['folded']} BatchNorm(s) folded, "
+                f"{counts['integer']} layer(s) as integer kernels with int8 weights and exact sums"
+                + (f", {counts['float']} left float" if counts["float"] else "")
+                + "); end-to-end codes are the file's as deployed, with integer kernels")
+        return reference, "the integer reference: what the file's integer kernels compute", [note]
     if meta.get("weight_format") == "int8":
         note = ("the file has int8 weights: PyTorch figures use the model with its conv/linear weights "
                 "rounded the same way")

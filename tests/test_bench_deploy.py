@@ -75,6 +75,16 @@ def test_integer_kernel_counts_on_a_known_graph(tmp_path: Path) -> None:
     assert lib.ort_weight_only_kernels(ops) == 0
 
 
+def test_openvino_runner_precision_and_integer_layers(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    path = _known_graph(tmp_path / "known.onnx")
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    run, info = lib.ov_runner(path, 1, 1, "f32")
+    assert info["precision"] == "f32"
+    assert run(x).shape == (1, 4, 8, 8)
+    assert (info["ov_integer"], info["ov_compute"]) == (1, 3)   # the Q/DQ conv of 2 convs and a MatMul
+
+
 def test_integer_kernel_count_of_op_counts() -> None:
     ops = {"QLinearConv": 3, "QGemm": 1, "QLinearMatMul": 2, "MatMulInteger": 1, "QLinearAdd": 4, "Conv": 5,
            "MatMulNBits": 2, "QuantizeLinear": 7}

@@ -96,7 +96,7 @@ def time_rows(rows: list[dict], paths: dict[str, Path], eval_images: torch.Tenso
                         continue
                     log(f"{row['model']}: {runtime} {row['file']} batch {batch}, {threads} thread(s)")
                     try:
-                        run, info = lib.RUNNERS[runtime](paths[row["file"]], batch, threads)
+                        run, info = lib.RUNNERS[runtime](paths[row["file"]], batch, threads, args.openvino_precision)
                         row["ms"][setting], row["times"][setting] = lib.median_ms(run, x, args.runs, args.warmup)
                         if (batch, threads) == top1_setting:
                             agree = lib.predictions(run, eval_images, batch) == reference
@@ -157,7 +157,7 @@ def _cell(row: dict, setting: str) -> str:
     if ms is None:
         return "-"
     ratios = [_fmt(row[key].get(setting), ".2f", "x") for key in ("x_float", "x_peer")]
-    return f"{ms:.3g} / {ratios[0]} / {ratios[1]}"
+    return f"{ms:.3g} / {ratios[0]} / {ratios[1]}" if ms < 100 else f"{ms:.0f} / {ratios[0]} / {ratios[1]}"
 
 
 def table(rows: list[dict], settings: list[str]) -> str:
@@ -180,7 +180,8 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
 
     meta: dict[str, Any] = {"tool": "tools.bench_deploy", "cpu": lib.cpu_summary(), "torch": torch.__version__,
                             "onnxruntime": onnxruntime.__version__, "deploy_form": lib.deploy_form_name(),
-                            "bits": args.bits, "runs": args.runs, "warmup": args.warmup, "images": args.images,
+                            "bits": args.bits, "runs": args.runs, "warmup": args.warmup,
+                            "openvino_precision": args.openvino_precision, "images": args.images,
                             "calibration_images": args.calibration_images, "batches": list(args.batches),
                             "threads": list(args.threads), "runtimes": list(args.runtimes)}
     if "openvino" in args.runtimes:
@@ -195,8 +196,9 @@ def describe(meta: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {meta[k]}" for k in ("onnxruntime", "openvino", "torch") if k in meta)
     return (f"{cpu['name']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags']) or 'no AVX2'}); {versions}. "
             f"Our deploy file: {meta['deploy_form']}, {meta['bits']}-bit activations, int8 weights. "
-            f"Median of {meta['runs']} runs after {meta['warmup']} warm-up; top-1 agreement with float PyTorch "
-            f"on {meta['images']} generated images; x float/x peer: that file's ms / this ms (> 1 is faster).")
+            f"OpenVINO inference precision: {meta['openvino_precision']}. Median of {meta['runs']} runs after "
+            f"{meta['warmup']} warm-up; top-1 agreement with float PyTorch on {meta['images']} generated images; "
+            "x float/x peer: that file's ms / this ms (> 1 is faster).")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -207,6 +209,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtimes", default=",".join(lib.RUNTIMES), help="onnxruntime, openvino (default both)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement, median (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
+    parser.add_argument("--openvino-precision", choices=("default", "f32"), default="default",
+                        help="OpenVINO's INFERENCE_PRECISION_HINT: its default (bf16 on CPUs with AVX512-BF16/AMX) "
+                             "or f32")
     parser.add_argument("--bits", type=int, default=8, help="our activation bits (default 8)")
     parser.add_argument("--images", type=int, default=64, help="bench images for top-1 agreement (default 64)")
     parser.add_argument("--calibration-images", type=int, default=32, help="calibration images (default 32)")

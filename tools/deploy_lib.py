@@ -239,8 +239,9 @@ def ov_integer_kernels(compiled: Any) -> tuple[int, int]:
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def ort_runner(path: Path, batch: int, threads: int) -> tuple[Runner, dict[str, Any]]:
-    """An ONNX Runtime CPU session (default options, ``threads`` intra-op threads) as a function."""
+def ort_runner(path: Path, batch: int, threads: int, precision: str = "default") -> tuple[Runner, dict[str, Any]]:
+    """An ONNX Runtime CPU session (default options, ``threads`` intra-op threads) as a function;
+    ``precision`` is OpenVINO's setting and is not used here."""
     from qat_ste.export.runtime import make_session
 
     session = make_session(path, {}, threads=threads)
@@ -252,8 +253,9 @@ def ort_runner(path: Path, batch: int, threads: int) -> tuple[Runner, dict[str, 
     return run, {}
 
 
-def ov_runner(path: Path, batch: int, threads: int) -> tuple[Runner, dict[str, Any]]:
-    """An OpenVINO CPU compiled model (input reshaped to ``batch``, INFERENCE_NUM_THREADS=threads)."""
+def ov_runner(path: Path, batch: int, threads: int, precision: str = "default") -> tuple[Runner, dict[str, Any]]:
+    """An OpenVINO CPU compiled model (input reshaped to ``batch``, INFERENCE_NUM_THREADS=threads;
+    ``precision`` "f32" sets INFERENCE_PRECISION_HINT, "default" leaves OpenVINO's choice)."""
     import openvino
 
     core = openvino.Core()
@@ -261,7 +263,10 @@ def ov_runner(path: Path, batch: int, threads: int) -> tuple[Runner, dict[str, A
     dims = [d.get_length() if d.is_static else -1 for d in model.inputs[0].get_partial_shape()]
     dims[0] = batch
     model.reshape({model.inputs[0].get_any_name(): dims})
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads}
+    if precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -278,7 +283,7 @@ def _type_name(value: Any) -> str:
     return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
 
 
-RUNNERS: dict[str, Callable[[Path, int, int], tuple[Runner, dict[str, Any]]]] = {
+RUNNERS: dict[str, Callable[[Path, int, int, str], tuple[Runner, dict[str, Any]]]] = {
     "onnxruntime": ort_runner, "openvino": ov_runner}
 
 

@@ -422,7 +422,7 @@ def test_deprecated_spellings_still_work_with_a_note(capsys):
     assert args.weight_format == "int8" and args.model_weights is None
     assert "--weights is deprecated; use --weight-format" in capsys.readouterr().err
     args = build_parser().parse_args(["convert", "--weights", "r18.pt"])  # convert's --weights: the input file
-    assert args.model_weights == "r18.pt" and args.weight_format == "float" and capsys.readouterr().err == ""
+    assert args.model_weights == "r18.pt" and args.weight_format is None and capsys.readouterr().err == ""
     defaults = TrainConfig()
     assert (args.calib_batches, args.calib_method) == (defaults.calibrate_batches, defaults.calibrate_method)
 

@@ -46,6 +46,20 @@ def test_folding_batchnorm_gives_the_unfolded_models_outputs():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batchnorm1d_after_a_linear_layer_is_folded_too():
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3, bias=False), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(4, 6)
+    expected = model(x)
+    assert fold_batchnorm(model, owner_graphs(model)) == ["1", "4"]
+    assert isinstance(model[1], nn.Identity) and model[3].bias is not None
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_batchnorm_whose_conv_output_is_read_elsewhere_is_not_folded():
     class Shared(nn.Module):
         def __init__(self) -> None:

@@ -127,6 +127,10 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training rule for quantized weights (default bcgd: blended coarse gradient descent)")
     group.add_argument("--bcgd-rho", type=float, default=None,
                        help="BCGD's blending factor rho in w <- (1 - rho) w + rho Q(w) - lr g (default 1e-5)")
+    group.add_argument("--integer-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="add the 8-bit quantization points a fully integer runtime needs (graph input, "
+                            "residual adds/concats, classifier input...): every conv/matmul exports as an integer "
+                            "kernel (the ONNX file then has int8 weights by default)")
     group.add_argument("--kernel", default=None, choices=("auto", "triton", "torch"),
                        help="quantizer implementation: auto (default: fused Triton kernels on CUDA, torch "
                             "elsewhere), triton or torch")
@@ -217,7 +221,8 @@ def _add_convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("--overwrite", action="store_true",
                          help="replace the files of a run already in --out (each as the new run writes it)")
     convert.add_argument("--form", default="deploy", help="ONNX form: deploy (default) or spec")
-    convert.add_argument("--weight-format", default="float", help="ONNX weights: float (default) or int8")
+    convert.add_argument("--weight-format", default=None, choices=("float", "int8"),
+                         help="ONNX weights: float or int8 (default: int8 for an --integer-graph model, else float)")
     convert.add_argument("--export-weights", dest="weight_format", action=_DeprecatedAlias,
                          replacement="--weight-format", help=argparse.SUPPRESS)
     convert.add_argument("--opset", type=int, default=None)
@@ -248,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="ONNX file to write")
     export.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     export.add_argument("--form", default="deploy", help="deploy (default) or spec")
-    export.add_argument("--weight-format", default="float", help="ONNX weights: float (default) or int8")
+    export.add_argument("--weight-format", default=None, choices=("float", "int8"),
+                         help="ONNX weights: float or int8 (default: int8 for an --integer-graph model, else float)")
     export.add_argument("--weights", dest="weight_format", action=_DeprecatedAlias, replacement="--weight-format",
                         help=argparse.SUPPRESS)
     export.add_argument("--opset", type=int, default=None)

@@ -13,7 +13,7 @@ from ..errors import QatSteError
 #: QuantConfig fields the options of _add_quant_arguments set (dest names)
 QUANT_OPTIONS = ("bits", "ste", "alpha_mode", "step_init", "rounding", "per_channel", "include", "exclude",
                  "overrides", "keep_first", "keep_last", "kinds", "quantize_gates", "kernel", "weight_bits",
-                 "weight_method", "bcgd_rho")
+                 "weight_method", "bcgd_rho", "integer_graph")
 
 
 def quant_from_plain(values: dict[str, Any]) -> Any:

@@ -1,6 +1,6 @@
-"""Fold BatchNorm into the convolution before it (evaluation statistics), in a model's own modules.
+"""Fold BatchNorm into the convolution or linear layer before it (evaluation statistics), in place.
 
-A BatchNorm layer that reads the output of a Conv1d/2d/3d (and nothing else reads that output) is
+A BatchNorm layer that reads the output of a Conv1d/2d/3d or Linear (and nothing else reads it) is
 an affine map per output channel: ``y = (conv(x) - mean) * gamma / sqrt(var + eps) + beta``. Folding
 scales the conv's weight per output channel and gives it the bias ``(b - mean) * k + beta``; the
 BatchNorm becomes an ``nn.Identity``. This is what an integer runtime executes (one integer conv with
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..quantizer.weight import QuantWeightModule
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -27,8 +27,9 @@ def _is_plain_norm(m: nn.Module) -> bool:
     return type(m) in _NORMS and bool(m.track_running_stats) and m.running_mean is not None
 
 
-def _is_plain_conv(m: nn.Module) -> bool:
-    return type(m) in _CONVS and m.padding_mode == "zeros" and not isinstance(m, QuantWeightModule)
+def _is_plain_layer(m: nn.Module) -> bool:
+    plain = type(m) in _LAYERS and getattr(m, "padding_mode", "zeros") == "zeros"
+    return plain and not isinstance(m, QuantWeightModule)
 
 
 def fold_into(conv: Any, norm: Any) -> None:
@@ -54,8 +55,8 @@ def fold_into(conv: Any, norm: Any) -> None:
 
 
 def fold_batchnorm(model: nn.Module, graphs: dict[str, fx.Graph]) -> list[str]:
-    """Fold every BatchNorm that only reads a conv's output into that conv, in place; the names of the
-    folded BatchNorm modules. ``graphs``: the shallow FX trace of each owner, by module path (owners
+    """Fold every BatchNorm that only reads a conv's (or linear layer's) output into that layer, in place;
+    the names of the folded BatchNorm modules. ``graphs``: the shallow FX trace of each owner, by module path (owners
     missing from it are left as they are). Each conv and norm must be called exactly once."""
     modules = dict(model.named_modules())
     calls: Counter = Counter()
@@ -80,14 +81,16 @@ def fold_batchnorm(model: nn.Module, graphs: dict[str, fx.Graph]) -> list[str]:
 
 
 def _conv_norm_pair(node: fx.Node, owner: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(conv, norm) when ``node`` calls a plain BatchNorm on the output of a plain conv read by nothing else."""
+    """(conv or linear layer, norm) when ``node`` calls a plain BatchNorm on the output of a plain conv or
+    linear layer read by nothing else."""
     if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     norm = owner.get_submodule(str(node.target))
     source = node.args[0]
     if not _is_plain_norm(norm) or source.op != "call_module" or len(source.users) != 1:
         return None
-    conv = owner.get_submodule(str(source.target))
-    if not _is_plain_conv(conv) or conv.out_channels != norm.num_features:
+    layer = owner.get_submodule(str(source.target))
+    outputs = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    if not _is_plain_layer(layer) or outputs != norm.num_features:
         return None
-    return conv, norm
+    return layer, norm

@@ -11,4 +11,6 @@ tests import them as ``tools.<name>`` (pytest puts the repository root on the pa
 - ``tools.p2_experiment``: [P2]'s coarse-gradient experiment.
 - ``tools.reproduce_paper``: [P1]'s Table 1 grid and instability runs (``model_zoo/RESULTS.md``).
 - ``tools.bench_quant``, ``tools.bench_train``, ``tools.bench_onnx``: benchmarks.
+- ``tools.bench_deploy`` (with ``tools.deploy_lib``): float vs our deploy file vs ONNX Runtime's
+  ``quantize_static``, in ONNX Runtime and OpenVINO.
 """

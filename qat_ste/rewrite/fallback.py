@@ -13,6 +13,7 @@ report marks such sites ``runtime fallback``.
 from __future__ import annotations
 
 import contextvars
+import inspect
 from typing import Any, cast
 
 import torch.nn as nn
@@ -100,16 +101,30 @@ class CallOrderDispatch(nn.Module):
         return self.original(x, *args, **kwargs)
 
 
+def _forward_like(base: type) -> Any:
+    """``_runtime_forward`` presenting ``base.forward``'s signature (parameter names and count), so
+    that torch.export binds inputs and dynamic shapes to the same parameters as for the original."""
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _runtime_forward(self, *args, **kwargs)
+
+    try:
+        cast(Any, forward).__signature__ = inspect.signature(cast(Any, base).forward)
+    except (TypeError, ValueError):  # no introspectable signature: keep (*args, **kwargs)
+        pass
+    forward.__doc__ = cast(Any, base).forward.__doc__
+    return forward
+
+
 def install_runtime_dispatch(owner: nn.Module, functional_sites: dict[str, str]) -> None:
     """Swap ``owner``'s class so its direct functional activation calls reach its quantizers.
 
     ``functional_sites`` maps ``"F.relu@0"`` (function name @ call index) to the attribute name of
-    the QuantAct registered on the owner.
+    the QuantAct registered on the owner. The new forward keeps the original's signature.
     """
     base = type(owner)
     cast(Any, owner)._qat_runtime_sites = dict(functional_sites)
     owner.__class__ = type(base.__name__, (base,), {
-        "forward": _runtime_forward, "_qat_base_class": base, "__module__": base.__module__})
+        "forward": _forward_like(base), "_qat_base_class": base, "__module__": base.__module__})
     for child in owner.modules():
         if child is not owner and not getattr(child, "_qat_depth_hooked", False):
             child.register_forward_pre_hook(_enter_child)

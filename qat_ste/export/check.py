@@ -18,8 +18,15 @@ the runtime options it used, see ``CheckReport.options``):
   rounding boundary differ; a tolerance applies (``min_code_agreement``). With int8 weights in
   the file (the PyTorch model keeps float weights) this figure, and the logits, also carry the
   weight quantization error.
-- max |logit difference|, top-1 agreement, and the accuracy of both when labels are given (and of
-  the model as given, when the reference rounds its weights as an int8 file does).
+- max |logit difference| (over every float output of the model, in the file's output order), the
+  relative output drift, the task's figure (``qat_ste.export.tasks``: top-1 agreement over the
+  classes, per-pixel class agreement over the channel axis, boxes matched by IoU and label, or the
+  relative error), and the accuracy of both when labels are given (and of the model as given, when
+  the reference rounds its weights as an int8 file does). A model of several inputs gets one tensor
+  per input of the file, by name, in the forward's order.
+- the same task figure and drift with ONNX Runtime's default session options, which fuse Q/DQ into
+  integer kernels (the file's ``session.disable_quant_qdq=1`` keeps the check bit-exact; users open
+  files with the defaults): their own thresholds; a file those options cannot load is noted.
 - which ops run as integer kernels (ORT's optimized graph; OpenVINO's runtime graph, each compute
   node's runtime precision), and latency against the float model's own export in the same runtime.
 - per layer with quantized weights: the distinct codes in the file against the spec's value set
@@ -59,6 +66,7 @@ from .runtime import (
     open_runner,
     optimized_op_counts,
 )
+from .tasks import TASKS, Agreement, flatten_outputs, meets, resolve_task
 from .weights import dequantize_per_channel, int8_per_channel
 
 
@@ -110,7 +118,8 @@ class CheckReport:
     site_parity: float                 # lowest per-site parity (1.0 = exact everywhere)
     code_agreement: float              # end-to-end, all sites pooled
     max_logit_diff: float
-    top1_agreement: float              # share of equal argmax (over the last axis) between the runtimes
+    top1_agreement: float              # the task's share of agreement (classification: equal argmax over the
+                                       # classes; regression: NaN), the file as deployed
     accuracy_torch: float | None       # the PyTorch reference's accuracy on the labelled samples
     accuracy_onnx: float | None        # the file's, in ``runtime``
     integer_ops: dict[str, int]        # integer kernels in ORT's optimized graph (the file's session options),
@@ -126,6 +135,13 @@ class CheckReport:
     runtime: str = "onnxruntime"       # the runtime that ran the file: "onnxruntime" or "openvino"
     accuracy_model: float | None = None  # the model as given (differs from accuracy_torch when the
                                          # reference rounds the weights, as for an int8 file)
+    task: str = "classification"       # the task whose figure is compared (see qat_ste.export.tasks)
+    task_figure: str = "top-1 agreement"  # what that figure is
+    task_agreement: float = float("nan")  # the figure, the file as deployed (regression: relative error)
+    relative_drift: float = float("nan")  # ||torch - file|| / ||torch|| over the float outputs, as deployed
+    default_task_agreement: float | None = None  # the figure under ORT's default session options
+    default_max_logit_diff: float | None = None  # (None: the file does not load with them)
+    default_relative_drift: float | None = None
 
     @property
     def runtime_name(self) -> str:
@@ -171,8 +187,11 @@ class CheckReport:
             f"  end-to-end code agreement            {self.code_agreement:.4%}  (min {t['min_code_agreement']:.2%})",
             f"  max |logit difference|               {self.max_logit_diff:.6g}"
             + (f"  (max {t['max_logit_diff']:g})" if t.get("max_logit_diff") is not None else "  (not limited)"),
-            f"  top-1 agreement                      {self.top1_agreement:.2%}  (min {t['min_top1_agreement']:.2%})",
+            f"  relative output drift                {self.relative_drift:.4%}",
+            f"  task                                 {self.task}",
+            f"  {self.task_figure:<35}  {self._figure_text(self.task_agreement, self._task_threshold())}",
         ]
+        lines += self._default_lines()
         lines += self._accuracy_lines()
         lines += self._kernel_lines()
         if self.latency_ms:
@@ -186,11 +205,33 @@ class CheckReport:
         lines += [f"  FAILED: {f}" for f in self.failures]
         return "\n".join(lines)
 
+    def _task_threshold(self, default: bool = False) -> float | None:
+        t = self.thresholds
+        if default:
+            return t.get("min_default_agreement" if self.task != "regression" else "max_default_relative_error")
+        return t.get(TASK_THRESHOLDS.get(self.task, "min_top1_agreement"))
+
+    def _figure_text(self, value: float, threshold: float | None) -> str:
+        bound = ("min" if self.task != "regression" else "max") if threshold is not None else ""
+        limit = f"({bound} {threshold:.2%})" if threshold is not None else "(not limited)"
+        return f"{value:.4%}  {limit}" if self.task == "regression" else f"{value:.2%}  {limit}"
+
+    def _default_lines(self) -> list[str]:
+        if self.default_task_agreement is None or self.default_max_logit_diff is None:
+            why = self.options.get("default_options", "not measured")
+            return [f"  ORT default options                  {why}"]
+        limit = self.thresholds.get("max_default_logit_diff")
+        return [f"  {'ORT default options:':<35}  {self.task_figure} "
+                f"{self._figure_text(self.default_task_agreement, self._task_threshold(True))}, "
+                f"max |logit difference| {self.default_max_logit_diff:.6g}"
+                + (f" (max {limit:g})" if limit is not None else "")
+                + f", relative drift {self.default_relative_drift or 0.0:.4%}"]
+
     def _accuracy_lines(self) -> list[str]:
         if self.accuracy_torch is None or self.accuracy_onnx is None:
             return []
         delta = (self.accuracy_onnx - self.accuracy_torch) * 100
-        label = f"accuracy ({self.samples} labelled samples)"
+        label = f"accuracy ({self.samples} labelled samples{', per pixel' if self.task == 'segmentation' else ''})"
         lines = [f"  {label:<35}  PyTorch {self.accuracy_torch:.2%}, {self.runtime_name} "
                  f"{self.accuracy_onnx:.2%} ({delta:+.2f} points)"]
         if self.accuracy_model is not None and "as given" not in self.reference:
@@ -216,18 +257,51 @@ def _ops_text(ops: dict[str, int]) -> str:
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def _batches(inputs: Any, labels: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    xs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    if not xs or not all(isinstance(x, torch.Tensor) for x in xs):
-        raise QatSteError("inputs must be a tensor (one batch) or a sequence of tensors (batches)",
-                          "pass e.g. torch.randn(16, 3, 32, 32)")
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
+
+
+def _is_tensors(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(t, torch.Tensor) for t in value)
+
+
+def _batches(inputs: Any, labels: Any, n_inputs: int = 1) -> list[Batch]:
+    """[(the input tensors of one batch, its labels or None)]. For a model of ``n_inputs`` inputs
+    (the file's), ``inputs`` is one batch (a tensor; with several inputs a tuple of them) or a
+    sequence of batches."""
+    example = "torch.randn(16, 3, 32, 32)" if n_inputs == 1 else f"a tuple of {n_inputs} tensors"
+    if isinstance(inputs, torch.Tensor):
+        xs: list[tuple[torch.Tensor, ...]] = [(inputs,)]
+    elif n_inputs > 1 and _is_tensors(inputs) and len(inputs) == n_inputs:
+        xs = [tuple(inputs)]
+    elif isinstance(inputs, (tuple, list)) and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
+        xs = [(x,) for x in inputs]
+    elif isinstance(inputs, (tuple, list)) and inputs and all(_is_tensors(x) for x in inputs):
+        xs = [tuple(x) for x in inputs]
+    else:
+        raise QatSteError("inputs must be a tensor (one batch) or a sequence of tensors (batches)"
+                          + (f"; this file takes {n_inputs} inputs: a tuple of {n_inputs} tensors per batch"
+                             if n_inputs > 1 else ""), f"pass e.g. {example}")
+    wrong = next((x for x in xs if len(x) != n_inputs), None)
+    if wrong is not None:
+        raise QatSteError(f"the file takes {n_inputs} input(s), but a batch of {len(wrong)} tensor(s) was given",
+                          f"pass {example} per batch, in the order of the model's forward arguments")
     if labels is None:
         return [(x, None) for x in xs]
     ys = [labels] if isinstance(labels, torch.Tensor) else list(labels)
-    if len(ys) != len(xs) or any(len(y) != len(x) for x, y in zip(xs, ys, strict=True)):
+    if len(ys) != len(xs) or any(len(y) != len(x[0]) for x, y in zip(xs, ys, strict=True)):
         raise QatSteError("labels do not match inputs (one label per input sample)",
                           "pass labels shaped like the inputs' batches, e.g. a tensor of N class indices")
     return list(zip(xs, ys, strict=True))
+
+
+def _file_inputs(proto: Any) -> list[str]:
+    """The file's graph inputs (initializers excluded), in order: the forward's arguments."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in initializers]
+
+
+def _feeds(names: Sequence[str], xs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {name: x.detach().cpu().numpy() for name, x in zip(names, xs, strict=True)}
 
 
 def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True, expose_outputs: bool = True
@@ -328,15 +402,27 @@ def _capture_hook(store: dict[str, list[torch.Tensor]]):
 # ---- the check -------------------------------------------------------------------------------------
 
 
+#: the threshold argument of each task's figure
+TASK_THRESHOLDS = {"classification": "min_top1_agreement", "segmentation": "min_pixel_agreement",
+                   "detection": "min_box_agreement", "regression": "max_relative_error"}
+
+
 def check_onnx(
     model: nn.Module,
     onnx_path: str | os.PathLike,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
     labels: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
+    task: str | None = None,
     min_code_agreement: float = 0.9,
     max_logit_diff: float | None = None,
     min_top1_agreement: float = 0.9,
+    min_pixel_agreement: float = 0.9,
+    min_box_agreement: float = 0.9,
+    max_relative_error: float | None = 0.1,
+    min_default_agreement: float | None = 0.9,
+    max_default_relative_error: float | None = 0.2,
+    max_default_logit_diff: float | None = None,
     latency: bool = True,
     latency_runs: int = 10,
     threads: int | None = None,
@@ -346,67 +432,134 @@ def check_onnx(
 ) -> CheckReport:
     """Compare the ONNX file written by ``export_onnx`` with the PyTorch ``model`` it came from.
 
-    ``inputs``: one batch (a tensor, batch first) or a sequence of batches, for a single-input
-    model; ``labels``: class indices matching them (adds the accuracy of both). ``ok`` requires exact
-    per-site code parity, end-to-end code agreement >= ``min_code_agreement``, top-1 agreement
-    >= ``min_top1_agreement`` and, when given, max |logit difference| <= ``max_logit_diff``.
+    ``inputs``: one batch (a tensor, batch first; for a model of several inputs a tuple of tensors,
+    fed to the file's inputs by name in the forward's order) or a sequence of batches; ``labels``:
+    class indices matching them (per sample, or per pixel for segmentation; adds the accuracy of
+    both). ``task``: "classification", "segmentation", "detection" or "regression" (None: picked by
+    the output's shape, see :mod:`qat_ste.export.tasks`); its figure must meet its threshold
+    (``min_top1_agreement``, ``min_pixel_agreement``, ``min_box_agreement``, ``max_relative_error``).
+    ``ok`` also requires exact per-site code parity, end-to-end code agreement >= ``min_code_agreement``
+    and, when given, max |output difference| <= ``max_logit_diff``. The task's figure and the drift are
+    also measured with ORT's default options (what users run: Q/DQ fused into integer kernels), against
+    ``min_default_agreement`` (regression: ``max_default_relative_error``) and ``max_default_logit_diff``;
+    a file those options cannot load is noted, not failed.
     ``runtime``: ``"onnxruntime"`` (default) or ``"openvino"`` (the ``openvino`` extra) runs the file;
     ``runtime_options`` are added to the options of the file as deployed and of both latency runs
     (OpenVINO properties, e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}`` where bf16 is its default;
     ORT session config entries).
-    ``latency``: also time the file against the float model's export (``float_onnx_path``, or
-    exported to a temp dir) in the same runtime with ``threads`` intra-op threads (None: the
-    runtime's default), median of ``latency_runs`` runs on the first batch. See the module docstring
-    for what each figure means.
+    ``latency``: also time the file against the float model's export (``float_onnx_path``, or exported
+    to a temp dir) in the same runtime with ``threads`` intra-op threads (None: the runtime's default),
+    median of ``latency_runs`` runs on the first batch. The module docstring says what each figure means.
     """
     check_runtime(runtime)
+    if task is not None:
+        resolve_task(task, [])  # an unknown task fails before any work
     path, proto, meta = _read_exported(onnx_path, model)
-    batches = _batches(inputs, labels)
+    batches = _batches(inputs, labels, len(_file_inputs(proto)))
     integer = meta.get("weight_format") == "int8" and has_integer_points(model)
     deploy_config, probe_config = _runtime_configs(runtime, meta, integer)
     extra = {str(k): str(v) for k, v in (runtime_options or {}).items()}
     deploy_config.update(extra)
-    reference_model, reference, notes = _reference_for(model, meta, batches[0][0][:1] if integer else None)
+    first = batches[0][0]
+    reference_model, reference, notes = _reference_for(model, meta, _example(first) if integer else None)
     deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config, integer)
-    options = {
+    default, default_described = _default_runner(runtime, path, deploy_config, notes)
+    options = _options(probe, deployed, default_described)
+    tally = _compare(model, reference_model, (deployed, default), probe, batches, task)
+    tally.default = copy.deepcopy(tally.agreement) if default_described.startswith("the same") else tally.default
+    site_checks = _site_checks(tally, meta)
+    thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
+                  "min_top1_agreement": min_top1_agreement, "min_pixel_agreement": min_pixel_agreement,
+                  "min_box_agreement": min_box_agreement, "max_relative_error": max_relative_error,
+                  "min_default_agreement": min_default_agreement, "max_default_logit_diff": max_default_logit_diff,
+                  "max_default_relative_error": max_default_relative_error}
+    weight_checks = _weight_checks(model, proto, meta, first, runtime, probe_config)
+    if weight_checks:
+        options["weights"] = probe.runner.description + " (each quantized weight as an extra output)"
+    failures = (tally.failures + _threshold_failures(site_checks, tally, thresholds, runtime)
+                + _weight_failures(weight_checks))
+    notes += _boundary_notes(site_checks, runtime)
+    integer_ops, float_ops, default_ops, ops_options = _integer_ops(runtime, path, deploy_config, deployed)
+    options["integer_ops"] = ops_options
+    latency_ms = None
+    if latency:
+        latency_ms = _latency(model, path, first, runtime, (deploy_config, extra), meta, latency_runs,
+                              threads, float_onnx_path, notes, options)
+    return _report(path, meta, reference, tally, failures, site_checks, thresholds, options, notes,
+                   (integer_ops, float_ops, default_ops), latency_ms, weight_checks, runtime, labels is not None)
+
+
+def _example(xs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One sample of a batch: a tensor for a single-input model, else a tuple."""
+    return xs[0][:1] if len(xs) == 1 else tuple(x[:1] for x in xs)
+
+
+def _options(probe: _Probe, deployed: Runner, default_described: str) -> dict[str, str]:
+    """Figure -> the runtime options it used (latency, weights and integer ops are added later)."""
+    return {
         "site_parity": probe.runner.description + (
             " (each site's quantizer nodes alone, fed PyTorch's u)" if probe.alone
             else " (the file with each site's u/codes as extra outputs)"),
         "end_to_end_codes": probe.runner.description + (
             " (the file with each site's codes as extra outputs)" if probe.alone else " (same run)"),
         "logits": deployed.description + " (the file as deployed)",
+        "default_options": default_described,
     }
-    tally = _compare(model, reference_model, deployed, probe, batches)
-    site_checks = _site_checks(tally, meta)
-    thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
-                  "min_top1_agreement": min_top1_agreement}
-    weight_checks = _weight_checks(model, proto, meta, batches[0][0], runtime, probe_config)
-    if weight_checks:
-        options["weights"] = probe.runner.description + " (each quantized weight as an extra output)"
-    failures = (tally.failures + _threshold_failures(site_checks, tally, thresholds, runtime)
-                + _weight_failures(weight_checks))
+
+
+def _boundary_notes(site_checks: list[SiteCheck], runtime: str) -> list[str]:
     boundary = {c.name: c.near_boundary for c in site_checks if c.near_boundary}
-    if boundary and runtime == "openvino":
-        notes.append(f"{sum(boundary.values())} code(s) given the same u differ by one at u/step within 2 ulps of a "
-                     f"rounding boundary (site(s) {', '.join(list(boundary)[:5])}): OpenVINO quantizes as "
-                     "u * (1/step), ONNX as u / step; not a failure in OpenVINO")
-    integer_ops, float_ops, default_ops, ops_options = _integer_ops(runtime, path, deploy_config, deployed)
-    options["integer_ops"] = ops_options
-    latency_ms = None
-    if latency:
-        latency_ms = _latency(model, path, batches[0][0], runtime, (deploy_config, extra), meta, latency_runs,
-                              threads, float_onnx_path, notes, options)
-    labelled = labels is not None and tally.total > 0
+    if not boundary or runtime != "openvino":
+        return []
+    return [f"{sum(boundary.values())} code(s) given the same u differ by one at u/step within 2 ulps of a "
+            f"rounding boundary (site(s) {', '.join(list(boundary)[:5])}): OpenVINO quantizes as "
+            "u * (1/step), ONNX as u / step; not a failure in OpenVINO"]
+
+
+def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, failures: list[str],
+            site_checks: list[SiteCheck], thresholds: dict[str, float | None], options: dict[str, str],
+            notes: list[str], ops: tuple[dict[str, int], dict[str, int], dict[str, int] | str],
+            latency_ms: dict[str, float] | None, weight_checks: list[WeightCheck], runtime: str,
+            labelled: bool) -> CheckReport:
+    """The CheckReport of the figures gathered."""
+    assert tally.agreement is not None and tally.task is not None
+    agreement, default = tally.agreement, tally.default
+    notes = notes + [n for n in agreement.notes if n not in notes]
+    labelled = labelled and tally.labelled > 0
+    value = agreement.value
     return CheckReport(
         onnx_path=str(path), form=str(meta.get("form")), weight_format=str(meta.get("weight_format")),
         reference=reference, samples=tally.samples, ok=not failures, failures=failures, sites=site_checks,
         site_parity=min((s.parity for s in site_checks), default=1.0), code_agreement=tally.code_agreement,
-        max_logit_diff=tally.max_diff, top1_agreement=tally.agree / max(tally.total, 1),
-        accuracy_torch=tally.correct_torch / tally.total if labelled else None,
-        accuracy_onnx=tally.correct_onnx / tally.total if labelled else None,
-        integer_ops=integer_ops, float_ops=float_ops, integer_ops_default_options=default_ops,
+        max_logit_diff=agreement.max_diff, top1_agreement=value if tally.task != "regression" else float("nan"),
+        accuracy_torch=tally.correct_torch / tally.labelled if labelled else None,
+        accuracy_onnx=tally.correct_onnx / tally.labelled if labelled else None,
+        integer_ops=ops[0], float_ops=ops[1], integer_ops_default_options=ops[2],
         latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes, weight_layers=weight_checks,
-        runtime=runtime, accuracy_model=tally.correct_model / tally.total if labelled else None)
+        runtime=runtime, accuracy_model=tally.correct_model / tally.labelled if labelled else None,
+        task=tally.task, task_figure=agreement.figure, task_agreement=value, relative_drift=agreement.relative_drift,
+        default_task_agreement=default.value if default is not None else None,
+        default_max_logit_diff=default.max_diff if default is not None else None,
+        default_relative_drift=default.relative_drift if default is not None else None)
+
+
+def _default_runner(runtime: str, path: Path, deploy_config: dict[str, str], notes: list[str]
+                    ) -> tuple[Runner | None, str]:
+    """The file under ORT's default session options, and how that is described (a runner of None:
+    the figures are the deployed file's, when its options are already the defaults, or the file
+    does not load that way, said in the description and in ``notes``)."""
+    if runtime == "openvino":
+        return None, "the same as the file as deployed (OpenVINO's defaults)"
+    if not deploy_config:
+        return None, "the same as the file as deployed (its options are ORT's defaults)"
+    try:
+        runner = open_runner(runtime, path, {})
+    except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
+        why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        notes.append(f"the file does not load with ORT's default session options ({why}): no default-options "
+                     "figures")
+        return None, f"not loadable with ORT's default options: {why}"
+    return runner, runner.description + " (ORT's defaults: Q/DQ fused into integer kernels where ORT can)"
 
 
 def _runtime_configs(runtime: str, meta: dict[str, Any], integer: bool = False
@@ -483,7 +636,7 @@ def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path
     return path, proto, meta
 
 
-def _reference_for(model: nn.Module, meta: dict[str, Any], integer_input: torch.Tensor | None = None
+def _reference_for(model: nn.Module, meta: dict[str, Any], integer_input: Any = None
                    ) -> tuple[nn.Module, str, list[str]]:
     """(the PyTorch model to compare with, how it is described, notes): with int8 weights in the file,
     a copy of ``model`` whose weights are rounded the same way; for an integer graph
@@ -519,13 +672,14 @@ class _Tally:
     """Counts gathered over the batches."""
 
     sites: dict[str, _SiteTally]
+    task: str | None = None                  # as asked (None: picked from the first batch's outputs)
+    agreement: Agreement | None = None       # the task's figure and the output drift, the file as deployed
+    default: Agreement | None = None         # the same under ORT's default session options
     failures: list[str] = field(default_factory=list)
-    max_diff: float = 0.0
-    agree: int = 0
-    total: int = 0
     correct_torch: int = 0
     correct_onnx: int = 0
     correct_model: int = 0   # the model as given (the reference may round its weights)
+    labelled: int = 0        # labelled class decisions (samples; pixels for segmentation)
     samples: int = 0
 
     @property
@@ -534,34 +688,76 @@ class _Tally:
         return sum(c.end_to_end for c in self.sites.values()) / values
 
 
-def _compare(model: nn.Module, reference_model: nn.Module, deployed: Runner, probe: _Probe,
-             batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> _Tally:
-    """Run every batch through PyTorch, the file as deployed and the instrumented file; count."""
-    input_name, tensors = deployed.inputs[0], probe.tensors
+def _torch_outputs(model: nn.Module, xs: tuple[torch.Tensor, ...], device: torch.device, n_file: int
+                   ) -> list[torch.Tensor]:
+    """The model's output tensors on ``xs`` (CPU), as many as the file has outputs: a file of one
+    output against a model that returns several is compared with its class scores (logits_of)."""
+    output = model(*(x.to(device) for x in xs))
+    flat = flatten_outputs(output)
+    if len(flat) != n_file and n_file == 1:
+        flat = [logits_of(output)]
+    if len(flat) != n_file:
+        raise QatSteError(f"the model returns {len(flat)} output tensor(s), the file has {n_file}",
+                          "check the file against the model it was exported from")
+    return [t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for t in flat]
+
+
+def _file_outputs(runner: Runner, feeds: dict[str, np.ndarray], n_file: int) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.asarray(v)) for v in runner.run(feeds)[:n_file]]
+
+
+def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner, Runner | None], probe: _Probe,
+             batches: list[Batch], task: str | None = None) -> _Tally:
+    """Run every batch through PyTorch, the file as deployed (and with ORT's default options, the
+    second runner, when given) and the instrumented file; count."""
+    deployed, default = runners
+    tensors, n_file = probe.tensors, len(deployed.outputs)
     device = next((p.device for p in reference_model.parameters()), torch.device("cpu"))
     sites = {s.name: s for s in quant_sites(reference_model)}
     by_site: dict[str, list[Any]] = {}
     for t in tensors:
         by_site.setdefault(t.name, []).append(t)
-    tally = _Tally(sites={name: _SiteTally(occurrences=len(occ)) for name, occ in by_site.items()})
+    tally = _Tally(sites={name: _SiteTally(occurrences=len(occ)) for name, occ in by_site.items()}, task=task)
     with torch.no_grad():
-        for x, y in batches:
+        for xs, y in batches:
             store: dict[str, list[torch.Tensor]] = {}
             with export_routing(reference_model, list(sites.values()), _capture_hook(store)):
-                logits_t = logits_of(reference_model(x.to(device))).float().cpu()
-            feeds = {input_name: x.detach().cpu().numpy()}
-            logits_o = torch.from_numpy(deployed.run(feeds)[0]).float()
-            values = probe.runner.named({probe.runner.inputs[0]: feeds[input_name]})
+                outs_t = _torch_outputs(reference_model, xs, device, n_file)
+            feeds = _feeds(deployed.inputs, xs)
+            outs_o = _file_outputs(deployed, feeds, n_file)
+            values = probe.runner.named(_feeds(probe.runner.inputs, xs))
             given = _quantizers_on(probe, store, by_site) if probe.alone else values
             for name, occurrences in by_site.items():
                 _count_site(tally, name, sites[name].module, occurrences, (given, values), probe.codes_as,
                             store.get(name, []))
-            _count_logits(tally, logits_t, logits_o, y)
+            if tally.agreement is None:
+                tally.task = resolve_task(tally.task, outs_t)
+                tally.agreement = Agreement(tally.task)
+                tally.default = Agreement(tally.task) if default is not None else None
+            tally.agreement.add(outs_t, outs_o)
+            if default is not None and tally.default is not None:
+                tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), n_file))
             if y is not None:
-                as_given = logits_t if model is reference_model else logits_of(model(x.to(device))).float().cpu()
-                tally.correct_model += int((as_given.argmax(-1) == y.cpu().reshape(as_given.shape[:-1])).sum())
-            tally.samples += len(x)
+                as_given = outs_t if model is reference_model else _torch_outputs(model, xs, device, n_file)
+                _count_labels(tally, outs_t[0], outs_o[0], as_given[0], y)
+            tally.samples += len(xs[0])
     return tally
+
+
+def _count_labels(tally: _Tally, torch_scores: torch.Tensor, file_scores: torch.Tensor, given_scores: torch.Tensor,
+                  labels: torch.Tensor) -> None:
+    """Accuracy counts of one labelled batch: class indices per sample (classification) or per pixel
+    (segmentation, labels (N, H, W))."""
+    if tally.task not in ("classification", "segmentation"):
+        raise QatSteError(f"labels were given for a {tally.task} output",
+                          "pass labels only for classification (class per sample) or segmentation (class per pixel)")
+    axis = -1 if tally.task == "classification" else 1
+    top_torch = torch_scores.argmax(axis)
+    target = labels.cpu().reshape(top_torch.shape)
+    tally.correct_torch += int((top_torch == target).sum())
+    tally.correct_onnx += int((file_scores.argmax(axis) == target).sum())
+    tally.correct_model += int((given_scores.argmax(axis) == target).sum())
+    tally.labelled += target.numel()
 
 
 def _quantizers_on(probe: _Probe, store: dict[str, list[torch.Tensor]], by_site: dict[str, list[Any]]
@@ -624,19 +820,6 @@ def _near_boundary(rounding: str, u: torch.Tensor, step: torch.Tensor, expected:
     return int((mismatch & near & ((expected - codes).abs() == 1)).sum())
 
 
-def _count_logits(tally: _Tally, logits_torch: torch.Tensor, logits_onnx: torch.Tensor,
-                  labels: torch.Tensor | None) -> None:
-    diff = (logits_torch - logits_onnx).abs()
-    tally.max_diff = max(tally.max_diff, float(diff.max()) if diff.numel() else 0.0)
-    top_torch, top_onnx = logits_torch.argmax(-1), logits_onnx.argmax(-1)
-    tally.agree += int((top_torch == top_onnx).sum())
-    tally.total += top_torch.numel()
-    if labels is not None:
-        target = labels.cpu().reshape(top_torch.shape)
-        tally.correct_torch += int((top_torch == target).sum())
-        tally.correct_onnx += int((top_onnx == target).sum())
-
-
 def _site_checks(tally: _Tally, meta: dict[str, Any]) -> list[SiteCheck]:
     meta_sites = {s["name"]: s for s in meta["sites"]}
     checks = []
@@ -659,16 +842,30 @@ def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds:
                             "(the file's step/zero point/rounding differ from the model's)")
         if not s.dequant_exact:
             failures.append(f"site {s.name}: dequantized values differ from (q - z) * step")
-    min_codes, max_diff, min_top1 = (thresholds["min_code_agreement"], thresholds["max_logit_diff"],
-                                     thresholds["min_top1_agreement"])
-    top1 = tally.agree / max(tally.total, 1)
+    min_codes, max_diff = thresholds["min_code_agreement"], thresholds["max_logit_diff"]
     if min_codes is not None and tally.code_agreement < min_codes:
         failures.append(f"end-to-end code agreement {tally.code_agreement:.4%} < {min_codes:.2%}")
-    if max_diff is not None and tally.max_diff > max_diff:
-        failures.append(f"max |logit difference| {tally.max_diff:.6g} > {max_diff:g}")
-    if min_top1 is not None and top1 < min_top1:
-        failures.append(f"top-1 agreement {top1:.2%} < {min_top1:.2%}")
+    agreement, default = tally.agreement, tally.default
+    if agreement is None or tally.task is None:
+        return failures
+    if max_diff is not None and agreement.max_diff > max_diff:
+        failures.append(f"max |logit difference| {agreement.max_diff:.6g} > {max_diff:g}")
+    failures += _figure_failures(tally.task, agreement.value, thresholds[TASK_THRESHOLDS[tally.task]], "")
+    if default is not None:
+        key = "min_default_agreement" if tally.task != "regression" else "max_default_relative_error"
+        failures += _figure_failures(tally.task, default.value, thresholds[key], " under ORT's default options")
+        limit = thresholds["max_default_logit_diff"]
+        if limit is not None and default.max_diff > limit:
+            failures.append(f"max |logit difference| under ORT's default options {default.max_diff:.6g} > {limit:g}")
     return failures
+
+
+def _figure_failures(task: str, value: float, threshold: float | None, where: str) -> list[str]:
+    if meets(task, value, threshold):
+        return []
+    if task == "regression":
+        return [f"relative error{where} {value:.4%} > {threshold:.2%}"]
+    return [f"{TASKS[task]}{where} {value:.2%} < {threshold:.2%}"]
 
 
 def _integer_ops(runtime: str, path: Path, file_config: dict[str, str], deployed: Runner
@@ -695,27 +892,27 @@ def _integer_ops(runtime: str, path: Path, file_config: dict[str, str], deployed
     return integer_ops, float_ops, default_ops, described
 
 
-def _latency(model: nn.Module, path: Path, x: torch.Tensor, runtime: str,
+def _latency(model: nn.Module, path: Path, xs: tuple[torch.Tensor, ...], runtime: str,
              configs: tuple[dict[str, str], dict[str, str]], meta: dict[str, Any], runs: int, threads: int | None,
              float_path: str | os.PathLike | None, notes: list[str], options: dict[str, str]
              ) -> dict[str, float] | None:
     """Median latency of the file and of the float model's export, in ``runtime`` with ``threads``;
     ``configs``: (the file's options, the float export's)."""
-    feeds_x = x.detach().cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(float_path) if float_path is not None else Path(tmp) / "float.onnx"
         if float_path is None:
             try:
-                export_float_onnx(model, reference, x[:1].cpu(), opset=int(meta.get("opset", 21)))
+                export_float_onnx(model, reference, tuple(x[:1].cpu() for x in xs), opset=int(meta.get("opset", 21)))
             except Exception as e:  # noqa: BLE001
                 notes.append(f"no latency comparison: the float model did not export ({e})")
                 return None
         quantized = open_runner(runtime, path, configs[0], threads=threads)
         baseline = open_runner(runtime, reference, configs[1], threads=threads)
-        q_ms = median_call_ms(lambda: quantized.run({quantized.inputs[0]: feeds_x}), runs)
-        f_ms = median_call_ms(lambda: baseline.run({baseline.inputs[0]: feeds_x}), runs)
+        q_feeds, f_feeds = _feeds(quantized.inputs, xs), _feeds(baseline.inputs, xs)
+        q_ms = median_call_ms(lambda: quantized.run(q_feeds), runs)
+        f_ms = median_call_ms(lambda: baseline.run(f_feeds), runs)
     options["latency"] = f"quantized: {quantized.description}; float export: {baseline.description}"
-    return {"quantized": q_ms, "float": f_ms, "speedup": f_ms / q_ms, "batch": float(len(x))}
+    return {"quantized": q_ms, "float": f_ms, "speedup": f_ms / q_ms, "batch": float(len(xs[0]))}
 
 
 # ---- quantized weights -----------------------------------------------------------------------------
@@ -735,7 +932,8 @@ def allowed_weight_codes(spec: str) -> tuple[int, ...]:
                       "check a file written by qat_ste's export_onnx()")
 
 
-def _runtime_weights(proto: Any, outputs: list[str], x: torch.Tensor, runtime: str, config: dict[str, str]
+def _runtime_weights(proto: Any, outputs: list[str], xs: tuple[torch.Tensor, ...], runtime: str,
+                     config: dict[str, str]
                      ) -> dict[str, np.ndarray]:
     """The runtime's value of each dequantized weight (the file with only those as outputs)."""
     import onnx
@@ -746,7 +944,7 @@ def _runtime_weights(proto: Any, outputs: list[str], x: torch.Tensor, runtime: s
     del model.graph.output[:]
     model.graph.output.extend([helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
     runner = open_runner(runtime, model.SerializeToString(), config)
-    values = runner.named({runner.inputs[0]: x.detach().cpu().numpy()} if runner.inputs else {})
+    values = runner.named(_feeds(runner.inputs, xs) if runner.inputs else {})
     return {o: values[o] for o in outputs}
 
 
@@ -755,7 +953,8 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a.view(np.int32), b.view(np.int32)))
 
 
-def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.Tensor, runtime: str = "onnxruntime",
+def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], xs: tuple[torch.Tensor, ...],
+                   runtime: str = "onnxruntime",
                    config: dict[str, str] | None = None) -> list[WeightCheck]:
     """Per quantized-weight layer: the codes in the file against the spec's value set (the spec read
     from the metadata), and codes x scale (in numpy and in ``runtime`` with ``config``) against PyTorch's Q(w)."""
@@ -766,7 +965,7 @@ def _weight_checks(model: nn.Module, proto: Any, meta: dict[str, Any], x: torch.
     if not specs:
         return []
     tensors = [t for t in weight_tensors(proto) if t.name in specs]
-    ort_values = _runtime_weights(proto, [t.output for t in tensors], x, runtime,
+    ort_values = _runtime_weights(proto, [t.output for t in tensors], xs, runtime,
                                   DISABLE_QDQ if config is None else config)
     modules = dict(model.named_modules())
     containers: dict[int, str] = {int(code): name for name, (code, _, _) in WEIGHT_CONTAINERS.items()}

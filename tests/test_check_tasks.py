@@ -219,3 +219,26 @@ def test_unknown_task_lists_the_choices(segmenter) -> None:
     with pytest.raises(QatSteError, match="unknown task 'pose'") as info:
         check_onnx(q, path, x, task="pose", latency=False)
     assert all(t in info.value.fix for t in TASKS)
+
+
+def test_two_input_model_in_openvino(two_inputs) -> None:
+    pytest.importorskip("openvino")
+    q, path, (x, e) = two_inputs
+    r = check_onnx(q, path, (x, e), runtime="openvino", latency=False,
+                   runtime_options={"INFERENCE_PRECISION_HINT": "f32"})
+    assert r.ok and r.runtime == "openvino" and r.task_agreement == 1.0, r.table()
+    assert r.options["default_options"] == "the same as the file as deployed (OpenVINO's defaults)"
+    assert r.default_task_agreement == r.task_agreement
+
+
+def test_a_model_with_more_outputs_than_the_file_is_a_clear_error() -> None:
+    from qat_ste.export.check import _torch_outputs
+
+    class Three(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return x, x + 1, x + 2
+
+    with pytest.raises(QatSteError, match=r"the model returns 3 output tensor\(s\), the file has 2"):
+        _torch_outputs(Three(), (torch.zeros(1, 2),), torch.device("cpu"), 2)
+    only = _torch_outputs(Three(), (torch.zeros(1, 2),), torch.device("cpu"), 1)  # a one-output file: the scores
+    assert len(only) == 1 and torch.equal(only[0], torch.zeros(1, 2))

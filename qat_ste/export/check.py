@@ -524,7 +524,7 @@ def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, fai
     """The CheckReport of the figures gathered."""
     assert tally.agreement is not None and tally.task is not None
     agreement, default = tally.agreement, tally.default
-    notes = notes + [n for n in agreement.notes if n not in notes]
+    notes = notes + [n for n in tally.notes + agreement.notes if n not in notes]
     labelled = labelled and tally.labelled > 0
     value = agreement.value
     return CheckReport(
@@ -676,6 +676,7 @@ class _Tally:
     agreement: Agreement | None = None       # the task's figure and the output drift, the file as deployed
     default: Agreement | None = None         # the same under ORT's default session options
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     correct_torch: int = 0
     correct_onnx: int = 0
     correct_model: int = 0   # the model as given (the reference may round its weights)
@@ -688,17 +689,19 @@ class _Tally:
         return sum(c.end_to_end for c in self.sites.values()) / values
 
 
-def _torch_outputs(model: nn.Module, xs: tuple[torch.Tensor, ...], device: torch.device, n_file: int
-                   ) -> list[torch.Tensor]:
-    """The model's output tensors on ``xs`` (CPU), as many as the file has outputs: a file of one
-    output against a model that returns several is compared with its class scores (logits_of)."""
+def _torch_outputs(model: nn.Module, xs: tuple[torch.Tensor, ...], device: torch.device, n_file: int,
+                   notes: list[str] | None = None) -> list[torch.Tensor]:
+    """The model's output tensors on ``xs`` (CPU), one per output of the file (``n_file``); where the
+    counts differ, only the class scores (logits_of), compared with the file's first output (said in
+    ``notes``)."""
     output = model(*(x.to(device) for x in xs))
     flat = flatten_outputs(output)
-    if len(flat) != n_file and n_file == 1:
-        flat = [logits_of(output)]
     if len(flat) != n_file:
-        raise QatSteError(f"the model returns {len(flat)} output tensor(s), the file has {n_file}",
-                          "check the file against the model it was exported from")
+        flat = [logits_of(output)]
+        note = (f"the model's output ({len(flatten_outputs(output))} tensors) does not flatten to the file's {n_file} "
+                "output tensor(s): only its class scores (logits_of) are compared, with the file's first output")
+        if notes is not None and note not in notes:
+            notes.append(note)
     return [t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for t in flat]
 
 
@@ -722,9 +725,8 @@ def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner
         for xs, y in batches:
             store: dict[str, list[torch.Tensor]] = {}
             with export_routing(reference_model, list(sites.values()), _capture_hook(store)):
-                outs_t = _torch_outputs(reference_model, xs, device, n_file)
-            feeds = _feeds(deployed.inputs, xs)
-            outs_o = _file_outputs(deployed, feeds, n_file)
+                outs_t = _torch_outputs(reference_model, xs, device, n_file, tally.notes)
+            outs_o = _file_outputs(deployed, _feeds(deployed.inputs, xs), len(outs_t))
             values = probe.runner.named(_feeds(probe.runner.inputs, xs))
             given = _quantizers_on(probe, store, by_site) if probe.alone else values
             for name, occurrences in by_site.items():
@@ -736,7 +738,7 @@ def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner
                 tally.default = Agreement(tally.task) if default is not None else None
             tally.agreement.add(outs_t, outs_o)
             if default is not None and tally.default is not None:
-                tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), n_file))
+                tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), len(outs_t)))
             if y is not None:
                 as_given = outs_t if model is reference_model else _torch_outputs(model, xs, device, n_file)
                 _count_labels(tally, outs_t[0], outs_o[0], as_given[0], y)

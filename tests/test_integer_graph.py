@@ -190,3 +190,31 @@ def test_openvino_runs_an_integer_graph_with_int8_convolutions(tmp_path):
     assert report.site_parity == 1.0 or all(s.near_boundary for s in report.sites if s.parity < 1.0)
     assert report.top1_agreement == 1.0
     assert report.integer_ops == {"Convolution": 6, "FullyConnected": 1} and report.float_ops == {}
+
+
+class _DataDependent(nn.Module):
+    """A residual block FX cannot trace (a branch on a value): the rewrite cannot place its points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if float(y.mean()) > -1e9:
+            y = y + x
+        return self.act(y)
+
+
+def test_an_owner_fx_cannot_trace_is_reported_without_points():
+    model = nn.Sequential(_DataDependent(), nn.Conv2d(3, 4, 1), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    q = qat_ste.quantize(model.eval(), bits=4, integer_graph=True, example_input=x)
+    report = qat_ste.report(q)
+    assert list(report.points_skipped) == ["0"]
+    assert "FX cannot trace it" in report.points_skipped["0"] or "run time" in report.points_skipped["0"]
+    assert "integer graph: no points inside 0:" in report.table()
+    # what the untraced block reads is unknown, so its input gets no point; the conv after it reads the
+    # block's quantized ReLU: no point either
+    assert report.points == []

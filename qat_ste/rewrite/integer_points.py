@@ -10,9 +10,11 @@ tensor that is not yet codes feeds
 - any tensor input of ``+``, ``-``, ``*`` (``operator.add``, ``torch.add``, ``x.add_``, ``+=``...)
   and ``torch.cat``;
 - the input of an activation other than the quantized ReLU (GELU, Hardswish, a float gate...): it
-  runs in float between DequantizeLinear and QuantizeLinear, and the op before it ends in codes.
+  runs in float between DequantizeLinear and QuantizeLinear, and the op before it ends in codes;
+- the input of a child module that reads that input as codes somewhere inside;
 
-So the graph input, the non-activation input of every residual add, a squeeze-excite gate multiplied
+and the result of every add / mul / concat that a quantized ReLU does not read (an integer add ends
+in codes). So the graph input, the non-activation input of every residual add, a squeeze-excite gate multiplied
 into the features, the output of average pooling before the classifier and the inputs of attention
 matmuls each get one. A tensor is codes when it comes from a QuantAct through ops that keep the codes
 on the same grid (max pooling, flatten / reshape / view / permute / transpose / indexing / squeeze /
@@ -22,9 +24,9 @@ Which tensors are codes across module boundaries is learnt from one run of the m
 input (inputs and outputs of every module call); the points are then placed in the owners' FX graphs
 by the same machinery as the activation sites: one point per tensor, right after the node that makes
 it, read by every later use of that tensor inside the owner (the owner's return value keeps the float
-tensor). Owners are handled outermost first, so a point placed in a parent makes the child's input
-codes and the child adds none. An owner FX cannot trace (the runtime fallback) gets no points; the
-report lists it.
+tensor, except an add / mul / concat result's). Owners are handled outermost first, so a point placed
+in a parent makes the child's input codes and the child adds none. An owner FX cannot trace (the
+runtime fallback), or whose trace would freeze a branch, gets no points; the report lists it.
 """
 
 from __future__ import annotations
@@ -234,8 +236,7 @@ def _is_code_preserving(node: fx.Node, owner: nn.Module) -> bool:
 
 def _is_codes(node: fx.Node, owner: nn.Module, flow: CodeFlow, placeholders: dict[fx.Node, int]) -> bool | None:
     """Whether ``node``'s value is codes (None: a constant, which needs no point)."""
-    while _is_code_preserving(node, owner) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
+    node = _origin(node, owner)
     if node.op == "get_attr":
         return None
     if node.op == "placeholder":

@@ -16,10 +16,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import qat_ste  # noqa: E402
-from qat_ste.export import check_onnx, export_onnx  # noqa: E402
+from qat_ste.errors import QatSteError  # noqa: E402
+from qat_ste.export import check_onnx, export_onnx, read_metadata  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -82,3 +84,126 @@ def test_two_input_model_exports_named_inputs_with_a_dynamic_batch(tmp_path) -> 
         expected = qmodel(left, right).numpy()
     assert out.shape == (5, 8)
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+# ---- the exporter chain ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qat_ste_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    """An op no ONNX exporter knows (no translation, no symbolic)."""
+    return x.clone()
+
+
+@_opaque.register_fake
+def _opaque_fake(x):
+    return torch.empty_like(x)
+
+
+class DataDependent(nn.Module):
+    """A slice whose length depends on the data: torch.export cannot guard on it
+    (GuardOnDataDependentSymNode), the TorchScript exporter traces it as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(8, 4, 3), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.conv2(self.act(self.bn(self.conv(x)))))
+        return y[: int(y.sum() > -1e9) + 1].flatten(1)
+
+
+class Unexportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qat_ste_test.opaque(self.act(self.conv(x)))
+
+
+class FusedAttention(nn.Module):
+    """Stands for a timm attention block: ``fused_attn`` picks a path no exporter takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused_attn = True
+        self.proj, self.act = nn.Linear(8, 8), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.proj(x))
+        if self.fused_attn:
+            return torch.ops.qat_ste_test.opaque(y)
+        return torch.softmax(y @ y.transpose(-1, -2), -1) @ y
+
+
+def _calibrated(model: nn.Module, shape: tuple[int, ...], **options) -> nn.Module:
+    qmodel = qat_ste.quantize(model, bits=4, **options)
+    qat_ste.calibrate(qmodel, [torch.randn(4, *shape[1:])])
+    return qmodel.eval()
+
+
+@pytest.fixture(scope="module")
+def data_dependent() -> nn.Module:
+    torch.manual_seed(0)
+    return _calibrated(DataDependent(), (1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("form", ["deploy", "spec"])
+def test_torchscript_path_when_torch_export_fails(data_dependent, tmp_path, form) -> None:
+    result = export_onnx(data_dependent, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), form=form)
+    assert result.exporter == "torchscript"
+    assert any("dynamo: " in n and "GuardOnDataDependentSymNode" in n for n in result.notes)
+    model = onnx.load(result.path)
+    assert read_metadata(model)["exporter"] == "torchscript"
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}  # markers removed
+    assert [s.name for s in result.sites] == ["act", "act2"]
+    assert result.input_names == ("x",) and result.output_names == ("output",)
+    assert [s.container for s in result.sites] == (["uint4"] * 2 if form == "spec" else ["uint8"] * 2)
+    for batch in (2, 5):
+        report = check_onnx(data_dependent, result.path, torch.randn(batch, 3, 8, 8), latency=False)
+        assert report.ok, report.table()
+        assert [s.parity for s in report.sites] == [1.0, 1.0]
+
+
+def test_torchscript_path_exports_quantized_weights_and_int8_float_weights(tmp_path) -> None:
+    qmodel = _calibrated(DataDependent(), (1, 3, 8, 8), weight_bits=2, keep_first_weights=False,
+                         keep_last_weights=False)
+    result = export_onnx(qmodel, tmp_path / "w.onnx", torch.randn(1, 3, 8, 8), weight_format="int8")
+    assert result.exporter == "torchscript"
+    assert [w.name for w in result.weight_layers] == ["conv", "conv2"]
+    assert all(set(w.distinct_codes) <= set(w.allowed_codes) for w in result.weight_layers)
+    report = check_onnx(qmodel, result.path, torch.randn(3, 3, 8, 8), latency=False)
+    assert report.ok, report.table()
+    assert report.site_parity == 1.0
+
+
+def test_dynamo_is_the_first_path(tmp_path) -> None:
+    result = export_onnx(_calibrated(RootFallback(), (1, 3, 8, 8)), tmp_path / "d.onnx", torch.randn(1, 3, 8, 8))
+    assert result.exporter == "dynamo" and not any("earlier paths failed" in n for n in result.notes)
+    assert read_metadata(onnx.load(result.path))["exporter"] == "dynamo"
+
+
+def test_fused_attention_is_switched_off_when_it_blocks_the_export(tmp_path) -> None:
+    qmodel = _calibrated(FusedAttention(), (1, 5, 8))
+    result = export_onnx(qmodel, tmp_path / "a.onnx", torch.randn(1, 5, 8))
+    assert result.exporter == "dynamo, timm fused attention off"
+    assert qmodel.fused_attn is True  # restored
+    session = _session(result.path)
+    x = torch.randn(3, 5, 8)
+    qmodel.fused_attn = False
+    with torch.no_grad():
+        expected = qmodel(x).numpy()
+    qmodel.fused_attn = True
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=1e-5)
+
+
+def test_a_model_no_exporter_takes_names_every_path(tmp_path) -> None:
+    qmodel = _calibrated(Unexportable(), (1, 3, 8, 8))
+    with pytest.raises(QatSteError) as info:
+        export_onnx(qmodel, tmp_path / "u.onnx", torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert "every ONNX exporter failed" in message
+    assert "dynamo: " in message and "torchscript: " in message and "fused attention" not in message
+    assert not (tmp_path / "u.onnx").exists()

@@ -25,10 +25,11 @@ bit. BatchNorm after such a layer stays a separate node (folding it would change
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,6 @@ from .ops import (
     float_activation,
     quant_sites,
     reference_codes,
-    translation_table,
     weight_layers,
     weight_routing,
 )
@@ -132,6 +132,7 @@ class ExportResult:
     weight_counts: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     weight_layers: tuple[WeightInfo, ...] = ()   # layers with quantized weights (their own codes and scale)
+    exporter: str = "dynamo"        # the exporter path that produced the file (qat_ste.export.exporters.PATHS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -248,23 +249,22 @@ def _trace_inputs(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tupl
 
 def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...],
                   opset: int, dynamic_batch: bool, hook=None, layers: Sequence[WeightLayer] = (),
-                  quantized_weights: bool = True):
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
-    try:
+                  quantized_weights: bool = True) -> tuple[Any, str, list[str]]:
+    """The exporter chain (see :mod:`qat_ste.export.exporters`): the ONNX ModelProto with every
+    site's QuantizeLinear (and quantized weight's DequantizeLinear) tagged by node metadata, the
+    name of the path that produced it, and notes on the paths that failed before it."""
+    from .exporters import run_chain
+    from .passes import resolve_markers
+
+    @contextlib.contextmanager
+    def routing() -> Iterator[None]:
         with export_routing(model, sites, hook), weight_routing(list(layers), quantized_weights):
-            program = torch.onnx.export(
-                model, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                custom_translation_table=translation_table(), dynamic_shapes=dynamic_shapes)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fix = "pass dynamic_batch=False if the model fixes its batch size; otherwise report this model"
-        raise QatSteError(f"the ONNX exporter failed: {type(e).__name__}: {first}", fix) from e
-    if program is None:
-        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program (a bug, please report)")
-    return program.model_proto
+            yield
+
+    shapes = {w.index: tuple(w.codes.shape) for w in layers}
+    proto, path, notes = run_chain(model, inputs, opset, dynamic_batch, routing, shapes)
+    resolve_markers(proto)
+    return proto, path, notes
 
 
 def _site_quants(sites: list[RoutedSite], seen: dict[int, tuple[int, int | None]], form: str):
@@ -356,7 +356,9 @@ def export_onnx(
     if skipped:
         notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
                      f"{', '.join(skipped[:5])}")
-    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch, layers=layers)
+    proto, exporter, exporter_notes = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset,
+                                                    dynamic_batch, layers=layers)
+    notes.extend(exporter_notes)
     quants = _site_quants(sites, seen, form)
     weight_quants = _weight_quants(layers, form, opset)
     site_graphs, weight_counts, weight_graphs = _rewrite_graph(proto.graph, quants, form, weight_format, notes,
@@ -370,6 +372,7 @@ def export_onnx(
                      "(weight_format='int8' applies to the float layers only)")
     metadata = {
         "format": METADATA_FORMAT, "form": form, "weight_format": weight_format, "opset": opset,
+        "exporter": exporter,
         "session_config": session_config, "sites": [i.to_dict() for i in infos],
         "weight_layers": [w.to_dict() for w in weight_infos],
     }
@@ -380,7 +383,7 @@ def export_onnx(
         file_size=len(data), sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
         output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
         session_config=session_config, weight_counts=weight_counts, notes=tuple(notes),
-        weight_layers=tuple(weight_infos))
+        weight_layers=tuple(weight_infos), exporter=exporter)
 
 
 def has_integer_points(model: nn.Module) -> bool:
@@ -524,8 +527,9 @@ def export_float_onnx(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = tuple(t.to(device) for t in _as_inputs(example_input))
     sites = quant_sites(model)
-    proto = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch,
-                          hook=lambda site: float_activation, layers=weight_layers(model), quantized_weights=False)
+    proto, _, _ = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch,
+                                hook=lambda site: float_activation, layers=weight_layers(model),
+                                quantized_weights=False)
     from . import passes
 
     passes.clean_metadata(proto.graph)

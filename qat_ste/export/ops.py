@@ -21,7 +21,7 @@ computed once, lowered to DequantizeLinear(codes, scale[, axis=0]) tagged ``qat_
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,62 @@ def translate_quant_dequant(u, scale, zero_point, dq_scale, qmin: int, qmax: int
     if qmin > 0 or qmax < 255:
         q = op.Clip(q, op.Constant(value=ir.tensor(np.uint8(qmin))), op.Constant(value=ir.tensor(np.uint8(qmax))))
     return op.DequantizeLinear(q, dq_scale, zp, axis=axis)
+
+
+#: marker ops the TorchScript exporter's symbolics emit (domain "qat_ste", attribute ``index``):
+#: ``Site`` after a site's QuantizeLinear, ``WeightSite`` after a quantized weight's DequantizeLinear
+SITE_MARKER, WEIGHT_MARKER = "Site", "WeightSite"
+
+
+def _keep_traced_type(g: Any, value: Any) -> None:
+    """Give ``value`` the type (dtype and shape) the traced op's output had: ONNX shape inference
+    cannot see through the marker nodes."""
+    original = getattr(g, "original_node", None)
+    if original is not None and original.outputsSize() == 1:
+        value.setType(original.output().type())
+
+
+def _legacy_quant_dequant(g: Any, u: Any, scale: Any, zero_point: Any, dq_scale: Any, qmin: int, qmax: int,
+                          axis: int, site: int) -> Any:
+    """TorchScript-exporter symbolic of ``qat_ste::quant_dequant``: Q(uint8) -> Site marker ->
+    [Clip] -> DQ, as the dynamo lowering (the marker stands for its node metadata)."""
+    zp = g.op("Cast", zero_point, to_i=2)  # 2: onnx.TensorProto.UINT8
+    q = g.op("QuantizeLinear", u, scale, zp, axis_i=axis)
+    q = g.op(f"qat_ste::{SITE_MARKER}", q, index_i=site)
+    q.setType(u.type().with_dtype(torch.uint8))
+    if qmin > 0 or qmax < 255:
+        lo = g.op("Constant", value_t=torch.tensor(qmin, dtype=torch.uint8))
+        hi = g.op("Constant", value_t=torch.tensor(qmax, dtype=torch.uint8))
+        q = g.op("Clip", q, lo, hi)
+    out = g.op("DequantizeLinear", q, dq_scale, zp, axis_i=axis)
+    _keep_traced_type(g, out)
+    return out
+
+
+def _legacy_weight_dequant(shapes: Mapping[int, tuple[int, ...]]) -> Callable:
+    """TorchScript-exporter symbolic of ``qat_ste::weight_dequant``: DQ(codes, scale) -> WeightSite marker,
+    typed with the layer's weight shape from ``shapes`` (the layer's own symbolic needs the kernel
+    shape, which shape inference cannot see past the marker)."""
+    def symbolic(g: Any, codes: Any, scale: Any, axis: int, layer: int) -> Any:
+        out = g.op("DequantizeLinear", codes, scale, axis_i=axis)
+        marked = g.op(f"qat_ste::{WEIGHT_MARKER}", out, index_i=layer)
+        if layer in shapes:
+            marked.inferTypeFrom(torch.empty(shapes[layer]))
+        return marked
+    return symbolic
+
+
+def register_legacy_symbolics(weight_shapes: Mapping[int, tuple[int, ...]] | None = None) -> None:
+    """Register the export ops' symbolics with the TorchScript exporter (from opset 18; registering
+    again replaces them). ``weight_shapes``: {layer index: weight shape} of the model about to be exported."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    register_custom_op_symbolic(
+        "qat_ste::quant_dequant", parse_args("v", "v", "v", "v", "i", "i", "i", "i")(_legacy_quant_dequant), 18)
+    register_custom_op_symbolic(
+        "qat_ste::weight_dequant", parse_args("v", "v", "i", "i")(_legacy_weight_dequant(dict(weight_shapes or {}))),
+        18)
 
 
 def translation_table() -> dict[Callable, Callable]:
@@ -212,25 +268,36 @@ def weight_layers(model: nn.Module) -> list[WeightLayer]:
     return found
 
 
+#: names of the temporary buffers that hold a layer's codes and scale during export
+_CODES_BUFFER, _SCALE_BUFFER = "_qat_export_weight_codes", "_qat_export_weight_scale"
+
+
 @contextlib.contextmanager
 def weight_routing(layers: list[WeightLayer], quantized: bool = True) -> Iterator[None]:
     """Within the block, each layer's weight quantizer returns its codes through the export op
     (``quantized``) or the float weight unchanged (the float baseline); restored on exit."""
     def route(layer: WeightLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+        module: Any = layer.module
+
         def forward(w: torch.Tensor) -> torch.Tensor:
             if not quantized:
                 return w
-            return torch.ops.qat_ste.weight_dequant(layer.codes, layer.scale, layer.axis or 0,
-                                                    layer.index).to(w.dtype)
+            out = torch.ops.qat_ste.weight_dequant(getattr(module, _CODES_BUFFER), getattr(module, _SCALE_BUFFER),
+                                                   layer.axis or 0, layer.index)
+            return out if out.dtype == w.dtype else out.to(w.dtype)
         return forward
 
     patched: list[Any] = []
     try:
         for layer in layers:
             quantizer: Any = layer.module.weight_quantizer
+            # state-dict buffers, not constants: the TorchScript tracer folds an op on constant inputs
+            layer.module.register_buffer(_CODES_BUFFER, layer.codes)
+            layer.module.register_buffer(_SCALE_BUFFER, layer.scale)
             quantizer.forward = route(layer)
-            patched.append(quantizer)
+            patched.append((quantizer, layer.module))
         yield
     finally:
-        for quantizer in patched:
+        for quantizer, module in patched:
             del quantizer.forward
+            del module._buffers[_CODES_BUFFER], module._buffers[_SCALE_BUFFER]

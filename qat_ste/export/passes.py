@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .ops import SITE_INDEX_KEY, WEIGHT_INDEX_KEY
+from .ops import SITE_INDEX_KEY, SITE_MARKER, WEIGHT_INDEX_KEY, WEIGHT_MARKER
 from .weights import int8_per_channel
 
 SITE_KEY = "qat_ste.site"
@@ -158,6 +158,37 @@ def clean_metadata(graph: onnx.GraphProto) -> None:
         del n.metadata_props[:]
         for k, v in keep:
             _set_meta(n, k, v)
+
+
+def resolve_markers(model: onnx.ModelProto, domain: str = "qat_ste") -> int:
+    """The TorchScript path's marker nodes -> node metadata: a ``Site`` marker tags the QuantizeLinear
+    before it with its site index, a ``WeightSite`` marker the DequantizeLinear before it with the
+    layer index, as the dynamo lowering does; the markers and their opset import are removed.
+    Returns the number of markers resolved."""
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+    markers = [n for n in graph.node if n.domain == domain and n.op_type in (SITE_MARKER, WEIGHT_MARKER)]
+    for marker in markers:
+        index = str(next(a.i for a in marker.attribute if a.name == "index"))
+        source, out = marker.input[0], marker.output[0]
+        expected = "QuantizeLinear" if marker.op_type == SITE_MARKER else "DequantizeLinear"
+        tagged = producers.get(source)
+        if tagged is None or tagged.op_type != expected:
+            raise RuntimeError(f"{marker.op_type} marker {index} does not follow a {expected} (a bug, please report)")
+        _set_meta(tagged, SITE_INDEX_KEY if marker.op_type == SITE_MARKER else WEIGHT_INDEX_KEY, index)
+        for user in consumers.get(out, []):
+            for i, name in enumerate(user.input):
+                if name == out:
+                    user.input[i] = source
+        for o in graph.output:
+            if o.name == out:
+                raise RuntimeError(f"marker {index} feeds a graph output (a bug, please report)")
+        graph.node.remove(marker)
+    _drop_value_info(graph, {m.output[0] for m in markers})
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return len(markers)
 
 
 # ---- sites ---------------------------------------------------------------------------------------

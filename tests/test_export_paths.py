@@ -138,8 +138,8 @@ class FusedAttention(nn.Module):
         return torch.softmax(y @ y.transpose(-1, -2), -1) @ y
 
 
-def _calibrated(model: nn.Module, shape: tuple[int, ...], **options) -> nn.Module:
-    qmodel = qat_ste.quantize(model, bits=4, **options)
+def _calibrated(model: nn.Module, shape: tuple[int, ...], bits_override: int = 4, **options) -> nn.Module:
+    qmodel = qat_ste.quantize(model, bits=bits_override, **options)
     qat_ste.calibrate(qmodel, [torch.randn(4, *shape[1:])])
     return qmodel.eval()
 
@@ -207,3 +207,13 @@ def test_a_model_no_exporter_takes_names_every_path(tmp_path) -> None:
     assert "every ONNX exporter failed" in message
     assert "dynamo: " in message and "torchscript: " in message and "fused attention" not in message
     assert not (tmp_path / "u.onnx").exists()
+
+
+def test_torchscript_path_reaches_opset_25_for_2_bit_spec(tmp_path) -> None:
+    qmodel = _calibrated(DataDependent(), (1, 3, 8, 8), bits_override=2)
+    result = export_onnx(qmodel, tmp_path / "s2.onnx", torch.randn(1, 3, 8, 8), form="spec")
+    assert result.exporter == "torchscript" and result.opset == 25
+    assert [s.container for s in result.sites] == ["uint2", "uint2"]
+    report = check_onnx(qmodel, result.path, torch.randn(3, 3, 8, 8), latency=False)
+    assert report.ok, report.table()
+    assert report.site_parity == 1.0

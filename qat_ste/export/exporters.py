@@ -102,6 +102,7 @@ def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
     from .ops import register_legacy_symbolics
 
     register_legacy_symbolics(weight_shapes)
+    requested, opset = opset, min(opset, _torchscript_max_opset())
     names = _input_names(model, len(inputs))
     axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True) if t.dim() > 0} if dynamic_batch else None
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -112,7 +113,37 @@ def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
                           training=torch.onnx.TrainingMode.EVAL)
         proto = onnx.load(target)
     _name_outputs(proto)
-    return proto
+    return proto if opset == requested else _convert_opset(proto, requested)
+
+
+def _torchscript_max_opset() -> int:
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
+def _convert_opset(proto: Any, opset: int) -> Any:
+    """``proto`` (from an older opset) converted to ``opset`` by onnx's version converter, with the
+    site / weight index metadata kept (the converter drops node metadata; node names survive)."""
+    from onnx import version_converter
+
+    from .ops import SITE_INDEX_KEY, WEIGHT_INDEX_KEY
+    from .passes import resolve_markers
+
+    resolve_markers(proto)
+    keys = (SITE_INDEX_KEY, WEIGHT_INDEX_KEY)
+    for n in proto.graph.node:
+        tags = {p.key: p.value for p in n.metadata_props if p.key in keys}
+        if tags:
+            key, value = next(iter(tags.items()))
+            n.name = f"{key}={value}"
+    converted = version_converter.convert_version(proto, opset)
+    for n in converted.graph.node:
+        key, _, value = n.name.partition("=")
+        if key in keys and value:
+            entry = n.metadata_props.add()
+            entry.key, entry.value = key, value
+    return converted
 
 
 def _name_outputs(proto: Any) -> None:
@@ -160,6 +191,9 @@ def run_chain(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dy
             errors.append(f"{path}: {type(e).__name__}: {_first_line(e)}")
             continue
         notes = [f"exported by the {path} path; earlier paths failed: " + "; ".join(errors)] if errors else []
+        if path.startswith(TORCHSCRIPT):
+            notes.append("the TorchScript exporter records Python control flow and data-dependent values as "
+                         "the example input took them; check the file on inputs like those it will see")
         return proto, path, notes
     fix = ("pass dynamic_batch=False if the model fixes its batch size; if the float model fails the same "
            "way (qat_ste.export.export_float_onnx), the model cannot be exported by torch; otherwise report it")

@@ -527,6 +527,23 @@ def test_an_internal_error_exits_1_and_says_it_is_a_bug(monkeypatch, capsys):
         main(["convert"])
 
 
+def test_a_failed_import_of_qat_ste_itself_is_an_internal_error_not_a_missing_package(monkeypatch, capsys):
+    def broken(args):
+        raise ImportError("cannot import name 'X' from 'qat_ste.export.ops'", name="qat_ste.export.ops")
+
+    monkeypatch.setitem(COMMANDS, "convert", broken)
+    assert main(["convert"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: ImportError" in err and "required package is missing" not in err
+
+    def missing(args):
+        raise ImportError("No module named 'onnxscript'", name="onnxscript")
+
+    monkeypatch.setitem(COMMANDS, "convert", missing)
+    assert main(["convert"]) == 2
+    assert "a required package is missing" in capsys.readouterr().err
+
+
 def test_out_of_memory_exits_1_with_the_batch_size_fix(monkeypatch, capsys):
     def oom(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as error:
         if debug:
             raise
+        if (error.name or "").split(".")[0] == "qat_ste":  # our own import failed: not the user's set-up
+            return _internal_error(error)
         _fail(f"a required package is missing ({error})",
               "install the extras: pip install 'qat_ste[onnx,timm,data,plot]'")
         return EXIT_USAGE

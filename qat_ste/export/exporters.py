@@ -84,7 +84,8 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dyna
     from .ops import translation_table
 
     dynamic_shapes = None
-    if dynamic_batch:
+    if dynamic_batch:  # torch.export specialises a batch of 1: trace a dynamic batch with 2 rows
+        inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in inputs)
     program = torch.onnx.export(
@@ -192,8 +193,10 @@ def run_chain(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dy
             continue
         notes = [f"exported by the {path} path; earlier paths failed: " + "; ".join(errors)] if errors else []
         if path.startswith(TORCHSCRIPT):
+            batch = ", ".join(str(t.shape[0]) for t in inputs if t.dim() > 0)
             notes.append("the TorchScript exporter records Python control flow and data-dependent values as "
-                         "the example input took them; check the file on inputs like those it will see")
+                         f"the example input (batch {batch}) took them, loops over the batch included; "
+                         "check the file at the batch sizes it will see")
         return proto, path, notes
     fix = ("pass dynamic_batch=False if the model fixes its batch size; if the float model fails the same "
            "way (qat_ste.export.export_float_onnx), the model cannot be exported by torch; otherwise report it")

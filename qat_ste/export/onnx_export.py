@@ -240,13 +240,6 @@ def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor
 # ---- the export ------------------------------------------------------------------------------------
 
 
-def _trace_inputs(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[torch.Tensor, ...]:
-    """torch.export specialises a batch of 1; trace a dynamic batch with 2 rows."""
-    if not dynamic_batch:
-        return inputs
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
-
-
 def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...],
                   opset: int, dynamic_batch: bool, hook=None, layers: Sequence[WeightLayer] = (),
                   quantized_weights: bool = True) -> tuple[Any, str, list[str]]:
@@ -356,7 +349,7 @@ def export_onnx(
     if skipped:
         notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
                      f"{', '.join(skipped[:5])}")
-    proto, exporter, exporter_notes = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset,
+    proto, exporter, exporter_notes = _run_exporter(model, sites, inputs, opset,
                                                     dynamic_batch, layers=layers)
     notes.extend(exporter_notes)
     quants = _site_quants(sites, seen, form)
@@ -527,7 +520,7 @@ def export_float_onnx(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = tuple(t.to(device) for t in _as_inputs(example_input))
     sites = quant_sites(model)
-    proto, _, _ = _run_exporter(model, sites, _trace_inputs(inputs, dynamic_batch), opset, dynamic_batch,
+    proto, _, _ = _run_exporter(model, sites, inputs, opset, dynamic_batch,
                                 hook=lambda site: float_activation, layers=weight_layers(model),
                                 quantized_weights=False)
     from . import passes

@@ -56,16 +56,28 @@ def _trace_hazard(m: nn.Module) -> str:
     A trace freezes Python branches: on ``self.training``, and on optional arguments (a traced
     ``if shortcut is None`` always takes the branch of a given argument).
     """
-    forward = type(m).forward
-    try:
-        if "self.training" in inspect.getsource(forward):
-            return "its forward branches on self.training (a trace would freeze one branch)"
-    except (OSError, TypeError):
-        pass
-    optional = [n for n, p in inspect.signature(forward).parameters.items() if p.default is None]
+    training = _training_branch(m)
+    if training:
+        return training
+    optional = _optional_arguments(m)
     if optional:
         return f"its forward has optional arguments ({', '.join(optional)}) a trace would freeze"
     return ""
+
+
+def _training_branch(m: nn.Module) -> str:
+    """Why ``m``'s forward cannot be traced once for both modes ("" when it can)."""
+    try:
+        if "self.training" in inspect.getsource(type(m).forward):
+            return "its forward branches on self.training (a trace would freeze one branch)"
+    except (OSError, TypeError):
+        pass
+    return ""
+
+
+def _optional_arguments(m: nn.Module) -> list[str]:
+    """The arguments of ``m``'s forward that default to None."""
+    return [n for n, p in inspect.signature(type(m).forward).parameters.items() if p.default is None]
 
 
 def _original_name(module: nn.Module) -> str:
@@ -554,9 +566,14 @@ def add_integer_points(model: nn.Module, cfg: QuantConfig, example_input: Any, r
         return names.setdefault(id(owner), _AttrNames(owner)).new(base)
 
     def hazard(owner: nn.Module) -> str:
-        return "" if hasattr(type(owner), "_qat_forward_src") else _trace_hazard(owner)
+        return "" if hasattr(type(owner), "_qat_forward_src") else _training_branch(owner)
 
-    tools = FxTools(trace=lambda m: _ShallowTracer().trace(m), hazard=hazard, install=install, new_name=new_name)
+    def trace(owner: nn.Module) -> fx.Graph:
+        # optional arguments are traced as None: the installed forward asserts that they are (a call
+        # that passes one fails loudly instead of silently taking the traced branch)
+        return _ShallowTracer().trace(owner, concrete_args=dict.fromkeys(_optional_arguments(owner)) or None)
+
+    tools = FxTools(trace=trace, hazard=hazard, install=install, new_name=new_name)
     sites, skipped = place_points(model, cfg, example_input, tools)
     report.sites.extend(sites)
     report.points_skipped = skipped

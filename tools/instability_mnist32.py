@@ -71,7 +71,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def _fit(model: torch.nn.Module, data: Any, schedule: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     config = TrainConfig(**schedule, device="cpu", seed=seed, progress=False, print_summary=False, plot=False,
                          verbose=False)
-    return train(model, data.train, data.val, config).history
+    result = train(model, data.train, data.val, config)
+    if result.stopped_early:  # SIGTERM/SIGINT: stop the whole tool, write nothing for this seed
+        raise KeyboardInterrupt(f"stopped ({result.stop_reason}); run the same command again to redo this seed")
+    return result.history
 
 
 def run_seed(seed: int, args: argparse.Namespace, data: Any, recipes: Any) -> dict[str, Any]:

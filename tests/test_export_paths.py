@@ -217,3 +217,26 @@ def test_torchscript_path_reaches_opset_25_for_2_bit_spec(tmp_path) -> None:
     report = check_onnx(qmodel, result.path, torch.randn(3, 3, 8, 8), latency=False)
     assert report.ok, report.table()
     assert report.site_parity == 1.0
+
+
+class BatchSpecialised(nn.Module):
+    """Code that branches on the batch size: torch.export specialises the batch it traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        return y * 2 if x.shape[0] == 2 else y
+
+
+def test_a_batch_the_exporter_fixes_is_the_example_inputs_and_reported(tmp_path) -> None:
+    qmodel = _calibrated(BatchSpecialised(), (1, 3, 8, 8))
+    result = export_onnx(qmodel, tmp_path / "b.onnx", torch.randn(1, 3, 8, 8))
+    assert result.exporter == "dynamo" and result.dynamic_batch is False
+    assert any("fixed the batch size" in n and "(1)" in n for n in result.notes)
+    dims = onnx.load(result.path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 8, 8]
+    report = check_onnx(qmodel, result.path, torch.randn(1, 3, 8, 8), latency=False)
+    assert report.ok and report.site_parity == 1.0, report.table()

@@ -159,6 +159,12 @@ def _name_outputs(proto: Any) -> None:
             rename_tensor(proto.graph, name, new)
 
 
+def has_dynamic_batch(proto: Any) -> bool:
+    """Whether the first axis of every graph input with one is symbolic (a dynamic batch)."""
+    dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
+    return all(d[0].dim_param and not d[0].HasField("dim_value") for d in dims if len(d) > 0)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -188,10 +194,17 @@ def run_chain(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dy
                     stack.enter_context(fused_attention_off(model))
                 stack.enter_context(routing())
                 proto = export(model, inputs, opset, dynamic_batch, weight_shapes or {})
+                fixed = dynamic_batch and not has_dynamic_batch(proto)
+                if fixed:  # the exporter specialised the batch: export the example input's batch instead
+                    proto = export(model, inputs, opset, False, weight_shapes or {})
         except Exception as e:  # noqa: BLE001 - any exporter failure moves on to the next path
             errors.append(f"{path}: {type(e).__name__}: {_first_line(e)}")
             continue
         notes = [f"exported by the {path} path; earlier paths failed: " + "; ".join(errors)] if errors else []
+        if fixed:
+            batch = ", ".join(str(t.shape[0]) for t in inputs if t.dim() > 0)
+            notes.append(f"the {path} path fixed the batch size (the model's code specialises it): the file "
+                         f"takes the example input's batch ({batch}) only")
         if path.startswith(TORCHSCRIPT):
             batch = ", ".join(str(t.shape[0]) for t in inputs if t.dim() > 0)
             notes.append("the TorchScript exporter records Python control flow and data-dependent values as "

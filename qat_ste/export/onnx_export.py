@@ -41,6 +41,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import QatSteError
 from ..quantizer.module import QuantAct, channel_axis_of
 from ..validation import check_choice
+from .exporters import has_dynamic_batch, run_chain
 from .ops import (
     RoutedSite,
     WeightLayer,
@@ -246,7 +247,6 @@ def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch
     """The exporter chain (see :mod:`qat_ste.export.exporters`): the ONNX ModelProto with every
     site's QuantizeLinear (and quantized weight's DequantizeLinear) tagged by node metadata, the
     name of the path that produced it, and notes on the paths that failed before it."""
-    from .exporters import run_chain
     from .passes import resolve_markers
 
     @contextlib.contextmanager
@@ -374,7 +374,7 @@ def export_onnx(
     return ExportResult(
         path=target, form=form, weight_format=weight_format, opset=opset, ir_version=proto.ir_version,
         file_size=len(data), sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
-        output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch,
+        output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch and has_dynamic_batch(proto),
         session_config=session_config, weight_counts=weight_counts, notes=tuple(notes),
         weight_layers=tuple(weight_infos), exporter=exporter)
 

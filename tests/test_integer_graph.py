@@ -218,3 +218,16 @@ def test_an_owner_fx_cannot_trace_is_reported_without_points():
     # what the untraced block reads is unknown, so its input gets no point; the conv after it reads the
     # block's quantized ReLU: no point either
     assert report.points == []
+
+
+def test_spec_form_with_int8_weights_and_per_channel_3_bit_sites_exports_and_checks(tmp_path):
+    # the int8 weight pass rebuilt the node list before the spec pass narrowed the containers: the
+    # spec pass then looked for nodes no longer in the graph (ValueError)
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(0)
+    q = qat_ste.quantize(ResidualCNN().eval(), bits=3, per_channel=True, example_input=x[:1])
+    qat_ste.calibrate(q, [x])
+    result = export_onnx(q.eval(), tmp_path / "m.onnx", x[:1], form="spec", weight_format="int8")
+    assert result.form == "spec" and result.weight_format == "int8"
+    report = qat_ste.check_onnx(q, tmp_path / "m.onnx", x, latency=False)
+    assert report.site_parity == 1.0, report.failures

@@ -450,11 +450,11 @@ def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, note
     site_graphs = passes.tag_sites(graph, quants)
     weight_graphs = passes.tag_weights(graph, weight_quants or [])
     weight_counts: dict[str, int] = {}
-    if weight_format == "int8":  # float layers only: a quantized weight is not an initializer
-        weight_counts = passes.quantize_weights_int8(graph, site_graphs)
-    if form == "spec":
+    if form == "spec":  # before the int8 pass, which rebuilds the node list the site graphs point into
         passes.narrow_containers(graph, site_graphs)
         passes.narrow_weight_containers(graph, weight_graphs)
+    if weight_format == "int8":  # float layers only: a quantized weight is not an initializer
+        weight_counts = passes.quantize_weights_int8(graph, site_graphs)
     passes.prune(graph)
     unfolded = sum(n.op_type == "BatchNormalization" for n in graph.node)
     if unfolded:

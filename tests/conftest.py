@@ -30,3 +30,19 @@ def ste_registry():
     yield ste_module._REGISTRY
     ste_module._REGISTRY.clear()
     ste_module._REGISTRY.update(saved)
+
+
+#: test modules that run OpenVINO in this process (besides tests named ..._openvino...)
+_OPENVINO_MODULES = ("test_openvino.py", "test_bench_deploy.py")
+
+
+def _loads_openvino(item: pytest.Item) -> bool:
+    return item.path.name in _OPENVINO_MODULES or "openvino" in item.name.lower()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that run OpenVINO go last. Once OpenVINO's thread pool has run in the test process, a
+    later test that trains and then starts processes (tests/test_data_stream.py's two gloo ranks)
+    ends the whole session with SIGSEGV (measured: test_openvino.py, then that file). The order of
+    the other tests is kept."""
+    items.sort(key=_loads_openvino)

@@ -206,7 +206,8 @@ def test_torch_schedulers_give_the_closed_form_lr_at_every_step(schedule, warmup
 def test_scheduler_is_stepped_per_iteration(synthetic):
     model = small_cnn()
     result = train(model, *synthetic, quick(epochs=2, lr=0.1, schedule="multistep", milestones=(1,), gamma=0.5))
-    assert [r["lr"] for r in result.history] == [pytest.approx(0.05), pytest.approx(0.05)]
+    # each epoch logs the lr its steps trained at: 0.1 in the first (the milestone is its end), 0.05 after
+    assert [r["lr"] for r in result.history] == [pytest.approx(0.1), pytest.approx(0.05)]
 
 
 # ---- logs, plot, files ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from tools.reproduce_paper import (
     build_model,
     fingerprint,
     load_net_data,
+    load_records,
     machine_info,
     provenance,
 )
@@ -130,15 +131,7 @@ def _weights(runs_dir: Path, run_id: str, digest: str) -> Path:
 
 def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """run_id -> record of every result file of this tool in ``results_dir``."""
-    found: dict[str, dict[str, Any]] = {}
-    for path in sorted(Path(results_dir).glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(record, dict) and record.get("format") == FORMAT:
-            found[record["run_id"]] = record
-    return found
+    return load_records(results_dir, FORMAT)
 
 
 def _model(run: T1Run, data: NetData, recipes: Recipes, float_state: Mapping[str, Any] | None) -> torch.nn.Module:

@@ -62,7 +62,7 @@ PAPER_DATA = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 __all__ = [
     "NetData", "RunSpec", "GridOptions", "ResultsStore", "load_net_data", "plan_runs", "run_grid",
     "write_report", "summary_table", "machine_info", "provenance", "put_block", "main", "P3Run", "P3Options",
-    "plan_p3", "run_p3", "p3_table", "write_p3_report", "load_p3_results",
+    "plan_p3", "run_p3", "p3_table", "write_p3_report", "load_p3_results", "load_records",
 ]
 
 
@@ -1144,17 +1144,23 @@ def p3_result_path(results_dir: Path, run_id: str) -> Path:
     return Path(results_dir) / f"{_safe(run_id.removeprefix('p3/'))}.json"
 
 
-def load_p3_results(results_dir: Path) -> dict[str, dict[str, Any]]:
-    """run_id -> record of every [P3] result file in ``results_dir`` (files of another format are skipped)."""
+def load_records(results_dir: Path, fmt: str) -> dict[str, dict[str, Any]]:
+    """run_id -> record of every JSON result file of format ``fmt`` in ``results_dir`` (unreadable
+    files and files of another format are skipped)."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(record, dict) and record.get("format") == P3_FORMAT:
+        if isinstance(record, dict) and record.get("format") == fmt:
             found[record["run_id"]] = record
     return found
+
+
+def load_p3_results(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """run_id -> record of every [P3] result file in ``results_dir`` (files of another format are skipped)."""
+    return load_records(results_dir, P3_FORMAT)
 
 
 def _p3_train(run: P3Run, model: torch.nn.Module, data: NetData, options: P3Options, digest: str) -> Any:

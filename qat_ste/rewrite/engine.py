@@ -50,6 +50,12 @@ def _is_torch_builtin(m: nn.Module) -> bool:
     return mod.startswith("torch.") and not isinstance(m, nn.Sequential)
 
 
+def _owns_calls(m: nn.Module) -> bool:
+    """Whether ``m``'s own forward is traced for the calls it makes (not an activation, a quantizer
+    or a torch building block; Sequential is traced)."""
+    return not (isinstance(m, QuantAct) or module_kind(m) is not None or _is_torch_builtin(m))
+
+
 def _trace_hazard(m: nn.Module) -> str:
     """Why a trace of ``m.forward`` may not hold for every call ("" when it does).
 
@@ -194,7 +200,7 @@ def _trace_owners(model: nn.Module) -> _Analysis:
     graphs: dict[str, fx.Graph] = {}
     untraced: dict[str, str] = {}
     for path, m in modules.items():
-        if module_kind(m) is not None or _is_torch_builtin(m):
+        if not _owns_calls(m):
             continue
         try:
             graphs[path] = _ShallowTracer().trace(m)
@@ -573,7 +579,7 @@ def add_integer_points(model: nn.Module, cfg: QuantConfig, example_input: Any, r
         # that passes one fails loudly instead of silently taking the traced branch)
         return _ShallowTracer().trace(owner, concrete_args=dict.fromkeys(_optional_arguments(owner)) or None)
 
-    tools = FxTools(trace=trace, hazard=hazard, install=install, new_name=new_name)
+    tools = FxTools(trace=trace, hazard=hazard, install=install, new_name=new_name, is_owner=_owns_calls)
     sites, skipped = place_points(model, cfg, example_input, tools)
     report.sites.extend(sites)
     report.points_skipped = skipped
@@ -585,8 +591,7 @@ def owner_graphs(model: nn.Module) -> dict[str, fx.Graph]:
     graphs = {}
     for path, m in model.named_modules():
         cls = type(m)
-        if (isinstance(m, QuantAct) or module_kind(m) is not None or _is_torch_builtin(m)
-                or (hasattr(cls, "_qat_base_class") and not hasattr(cls, "_qat_forward_src"))):
+        if not _owns_calls(m) or (hasattr(cls, "_qat_base_class") and not hasattr(cls, "_qat_forward_src")):
             continue
         try:
             graphs[path] = _ShallowTracer().trace(m)

@@ -386,6 +386,7 @@ class FxTools:
     hazard: Callable[[nn.Module], str]               # why its trace may not hold ("" if it does)
     install: Callable[[nn.Module, fx.Graph], None]   # a graph as the module's forward
     new_name: Callable[[nn.Module, str], str]        # a free attribute name on the module
+    is_owner: Callable[[nn.Module], bool]            # whether a module's own forward makes calls to rewrite
 
 
 def place_points(model: nn.Module, cfg: QuantConfig, example_input: Any, tools: FxTools
@@ -397,7 +398,7 @@ def place_points(model: nn.Module, cfg: QuantConfig, example_input: Any, tools: 
     which tensors are codes).
     """
     skipped: dict[str, str] = {}
-    owners = [(p, m) for p, m in model.named_modules() if _is_owner(m)]
+    owners = [(p, m) for p, m in model.named_modules() if tools.is_owner(m)]
     graphs, frozen = {}, {}
     for path, owner in owners:
         graph, why = _graph_of(owner, tools)
@@ -417,8 +418,10 @@ def place_points(model: nn.Module, cfg: QuantConfig, example_input: Any, tools: 
             skipped[path] = frozen[id(owner)]
         elif needs:
             sites += _insert(owner, path, graph, needs, cfg, tools)
+    flow, changed = code_flow(model, example_input), False
     for level in sorted({_depth(p) for p, _ in owners}):
-        flow = code_flow(model, example_input)
+        if changed:  # the level above placed points: run the model again
+            flow, changed = code_flow(model, example_input), False
         for path, owner in owners:
             graph = graphs.get(id(owner))
             if graph is None or _depth(path) != level:
@@ -428,14 +431,8 @@ def place_points(model: nn.Module, cfg: QuantConfig, example_input: Any, tools: 
                 skipped[path] = frozen[id(owner)]
             elif needs:
                 sites += _insert(owner, path, graph, needs, cfg, tools)
+                changed = True
     return sites, skipped
-
-
-def _is_owner(m: nn.Module) -> bool:
-    if isinstance(m, QuantAct) or module_kind(m) is not None:
-        return False
-    mod = type(m).__module__ or ""
-    return not (mod.startswith("torch.") and not isinstance(m, nn.Sequential))
 
 
 def _graph_of(owner: nn.Module, tools: FxTools) -> tuple[fx.Graph | None, str]:

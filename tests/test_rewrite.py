@@ -1034,3 +1034,34 @@ def test_config_to_dict_from_dict_round_trip() -> None:
     assert "alpha_mode" in e.value.fix
     with pytest.raises(QatSteError, match="must be a dict, got list"):
         QuantConfig.from_dict([1])
+
+
+class _CachesOnFirstCall(nn.Module):
+    """Like torchvision's MultiScaleRoIAlign: computes a value on its first call and keeps it, and
+    branches on data, so FX cannot trace it (a failed trace still ran its first lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()
+        self.scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            self.scale = x.abs().amax().detach() + 1
+        if self.scale > 0:  # data-dependent branch: the trace stops here
+            x = x / self.scale
+        return F.relu(self.act(self.conv(x)))
+
+
+def test_tracing_leaves_no_state_on_the_modules() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_CachesOnFirstCall()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    q = qat_ste.quantize(model, bits=8, example_input=x)  # a trace that leaked a Proxy broke the census run
+    rep = qat_ste.report(q)
+    assert len(rep.quantized) == 2 and "0" in rep.untraced
+    assert model[0].scale is None  # the original is untouched
+    assert isinstance(q[0].scale, torch.Tensor) and not isinstance(q[0].scale, torch.fx.Proxy)
+    assert float(q[0].scale) == float(x.abs().amax() + 1)  # set by the census run, from real data
+    assert q(x).shape == (2, 4, 5, 5)

@@ -39,10 +39,23 @@ MODULE_SWAP, FX_REWRITE, RUNTIME_FALLBACK = "module swap", "fx rewrite", "runtim
 
 
 class _ShallowTracer(fx.Tracer):
-    """Traces one module's own forward; every child module is a leaf."""
+    """Traces one module's own forward; every child module is a leaf. The trace leaves no trace:
+    attributes a forward sets on its modules while tracing (torchvision's MultiScaleRoIAlign caches
+    its scales on first call; traced, that cache would hold Proxies) are put back as they were."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        saved = [(m, dict(vars(m))) for m in root.modules()] if isinstance(root, nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for m, attributes in saved:
+                now = vars(m)
+                if now.keys() != attributes.keys() or any(now[k] is not v for k, v in attributes.items()):
+                    vars(m).clear()
+                    vars(m).update(attributes)
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:

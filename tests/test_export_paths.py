@@ -179,6 +179,40 @@ def test_torchscript_path_exports_quantized_weights_and_int8_float_weights(tmp_p
     assert report.site_parity == 1.0
 
 
+@torch.jit._script_if_tracing
+def _scale_if_positive(total: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if bool(total > 0):  # scripted while tracing: an If node whose branches read y from outside
+        return y * 2
+    return y - 1
+
+
+class BranchReadsOuterTensor(DataDependent):
+    """Like torchvision's detection post-processing (batched_nms is scripted while tracing): the
+    TorchScript file holds an If whose branches alone read a tensor of the main graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.conv2(self.act(self.bn(self.conv(x)))))
+        y = y[: int(y.sum() > -1e9) + 1]
+        return _scale_if_positive(y.sum(), y.flatten(1) + 1)
+
+
+def test_tensors_only_subgraphs_read_survive_the_passes(tmp_path) -> None:
+    torch.manual_seed(0)
+    qmodel = _calibrated(BranchReadsOuterTensor(), (1, 3, 8, 8))
+    result = export_onnx(qmodel, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))  # was: "not topologically sorted"
+    assert result.exporter == "torchscript"
+    graph = onnx.load(result.path).graph
+    branches = [a.g for n in graph.node if n.op_type == "If" for a in n.attribute]
+    outer = {o for n in graph.node for o in n.output}
+    read_from_outside = {i for g in branches for n in g.node for i in n.input
+                         if i and i not in {o for m in g.node for o in m.output} and i not in
+                         {t.name for t in g.initializer}}
+    assert read_from_outside and read_from_outside <= outer  # the If reads main-graph tensors, all kept
+    report = check_onnx(qmodel, result.path, torch.randn(1, 3, 8, 8), latency=False)
+    assert report.ok, report.table()
+    assert [s.parity for s in report.sites] == [1.0, 1.0]
+
+
 def test_dynamo_is_the_first_path(tmp_path) -> None:
     result = export_onnx(_calibrated(RootFallback(), (1, 3, 8, 8)), tmp_path / "d.onnx", torch.randn(1, 3, 8, 8))
     assert result.exporter == "dynamo" and not any("earlier paths failed" in n for n in result.notes)

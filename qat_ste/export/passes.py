@@ -72,6 +72,19 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of every subgraph (If branches, Loop / Scan bodies) inside ``graph``, at any depth;
+    they read tensors of the enclosing graphs by name."""
+    nested = []
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                nested.extend(sub.node)
+                nested.extend(_nested_nodes(sub))
+    return nested
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
@@ -97,7 +110,7 @@ def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a tensor everywhere it appears (node inputs/outputs, graph outputs, value_info)."""
     if old == new:
         return
-    for n in graph.node:
+    for n in list(graph.node) + _nested_nodes(graph):
         for i, name in enumerate(n.input):
             if name == old:
                 n.input[i] = new
@@ -135,15 +148,16 @@ def initializer_array(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
 
 
 def prune(graph: onnx.GraphProto) -> None:
-    """Remove nodes whose outputs nothing uses, then unused initializers."""
+    """Remove nodes whose outputs nothing uses (subgraphs' reads of outer tensors count), then unused
+    initializers."""
     while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        used = {i for n in list(graph.node) + _nested_nodes(graph) for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used = {i for n in list(graph.node) + _nested_nodes(graph) for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -168,6 +182,7 @@ def resolve_markers(model: onnx.ModelProto, domain: str = "qat_ste") -> int:
     graph = model.graph
     producers, consumers = _producers(graph), _consumers(graph)
     markers = [n for n in graph.node if n.domain == domain and n.op_type in (SITE_MARKER, WEIGHT_MARKER)]
+    nested = _nested_nodes(graph)
     for marker in markers:
         index = str(next(a.i for a in marker.attribute if a.name == "index"))
         source, out = marker.input[0], marker.output[0]
@@ -176,7 +191,7 @@ def resolve_markers(model: onnx.ModelProto, domain: str = "qat_ste") -> int:
         if tagged is None or tagged.op_type != expected:
             raise RuntimeError(f"{marker.op_type} marker {index} does not follow a {expected} (a bug, please report)")
         _set_meta(tagged, SITE_INDEX_KEY if marker.op_type == SITE_MARKER else WEIGHT_INDEX_KEY, index)
-        for user in consumers.get(out, []):
+        for user in consumers.get(out, []) + [n for n in nested if out in n.input]:
             for i, name in enumerate(user.input):
                 if name == out:
                     user.input[i] = source

@@ -90,6 +90,13 @@ def test_export_and_check_from_the_checkpoint(converted, tmp_path, capsys):
     assert report["weight_format"] == "int8" and report["samples"] == 32
     assert code == (0 if report["ok"] else 1)
     assert report["site_parity"] == 1.0
+    assert report["thresholds"]["min_default_agreement"] == 0.9
+    main(["check", "--onnx", str(target), "--checkpoint", str(converted / "qat" / "best.pt"), "--json",
+          "--check-samples", "8", "--no-latency", "--min-default-agreement", "none"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["thresholds"]["min_default_agreement"] is None  # reported, not required
+    assert report["default_task_agreement"] is not None
+    assert not any("default options" in f for f in report["failures"])
 
 
 def test_a_checkpoint_trained_with_the_triton_kernel_runs_on_cpu(converted, tmp_path, monkeypatch):
@@ -155,6 +162,8 @@ def test_lists(capsys):
     (["convert", "--resume", "--out", "/nonexistent/run"], "nothing to resume"),
     (["convert", "--check-samples", "0"], "must be > 0"),
     (["convert", "--min-code-agreement", "1.5"], "between 0 and 1"),
+    (["convert", "--min-default-agreement", "1.5"], "between 0 and 1"),
+    (["check", "--onnx", "m.onnx", "--min-default-agreement", "most"], "or 'none'"),
     (["check", "--onnx", "/nonexistent/model.onnx", "--checkpoint", "x.pt"], "does not exist"),
     (["export", "--out", "x.onnx", "--checkpoint", "/nonexistent/last.pt"], "does not exist"),
     (["explode"], "invalid choice"),

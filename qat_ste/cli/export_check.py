@@ -86,6 +86,7 @@ def _check_in_runtime(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse
     inputs, labels = _val_batches(val_set, args.check_samples)
     return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
                       min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
+                      min_default_agreement=args.min_default_agreement,
                       latency=not args.no_latency, runtime=args.runtime,
                       runtime_options=_runtime_options(args.runtime_option))
 

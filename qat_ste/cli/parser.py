@@ -173,6 +173,19 @@ def _steps_or_never(text: str) -> int | str:
     return value
 
 
+def _share_or_none(text: str) -> float | None:
+    """A share between 0 and 1, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 or 'none'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a share between 0 and 1 (or 'none')")
+    return value
+
+
 def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-samples", type=int, default=512,
                         help="held-out images the ONNX check runs (default 512)")
@@ -181,6 +194,9 @@ def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-top1-agreement", type=float, default=0.9,
                         help="share of equal top-1 predictions required (default 0.9)")
     parser.add_argument("--max-logit-diff", type=float, default=None, help="largest |logit difference| allowed")
+    parser.add_argument("--min-default-agreement", type=_share_or_none, default=0.9, metavar="SHARE|none",
+                        help="share of equal top-1 predictions required under ONNX Runtime's default session "
+                             "options, where Q/DQ become integer kernels (default 0.9; none: reported only)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 

@@ -209,4 +209,5 @@ def _run_check(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse.Namesp
     inputs, labels = _val_batches(val_set, args.check_samples)
     return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
                       min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
+                      min_default_agreement=args.min_default_agreement,
                       latency=not args.no_latency)

@@ -246,3 +246,39 @@ def test_a_model_whose_outputs_do_not_match_the_file_is_compared_by_its_scores(t
     r = check_onnx(wrapped, path, (x, e), latency=False)
     assert r.task == "classification" and r.task_agreement == 1.0 and r.max_logit_diff < 1e-4, r.table()
     assert any("output (2 tensors) does not flatten to the file's 1 output tensor(s)" in n for n in r.notes), r.notes
+
+
+@pytest.mark.parametrize("task", ["detection", "classification"])
+def test_a_site_the_file_runs_on_other_boxes_is_noted_for_detection_only(task) -> None:
+    """After NMS the file may keep other proposals than PyTorch: a box head's site then has another
+    shape. For detection that is noted and left to the boxes' figure; elsewhere it is a failure."""
+    import types
+
+    import numpy as np
+
+    from qat_ste.export.check import _count_site, _SiteTally, _Tally
+    from qat_ste.export.ops import reference_codes
+
+    torch.manual_seed(0)
+    q = qat_ste.quantize(nn.Sequential(nn.ReLU()), bits=4)
+    qat_ste.calibrate(q, [torch.rand(16, 8) * 2])
+    module = q[0]
+    u = torch.rand(5, 8) * 2  # the file kept 5 boxes ...
+    with torch.no_grad():
+        codes = reference_codes(module, u)
+        step, zero_point = module.grid(u)
+        y = ((codes - zero_point) * step).float()
+    given = {"u": u.numpy(), "c": codes.numpy().astype(np.uint8), "y": y.numpy()}
+    occurrence = types.SimpleNamespace(input="u", codes="c", output="y")
+    tally = _Tally(sites={"head": _SiteTally(occurrences=1)}, task=task)
+    _count_site(tally, "head", module, [occurrence], (given, {"c": given["c"]}), {"c": "c"},
+                [torch.rand(7, 8)])  # ... PyTorch 7
+    counts = tally.sites["head"]
+    assert counts.values == 40 and counts.parity == 40  # per-site parity is still exact
+    if task == "detection":
+        assert tally.failures == [] and counts.not_compared == 40
+        assert tally.notes == ["site head: shaped (5, 8) in the file and (7, 8) in PyTorch (a data-dependent "
+                               "selection such as NMS kept other boxes); its end-to-end codes are not compared there"]
+    else:
+        assert tally.failures == ["site head: occurrence 0 has no PyTorch counterpart of the same shape"]
+        assert counts.not_compared == 0

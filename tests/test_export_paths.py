@@ -155,6 +155,9 @@ def test_torchscript_path_when_torch_export_fails(data_dependent, tmp_path, form
     result = export_onnx(data_dependent, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), form=form)
     assert result.exporter == "torchscript"
     assert any("dynamo: " in n and "GuardOnDataDependentSymNode" in n for n in result.notes)
+    # the exporter's own opset unless the file's types need more (spec's UINT4: the version converter)
+    assert result.opset == (20 if form == "deploy" else 21)
+    assert any("the file has opset 20, not the requested 21" in n for n in result.notes) == (form == "deploy")
     model = onnx.load(result.path)
     assert read_metadata(model)["exporter"] == "torchscript"
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}  # markers removed

@@ -20,6 +20,7 @@ Paths, in the order tried (the first that succeeds writes the file; its name is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -97,13 +98,17 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dyna
 
 
 def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool,
-                 weight_shapes: Mapping[int, tuple[int, ...]]) -> Any:
+                 weight_shapes: Mapping[int, tuple[int, ...]], required_opset: int = 0) -> Any:
+    """The TorchScript exporter writes opsets up to 20: a file that needs a newer one (``required_opset``:
+    spec's UINT4/UINT2 codes) goes through onnx's version converter; any other stays at the exporter's
+    opset, as the converter breaks some graphs (torchvision's FCOS: a Reshape of no detections fails)."""
     import onnx
 
     from .ops import register_legacy_symbolics
 
     register_legacy_symbolics(weight_shapes)
-    requested, opset = opset, min(opset, _torchscript_max_opset())
+    opset = min(opset, _torchscript_max_opset())
+    requested = max(opset, required_opset)
     names = _input_names(model, len(inputs))
     axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True) if t.dim() > 0} if dynamic_batch else None
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -177,9 +182,12 @@ def _first_line(e: BaseException) -> str:
 
 def run_chain(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool,
               routing: Callable[[], contextlib.AbstractContextManager],
-              weight_shapes: Mapping[int, tuple[int, ...]] | None = None) -> tuple[Any, str, list[str]]:
+              weight_shapes: Mapping[int, tuple[int, ...]] | None = None,
+              required_opset: int = 0) -> tuple[Any, str, list[str]]:
     """Export with the first path of :data:`PATHS` that succeeds, each run inside ``routing()``;
-    ``weight_shapes``: {layer index: weight shape} of the quantized-weight layers routed.
+    ``weight_shapes``: {layer index: weight shape} of the quantized-weight layers routed; ``opset``
+    is asked for, ``required_opset`` is the lowest the file's types need (the TorchScript path stays
+    below ``opset`` where it may, see :func:`_torchscript`).
     Returns (the ONNX ModelProto, the path's name, notes on the paths that failed before it).
     Raises QatSteError naming every path's error when all fail."""
     attention = bool(fused_attention_modules(model))
@@ -187,7 +195,7 @@ def run_chain(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dy
     for path in PATHS:
         if NO_FUSED_ATTENTION in path and not attention:
             continue
-        export = _dynamo if path.startswith(DYNAMO) else _torchscript
+        export = _dynamo if path.startswith(DYNAMO) else functools.partial(_torchscript, required_opset=required_opset)
         try:
             with contextlib.ExitStack() as stack:
                 if NO_FUSED_ATTENTION in path:

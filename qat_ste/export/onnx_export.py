@@ -243,7 +243,7 @@ def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor
 
 def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor, ...],
                   opset: int, dynamic_batch: bool, hook=None, layers: Sequence[WeightLayer] = (),
-                  quantized_weights: bool = True) -> tuple[Any, str, list[str]]:
+                  quantized_weights: bool = True, required_opset: int = 0) -> tuple[Any, str, list[str]]:
     """The exporter chain (see :mod:`qat_ste.export.exporters`): the ONNX ModelProto with every
     site's QuantizeLinear (and quantized weight's DequantizeLinear) tagged by node metadata, the
     name of the path that produced it, and notes on the paths that failed before it."""
@@ -255,7 +255,7 @@ def _run_exporter(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch
             yield
 
     shapes = {w.index: tuple(w.codes.shape) for w in layers}
-    proto, path, notes = run_chain(model, inputs, opset, dynamic_batch, routing, shapes)
+    proto, path, notes = run_chain(model, inputs, opset, dynamic_batch, routing, shapes, required_opset)
     resolve_markers(proto)
     return proto, path, notes
 
@@ -350,7 +350,7 @@ def export_onnx(
         notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
                      f"{', '.join(skipped[:5])}")
     proto, exporter, exporter_notes = _run_exporter(model, sites, inputs, opset,
-                                                    dynamic_batch, layers=layers)
+                                                    dynamic_batch, layers=layers, required_opset=required)
     notes.extend(exporter_notes)
     quants = _site_quants(sites, seen, form)
     weight_quants = _weight_quants(layers, form, opset)
@@ -471,8 +471,10 @@ def _settle_opset(proto: Any, opset: int, required: int, form: str, notes: list[
     import onnx
 
     produced = next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), opset)
-    if produced != opset:  # defensive: the torch exporter may change the opset it was asked for
-        notes.append(f"the exporter produced opset {produced} for the requested opset {opset}")
+    if produced != opset:  # the TorchScript path stays at its highest opset where the file's types allow
+        notes.append(f"the file has opset {produced}, not the requested {opset}: the exporter path writes at most "
+                     f"{produced} and the file needs no newer type (onnx's version converter, which could raise it, "
+                     "breaks some graphs)")
         if produced < required:
             raise RuntimeError(f"the exporter produced opset {produced}, below what form={form!r} needs")
         opset = produced

@@ -2,7 +2,9 @@
 
 Each model is quantized, calibrated, trained one step (finite gradients), and its quantized sites
 are compared with an independent run-time census of the float model, in eval and training mode.
-A few are also exported to ONNX and checked for 100 % per-site code parity in ONNX Runtime.
+A few are also exported to ONNX and checked for 100 % per-site code parity in ONNX Runtime, and one
+model of every task (detection, segmentation, video, optical flow, a quantizable classifier) is
+exported and passes its task's check.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import pytest
 
 pytest.importorskip("timm")
 
-from tools.coverage_lib import CI_MODELS, check_model, rows_to_markdown  # noqa: E402
+from qat_ste.export.exporters import PATHS  # noqa: E402
+from tools.coverage_lib import (  # noqa: E402
+    CI_MODELS,
+    CI_TASK_MODELS,
+    CoverageRow,
+    check_model,
+    rows_to_markdown,
+    task_of,
+)
 
 EXPORTED = {"torchvision:resnet18", "timm:mobilenetv3_small_050", "timm:levit_128s"}
 
@@ -31,4 +41,46 @@ def test_failures_are_reported_not_raised() -> None:
     assert not row.passed and row.sites_found == 0
     assert "no_such_model_name" in row.reason or "Unknown model" in row.reason
     table = rows_to_markdown([row])
-    assert "| timm:no_such_model_name | 0 | 0 | FAIL |" in table and "0/1 models pass" in table
+    assert "| timm:no_such_model_name | classification | 0 | 0 | - | - | - | - | - | - | - | FAIL |" in table
+    assert "0/1 models pass (classification: 0/1)" in table
+
+
+TASKS = {"torchvision:fasterrcnn_mobilenet_v3_large_320_fpn": ("detection", "matched boxes"),
+         "torchvision:lraspp_mobilenet_v3_large": ("segmentation", "per-pixel class agreement"),
+         "torchvision:r3d_18": ("video", "top-1 agreement"),
+         "torchvision:raft_small": ("optical_flow", "relative error"),
+         "torchvision:quantized_mobilenet_v2": ("classification", "top-1 agreement")}
+
+
+def test_the_ci_subset_has_one_model_of_every_task() -> None:
+    assert set(CI_TASK_MODELS) == set(TASKS)
+    assert {task_of(m) for m in CI_TASK_MODELS} | {task_of(m) for m in CI_MODELS} == {
+        "classification", "detection", "segmentation", "video", "optical_flow"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", CI_TASK_MODELS)
+def test_every_task_exports_and_passes_its_check(spec: str, single_thread) -> None:
+    row = check_model(spec, export=True)
+    assert row.passed, row.reason
+    task, figure = TASKS[spec]
+    assert row.task == task and row.task_figure.startswith(figure)
+    assert row.census_ok and row.trained and row.sites_found > 0
+    assert row.sites_counted == row.quantized_calls > 0
+    assert row.exporter in PATHS and row.site_parity == 1.0
+    if task == "optical_flow":
+        assert row.task_agreement is not None and 0 <= row.task_agreement <= 0.1
+    else:
+        assert row.task_agreement is not None and row.task_agreement >= 0.9
+    assert row.default_agreement is not None  # measured under ORT's default options too
+    table = rows_to_markdown([row])
+    assert f"| {spec} | {task} | {row.sites_found} |" in table and f"{task}: 1/1" in table
+
+
+def test_rows_written_before_the_task_columns_still_load_and_render() -> None:
+    old = {"model": "timm:resnet18", "sites_found": 17, "sites_counted": 17, "quantized_calls": 17,
+           "methods": "module swap: 17", "exported": "ok", "site_parity": 1.0, "passed": True, "reason": "",
+           "seconds": 3.0}
+    table = rows_to_markdown([CoverageRow(**old)])
+    assert "| timm:resnet18 | classification | 17 | 17 | - | - | ok (path not recorded) | 1.0000 | - |" in table
+    assert "1/1 models pass (classification: 1/1)" in table

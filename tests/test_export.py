@@ -313,6 +313,29 @@ def test_uninitialised_alpha_is_refused(tmp_path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+class UnusedActivation(nn.Module):
+    """Like torchvision's quantizable Bottleneck: ``relu`` is kept from the base class, the forward
+    calls ``relu1`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.relu1 = nn.Conv2d(IMAGE[0], 4, 3), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu1(self.conv(x)).flatten(1)
+
+
+def test_an_activation_module_the_forward_never_calls_does_not_block_the_export(tmp_path) -> None:
+    q = qat_ste.quantize(UnusedActivation().eval(), bits=4)
+    with pytest.warns(UserWarning):  # calibration names the site it never saw
+        qat_ste.calibrate(q, [torch.randn(4, *IMAGE)])
+    assert not q.relu.is_initialized and q.relu1.is_initialized
+    result = export_onnx(q, tmp_path / "m.onnx", torch.randn(1, *IMAGE))  # was: "relu ... never initialised"
+    assert [s.name for s in result.sites] == ["relu1"]
+    assert any("did not run" in n and "relu" in n for n in result.notes)
+    assert check_onnx(q, result.path, torch.randn(3, *IMAGE), latency=False).site_parity == 1.0
+
+
 def test_model_without_quantized_sites_is_refused(tmp_path) -> None:
     with pytest.raises(QatSteError, match="no quantized activations"):
         export_onnx(ReluNet().eval(), tmp_path / "m.onnx", torch.randn(1, *IMAGE))

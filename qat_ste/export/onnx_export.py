@@ -217,6 +217,7 @@ def _probe(model: nn.Module, sites: list[RoutedSite], inputs: tuple[torch.Tensor
 
     def hook_for(site: RoutedSite):
         def run(module: QuantAct, u: torch.Tensor) -> torch.Tensor:
+            module.require_initialized()  # only sites that run: a module the forward never calls is left out
             per_channel = module.alpha.dim() == 1
             seen[site.index] = (u.dim(), channel_axis_of(u) % u.dim() if per_channel else None)
             alpha, zero_point = module.grid(u)
@@ -429,8 +430,6 @@ def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[R
         raise QatSteError("the model has no quantized activations (no QuantAct modules)",
                           "quantize it first: qmodel = qat_ste.quantize(model, bits=4); "
                           "qat_ste.calibrate(qmodel, batches)")
-    for s in sites:
-        s.module.require_initialized()
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if size >= PROTOBUF_LIMIT and weight_format != "int8":
         raise QatSteError(

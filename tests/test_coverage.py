@@ -10,6 +10,7 @@ exported and passes its task's check.
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("timm")
 
@@ -85,3 +86,30 @@ def test_rows_written_before_the_task_columns_still_load_and_render() -> None:
     # census and train were not recorded then, but the row passed only when both held
     assert "| timm:resnet18 | classification | 17 | 17 | ok | ok | ok (path not recorded) | 1.0000 | - |" in table
     assert "1/1 models pass (classification: 1/1)" in table
+
+
+class _Float32Grid(torch.nn.Module):
+    """Builds a float32 tensor inside its forward (as RAFT's coordinate grid): cannot run in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = torch.nn.Linear(6, 4), torch.nn.ReLU()
+
+    def forward(self, x):
+        return torch.mm(self.act(self.fc(x)), torch.ones(4, 3, dtype=torch.float32))
+
+
+def test_the_rounding_baseline_compares_float64_or_inputs_one_ulp_apart() -> None:
+    import qat_ste
+    from tools.coverage_lib import ModelCase, _rounding_baseline
+
+    torch.manual_seed(0)
+    for model, how in ((torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)),
+                        "in float32 and in float64"), (_Float32Grid(), "inputs one ulp apart")):
+        q = qat_ste.quantize(model.eval(), bits=4)
+        x = torch.randn(16, 6)
+        qat_ste.calibrate(q, [x])
+        case = ModelCase(q, "classification", (x,), (x,), lambda out: out.sum(), x[:1], [x])
+        said, figure, codes = _rounding_baseline(q.eval(), case, "classification")
+        assert how in said
+        assert 0.9 <= codes <= 1.0 and 0.8 <= figure <= 1.0  # a 2-layer net barely moves

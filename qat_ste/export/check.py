@@ -189,7 +189,7 @@ class CheckReport:
             + (f"  (max {t['max_logit_diff']:g})" if t.get("max_logit_diff") is not None else "  (not limited)"),
             f"  relative output drift                {self.relative_drift:.4%}",
             f"  task                                 {self.task}",
-            f"  {self.task_figure:<35}  {self._figure_text(self.task_agreement, self._task_threshold())}",
+            f"  {self.task_figure:<35}  {self._figure_text(self.task_agreement, self.task_threshold())}",
         ]
         lines += self._default_lines()
         lines += self._accuracy_lines()
@@ -205,11 +205,10 @@ class CheckReport:
         lines += [f"  FAILED: {f}" for f in self.failures]
         return "\n".join(lines)
 
-    def _task_threshold(self, default: bool = False) -> float | None:
-        t = self.thresholds
-        if default:
-            return t.get("min_default_agreement" if self.task != "regression" else "max_default_relative_error")
-        return t.get(TASK_THRESHOLDS.get(self.task, "min_top1_agreement"))
+    def task_threshold(self, default: bool = False) -> float | None:
+        """The threshold the task's figure must meet (``default``: under ORT's default options); None:
+        not limited."""
+        return self.thresholds.get(threshold_key(self.task, default))
 
     def _figure_text(self, value: float, threshold: float | None) -> str:
         bound = ("min" if self.task != "regression" else "max") if threshold is not None else ""
@@ -222,7 +221,7 @@ class CheckReport:
             return [f"  ORT default options                  {why}"]
         limit = self.thresholds.get("max_default_logit_diff")
         return [f"  {'ORT default options:':<35}  {self.task_figure} "
-                f"{self._figure_text(self.default_task_agreement, self._task_threshold(True))}, "
+                f"{self._figure_text(self.default_task_agreement, self.task_threshold(True))}, "
                 f"max |logit difference| {self.default_max_logit_diff:.6g}"
                 + (f" (max {limit:g})" if limit is not None else "")
                 + f", relative drift {self.default_relative_drift or 0.0:.4%}"]
@@ -407,6 +406,14 @@ TASK_THRESHOLDS = {"classification": "min_top1_agreement", "segmentation": "min_
                    "detection": "min_box_agreement", "regression": "max_relative_error"}
 
 
+def threshold_key(task: str, default: bool = False) -> str:
+    """The check_onnx() threshold argument that bounds ``task``'s figure (``default``: the figure under
+    ORT's default options)."""
+    if default:
+        return "max_default_relative_error" if task == "regression" else "min_default_agreement"
+    return TASK_THRESHOLDS[task]
+
+
 def check_onnx(
     model: nn.Module,
     onnx_path: str | os.PathLike,
@@ -463,10 +470,11 @@ def check_onnx(
     first = batches[0][0]
     reference_model, reference, notes = _reference_for(model, meta, _example(first) if integer else None)
     deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config, integer)
-    default, default_described = _default_runner(runtime, path, deploy_config, notes)
+    default, default_described, same_as_deployed = _default_runner(runtime, path, deploy_config, notes)
     options = _options(probe, deployed, default_described)
     tally = _compare(model, reference_model, (deployed, default), probe, batches, task)
-    tally.default = copy.deepcopy(tally.agreement) if default_described.startswith("the same") else tally.default
+    if same_as_deployed:
+        tally.default = copy.deepcopy(tally.agreement)
     site_checks = _site_checks(tally, meta)
     thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
                   "min_top1_agreement": min_top1_agreement, "min_pixel_agreement": min_pixel_agreement,
@@ -544,22 +552,22 @@ def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, fai
 
 
 def _default_runner(runtime: str, path: Path, deploy_config: dict[str, str], notes: list[str]
-                    ) -> tuple[Runner | None, str]:
-    """The file under ORT's default session options, and how that is described (a runner of None:
-    the figures are the deployed file's, when its options are already the defaults, or the file
-    does not load that way, said in the description and in ``notes``)."""
+                    ) -> tuple[Runner | None, str, bool]:
+    """The file under ORT's default session options, how that is described, and whether those options
+    are the deployed file's own (then its figures are the default-options figures). A runner of None
+    otherwise: the file does not load that way (said in the description and in ``notes``)."""
     if runtime == "openvino":
-        return None, "the same as the file as deployed (OpenVINO's defaults)"
+        return None, "the same as the file as deployed (OpenVINO's defaults)", True
     if not deploy_config:
-        return None, "the same as the file as deployed (its options are ORT's defaults)"
+        return None, "the same as the file as deployed (its options are ORT's defaults)", True
     try:
         runner = open_runner(runtime, path, {})
     except Exception as e:  # noqa: BLE001 - ORT refuses 4-bit Q/DQ around convs with default options
         why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         notes.append(f"the file does not load with ORT's default session options ({why}): no default-options "
                      "figures")
-        return None, f"not loadable with ORT's default options: {why}"
-    return runner, runner.description + " (ORT's defaults: Q/DQ fused into integer kernels where ORT can)"
+        return None, f"not loadable with ORT's default options: {why}", False
+    return runner, runner.description + " (ORT's defaults: Q/DQ fused into integer kernels where ORT can)", False
 
 
 def _runtime_configs(runtime: str, meta: dict[str, Any], integer: bool = False
@@ -862,10 +870,10 @@ def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds:
         return failures
     if max_diff is not None and agreement.max_diff > max_diff:
         failures.append(f"max |logit difference| {agreement.max_diff:.6g} > {max_diff:g}")
-    failures += _figure_failures(tally.task, agreement.value, thresholds[TASK_THRESHOLDS[tally.task]], "")
+    failures += _figure_failures(tally.task, agreement.value, thresholds[threshold_key(tally.task)], "")
     if default is not None:
-        key = "min_default_agreement" if tally.task != "regression" else "max_default_relative_error"
-        failures += _figure_failures(tally.task, default.value, thresholds[key], " under ORT's default options")
+        failures += _figure_failures(tally.task, default.value, thresholds[threshold_key(tally.task, True)],
+                                     " under ORT's default options")
         limit = thresholds["max_default_logit_diff"]
         if limit is not None and default.max_diff > limit:
             failures.append(f"max |logit difference| under ORT's default options {default.max_diff:.6g} > {limit:g}")

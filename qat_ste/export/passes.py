@@ -85,6 +85,11 @@ def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return nested
 
 
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of every subgraph inside it."""
+    return list(graph.node) + _nested_nodes(graph)
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
@@ -110,7 +115,7 @@ def rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Rename a tensor everywhere it appears (node inputs/outputs, graph outputs, value_info)."""
     if old == new:
         return
-    for n in list(graph.node) + _nested_nodes(graph):
+    for n in _all_nodes(graph):
         for i, name in enumerate(n.input):
             if name == old:
                 n.input[i] = new
@@ -151,13 +156,13 @@ def prune(graph: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nothing uses (subgraphs' reads of outer tensors count), then unused
     initializers."""
     while True:
-        used = {i for n in list(graph.node) + _nested_nodes(graph) for i in n.input} | {o.name for o in graph.output}
+        used = {i for n in _all_nodes(graph) for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {i for n in list(graph.node) + _nested_nodes(graph) for i in n.input} | {o.name for o in graph.output}
+    used = {i for n in _all_nodes(graph) for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

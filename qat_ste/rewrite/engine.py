@@ -54,8 +54,8 @@ class _ShallowTracer(fx.Tracer):
             for m, attributes in saved:
                 now = vars(m)
                 if now.keys() != attributes.keys() or any(now[k] is not v for k, v in attributes.items()):
-                    vars(m).clear()
-                    vars(m).update(attributes)
+                    now.clear()
+                    now.update(attributes)
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:

@@ -171,8 +171,7 @@ def build_model(spec: str, num_classes: int = 10) -> tuple[nn.Module, torch.Tens
     else:
         raise ValueError(f"unknown model source in {spec!r}")
     x = torch.randn(2, 3, size, size)
-    _vary_norm_layers(model)
-    _match_norm_statistics(model, lambda: model(x))
+    _settle_norms(model, lambda: model(x))
     return model, x
 
 
@@ -217,8 +216,7 @@ def _detection_case(name: str, num_classes: int) -> ModelCase:
     model = _get_torchvision(name, **kwargs)
     images = torch.rand(2, 3, size, size)
     targets = [_detection_target(name, size, k) for k in range(2)]
-    _vary_norm_layers(model)
-    _match_norm_statistics(model, lambda: model(list(images), targets))
+    _settle_norms(model, lambda: model(list(images), targets))
     return ModelCase(model, "detection", (list(images),), (list(images), targets),
                      lambda losses: sum(losses.values()), images[:1], [images[:1], images[1:]])
 
@@ -243,8 +241,7 @@ def _segmentation_case(name: str, num_classes: int) -> ModelCase:
     model = _get_torchvision(name, weights_backbone=None, num_classes=num_classes)
     x = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, num_classes, (2, 64, 64), generator=torch.Generator().manual_seed(0))
-    _vary_norm_layers(model)
-    _match_norm_statistics(model, lambda: model(x))
+    _settle_norms(model, lambda: model(x))
     return ModelCase(model, "segmentation", (x,), (x,), lambda out: F.cross_entropy(out["out"], labels), x, [x])
 
 
@@ -254,18 +251,23 @@ def _video_case(name: str, num_classes: int) -> ModelCase:
     model = _get_torchvision(name, **kwargs)
     x = torch.randn(2, 3, frames, size, size)
     labels = torch.arange(2) % num_classes
-    _vary_norm_layers(model)
-    _match_norm_statistics(model, lambda: model(x))
+    _settle_norms(model, lambda: model(x))
     return ModelCase(model, "video", (x,), (x,), lambda out: F.cross_entropy(out, labels), x[:1], [x[:1], x[1:]])
 
 
 def _flow_case(name: str, num_classes: int) -> ModelCase:
     model = _get_torchvision(name)
     a, b = torch.rand(2, 3, 128, 128), torch.rand(2, 3, 128, 128)
-    _vary_norm_layers(model)
-    _match_norm_statistics(model, lambda: model(a, b))
+    _settle_norms(model, lambda: model(a, b))
     return ModelCase(model, "optical_flow", (a, b), (a, b), lambda flows: sum(f.abs().mean() for f in flows),
                      (a[:1], b[:1]), [(a[:1], b[:1]), (a[1:], b[1:])])
+
+
+def _settle_norms(model: nn.Module, run: Callable[[], Any]) -> None:
+    """Norm layers as a trained model has them: their own affine parameters, and BatchNorm running
+    statistics from ``run()`` (a training-mode forward)."""
+    _vary_norm_layers(model)
+    _match_norm_statistics(model, run)
 
 
 @torch.no_grad()
@@ -409,23 +411,17 @@ def _export_and_check(q: nn.Module, case: ModelCase, row: CoverageRow, problems:
         if not rep.ok:
             problems.extend(rep.failures)
             codes_missed = rep.code_agreement < rep.thresholds["min_code_agreement"]
-            figure_missed = not meets(rep.task, rep.task_agreement, _threshold(rep))
+            figure_missed = not meets(rep.task, rep.task_agreement, rep.task_threshold())
             if codes_missed or figure_missed:
                 how, row.float64_agreement, row.float64_codes = _rounding_baseline(q, case, rep.task)
                 figure_too = row.float64_agreement is not None and not meets(rep.task, row.float64_agreement,
-                                                                            _threshold(rep))
+                                                                            rep.task_threshold())
                 codes_too = row.float64_codes is not None and row.float64_codes < rep.thresholds["min_code_agreement"]
                 if (figure_too or not figure_missed) and (codes_too or not codes_missed):
                     problems.append(f"float rounding alone already misses the threshold: {how} agree on "
                                     f"{_figure(row.float64_codes, '')} of the codes and reach {rep.task_figure} "
                                     f"{_figure(row.float64_agreement, rep.task_figure)} (random weights amplify "
                                     "one flipped code layer after layer)")
-
-
-def _threshold(rep: Any) -> float | None:
-    from qat_ste.export.check import TASK_THRESHOLDS
-
-    return rep.thresholds.get(TASK_THRESHOLDS[rep.task])
 
 
 @torch.no_grad()
@@ -450,23 +446,25 @@ def _rounding_baseline(q: nn.Module, case: ModelCase, task: str) -> tuple[str, f
                 h.remove()
         return outputs, codes
 
+    def compare(other: nn.Module, moved: list[tuple]) -> tuple[float, float | None]:
+        agreement, equal, total = Agreement(task), 0, 0
+        for xs, xs_other in zip(batches, moved, strict=True):
+            outputs, codes = run(q, xs)
+            outputs_other, codes_other = run(other, xs_other)
+            agreement.add(outputs, outputs_other)
+            for c, d in zip(codes, codes_other, strict=False):
+                if c.shape == d.shape:
+                    equal, total = equal + int((c == d).sum()), total + c.numel()
+        return agreement.value, (equal / total if total else None)
+
+    batches = [b if isinstance(b, tuple) else (b,) for b in case.check_inputs]
     try:
-        other, how = copy.deepcopy(q).double().eval(), "the quantized PyTorch model in float32 and in float64"
-        moved = [tuple(x.double() for x in (b if isinstance(b, tuple) else (b,))) for b in case.check_inputs]
-        run(other, moved[0])
+        figure, codes = compare(copy.deepcopy(q).double().eval(), [tuple(x.double() for x in b) for b in batches])
+        return "the quantized PyTorch model in float32 and in float64", figure, codes
     except Exception:  # noqa: BLE001 - e.g. RAFT builds float32 grids: compare inputs one ulp apart instead
-        other, how = q, "the quantized PyTorch model on inputs one ulp apart"
-        moved = [tuple(torch.nextafter(x, torch.full_like(x, float("inf"))) for x in
-                       (b if isinstance(b, tuple) else (b,))) for b in case.check_inputs]
-    agreement, equal, total = Agreement(task), 0, 0
-    for batch, xs_other in zip(case.check_inputs, moved, strict=True):
-        outputs, codes = run(q, batch if isinstance(batch, tuple) else (batch,))
-        outputs_other, codes_other = run(other, xs_other)
-        agreement.add(outputs, outputs_other)
-        for c, d in zip(codes, codes_other, strict=False):
-            if c.shape == d.shape:
-                equal, total = equal + int((c == d).sum()), total + c.numel()
-    return how, agreement.value, (equal / total if total else None)
+        nudged = [tuple(torch.nextafter(x, torch.full_like(x, float("inf"))) for x in b) for b in batches]
+        figure, codes = compare(q, nudged)
+        return "the quantized PyTorch model on inputs one ulp apart", figure, codes
 
 
 def _logits(out: Any) -> torch.Tensor:

@@ -30,6 +30,10 @@ from tools.coverage_lib import (
 )
 
 
+def _load_rows(out: str) -> list[CoverageRow]:
+    return [CoverageRow(**r) for r in json.loads(Path(f"{out}.json").read_text())]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subset", choices=("all", "ci", "torchvision", "tasks", "timm"), default="all",
@@ -45,7 +49,9 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = p.parse_args()
     if args.report_only:
-        rows = [CoverageRow(**r) for r in json.loads(Path(f"{args.out}.json").read_text())]
+        if not Path(f"{args.out}.json").exists():
+            p.error(f"{args.out}.json does not exist: run the sweep first (without --report-only)")
+        rows = _load_rows(args.out)
         atomic_write_text(f"{args.out}.md", rows_to_markdown(rows, preamble(args.bits, args.ste, True)))
         return 0
     warnings.filterwarnings("ignore")
@@ -56,9 +62,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     rows: list[CoverageRow] = []
     if args.resume and Path(f"{args.out}.json").exists():
-        rows = [CoverageRow(**r) for r in json.loads(Path(f"{args.out}.json").read_text())]
+        rows = _load_rows(args.out)
         if args.models:  # named models are run again and replace their rows
-            rows = [r for r in rows if r.model not in set(models)]
+            rerun = set(models)
+            rows = [r for r in rows if r.model not in rerun]
         done = {r.model for r in rows}
         models = [m for m in models if m not in done]
     bar = tqdm(models, unit="model")

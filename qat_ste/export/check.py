@@ -473,8 +473,7 @@ def check_onnx(
     default, default_described, same_as_deployed = _default_runner(runtime, path, deploy_config, notes)
     options = _options(probe, deployed, default_described)
     tally = _compare(model, reference_model, (deployed, default), probe, batches, task)
-    if same_as_deployed:
-        tally.default = copy.deepcopy(tally.agreement)
+    tally.default = copy.deepcopy(tally.agreement) if same_as_deployed else tally.default
     site_checks = _site_checks(tally, meta)
     thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
                   "min_top1_agreement": min_top1_agreement, "min_pixel_agreement": min_pixel_agreement,

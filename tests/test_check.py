@@ -100,7 +100,9 @@ def test_table_and_dict(report_float) -> None:
     wide = dataclasses.replace(report_float, latency_ms={**report_float.latency_ms, "batch": 128.0}).table()
     assert next(line for line in wide.splitlines() if "latency, batch 128" in line).index("quantized") == column
     d = json.loads(json.dumps(report_float.to_dict()))
-    assert d["ok"] is True and d["sites"][0]["name"] == "act1" and d["thresholds"]["min_code_agreement"] == 0.9
+    assert d["ok"] is True and d["sites"][0]["name"] == "act1"
+    assert d["thresholds"]["min_chained_code_agreement"] == 0.999
+    assert d["thresholds"]["min_code_agreement"] is None  # end to end: reported, limited only when asked
 
 
 def test_int8_file_reports_integer_ops(quantized, files, data) -> None:

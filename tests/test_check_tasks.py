@@ -186,7 +186,7 @@ def test_default_options_are_a_separate_figure(two_inputs) -> None:
     assert "default session options" in r.options["default_options"]
     assert r.default_task_agreement is not None and r.default_max_logit_diff is not None
     assert r.default_relative_drift is not None and r.default_relative_drift >= 0.0
-    assert "ORT default options:" in r.table() and r.thresholds["min_default_agreement"] == 0.9
+    assert "ORT default options (Q/DQ fused" in r.table() and r.thresholds["min_default_agreement"] == 0.9
     failed = check_onnx(q, path, (x, e), latency=False, min_default_agreement=1.01, max_default_logit_diff=-1.0)
     assert not failed.ok
     assert any("top-1 agreement under ORT's default options" in f for f in failed.failures), failed.failures

@@ -42,7 +42,7 @@ def test_failures_are_reported_not_raised() -> None:
     assert not row.passed and row.sites_found == 0
     assert "no_such_model_name" in row.reason or "Unknown model" in row.reason
     table = rows_to_markdown([row])
-    assert "| timm:no_such_model_name | classification | 0 | 0 | - | - | - | - | - | - | - | FAIL |" in table
+    assert "| timm:no_such_model_name | classification | 0 | 0 | - | - | - | - | - | - | - | - | - | - | FAIL |" in table
     assert "0/1 models pass (classification: 0/1)" in table
 
 
@@ -74,6 +74,8 @@ def test_every_task_exports_and_passes_its_check(spec: str, single_thread) -> No
     else:
         assert row.task_agreement is not None and row.task_agreement >= 0.9
     assert row.default_agreement is not None  # measured under ORT's default options too
+    assert row.chained_codes is not None and row.chained_codes >= 0.999  # the file's segments compute PyTorch's
+    assert row.end_to_end_agreement is not None  # shown beside it
     table = rows_to_markdown([row])
     assert f"| {spec} | {task} | {row.sites_found} |" in table and f"{task}: 1/1" in table
 

@@ -214,8 +214,10 @@ def _convert_summary(float_eval: dict, calibrated_eval: dict | None, quant_eval:
         "torch_accuracy_on_check_samples": checked.get("accuracy_torch"),
         "check_samples": checked.get("samples"),
         "code_parity": checked.get("site_parity"),
+        "chained_code_agreement": checked.get("chained_code_agreement"),
         "code_agreement": checked.get("code_agreement"),
         "top1_agreement": checked.get("top1_agreement"),
+        "end_to_end_top1_agreement": checked.get("end_to_end_task_agreement"),
         "max_logit_diff": checked.get("max_logit_diff"),
         "check_ok": checked.get("ok"),
         "onnx_file_size_bytes": export_result.file_size if export_result is not None else None,
@@ -247,8 +249,10 @@ def _summary_table(document: dict[str, Any]) -> str:
             f" (PyTorch {_pct(s['torch_accuracy_on_check_samples'])} on the same {s['check_samples']} images)"
             if s["check_samples"] else "")),
         ("code parity (per site)", _pct(s["code_parity"])),
+        ("code agreement (given the file's codes)", _pct(s.get("chained_code_agreement"))),
+        ("top-1 agreement (given the file's codes)", _pct(s["top1_agreement"])),
         ("code agreement (end to end)", _pct(s["code_agreement"])),
-        ("top-1 agreement", _pct(s["top1_agreement"])),
+        ("top-1 agreement (end to end)", _pct(s.get("end_to_end_top1_agreement"))),
         ("ONNX file", f"{onnx['path']} ({_human_bytes(s['onnx_file_size_bytes'])}, {onnx['form']}, "
                       f"{onnx['weight_format']} weights)" if onnx else "-"),
         ("latency", latency_text),

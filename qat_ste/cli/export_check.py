@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import QatSteError
 from .output import EXIT_FAILED, EXIT_OK, _human_bytes, _out
-from .parser import _check_thresholds
+from .parser import _check_thresholds, check_threshold_options
 from .sources import _example_input, _source_model, _val_batches
 
 
@@ -84,9 +84,7 @@ def _check_in_runtime(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse
     from ..export import check_onnx
 
     inputs, labels = _val_batches(val_set, args.check_samples)
-    return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
-                      min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
-                      min_default_agreement=args.min_default_agreement,
+    return check_onnx(qmodel, onnx_path, inputs, labels, **check_threshold_options(args),
                       latency=not args.no_latency, runtime=args.runtime,
                       runtime_options=_runtime_options(args.runtime_option))
 

@@ -189,14 +189,23 @@ def _share_or_none(text: str) -> float | None:
 def _add_check_thresholds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-samples", type=int, default=512,
                         help="held-out images the ONNX check runs (default 512)")
-    parser.add_argument("--min-code-agreement", type=float, default=0.9,
-                        help="end-to-end share of equal codes required (default 0.9)")
+    parser.add_argument("--min-chained-code-agreement", type=_share_or_none, default=0.999, metavar="SHARE|none",
+                        help="share of PyTorch's codes equal to the file's, given the file's codes at every site "
+                             "upstream, required (default 0.999)")
     parser.add_argument("--min-top1-agreement", type=float, default=0.9,
-                        help="share of equal top-1 predictions required (default 0.9)")
-    parser.add_argument("--max-logit-diff", type=float, default=None, help="largest |logit difference| allowed")
+                        help="share of equal top-1 predictions required, PyTorch given the file's codes at every "
+                             "site (default 0.9)")
+    parser.add_argument("--min-code-agreement", type=_share_or_none, default=None, metavar="SHARE|none",
+                        help="end-to-end share of equal codes required, each runtime computing every site itself "
+                             "(default none: reported only)")
+    parser.add_argument("--min-end-to-end-agreement", type=_share_or_none, default=None, metavar="SHARE|none",
+                        help="end-to-end share of equal top-1 predictions required (default none: reported only)")
+    parser.add_argument("--max-logit-diff", type=float, default=None,
+                        help="largest end-to-end |logit difference| allowed")
     parser.add_argument("--min-default-agreement", type=_share_or_none, default=0.9, metavar="SHARE|none",
                         help="share of equal top-1 predictions required under ONNX Runtime's default session "
-                             "options, where Q/DQ become integer kernels (default 0.9; none: reported only)")
+                             "options, where Q/DQ become integer kernels, PyTorch given the codes the file "
+                             "computes there (default 0.9; none: reported only)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
@@ -304,8 +313,15 @@ def _check_positive(name: str, value: int | float | None, allow_zero: bool = Fal
         raise QatSteError(f"{name} {value} must be {'>= 0' if allow_zero else '> 0'}", f"pass a valid {name}")
 
 
+def check_threshold_options(args: argparse.Namespace) -> dict[str, Any]:
+    """check_onnx()'s threshold arguments from the command's options."""
+    return {name: getattr(args, name) for name in (
+        "min_chained_code_agreement", "min_top1_agreement", "min_code_agreement", "min_end_to_end_agreement",
+        "max_logit_diff", "min_default_agreement")}
+
+
 def _check_thresholds(args: argparse.Namespace) -> None:
-    for name in ("min_code_agreement", "min_top1_agreement"):
+    for name in ("min_top1_agreement",):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             raise QatSteError(f"--{name.replace('_', '-')} {value} is not a share between 0 and 1",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QatSteError
-from .parser import DEFAULT_DATA, DEFAULT_MODEL
+from .parser import DEFAULT_DATA, DEFAULT_MODEL, check_threshold_options
 from .quant_options import _quant_config, quant_from_plain
 
 CONVERT_FORMAT = "qat_ste.convert/1"
@@ -207,7 +207,4 @@ def _run_check(qmodel: Any, onnx_path: Path, val_set: Any, args: argparse.Namesp
     from ..export import check_onnx
 
     inputs, labels = _val_batches(val_set, args.check_samples)
-    return check_onnx(qmodel, onnx_path, inputs, labels, min_code_agreement=args.min_code_agreement,
-                      min_top1_agreement=args.min_top1_agreement, max_logit_diff=args.max_logit_diff,
-                      min_default_agreement=args.min_default_agreement,
-                      latency=not args.no_latency)
+    return check_onnx(qmodel, onnx_path, inputs, labels, **check_threshold_options(args), latency=not args.no_latency)

@@ -52,6 +52,7 @@ import torch.nn as nn
 from ..atomic import json_safe
 from ..errors import QatSteError
 from ..nn_utils import logits_of
+from .chained import ChainedCounts, boundary_distance, file_codes, forcing_hook, pooled_agreement, ties_note
 from .integer_reference import integer_reference
 from .onnx_export import DISABLE_QDQ, export_float_onnx, has_integer_points, read_metadata
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
@@ -84,6 +85,7 @@ class SiteCheck:
     end_to_end: float    # share of the runtime's codes equal to PyTorch's through the whole network
     near_boundary: int = 0  # codes given the same u that differ by one where u/step lies within 2 float32
                             # ulps of a rounding boundary (OpenVINO quantizes as u * (1/step); ONNX: u / step)
+    chained: float = 1.0    # share of PyTorch's codes equal to the file's, given the file's upstream codes
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,10 @@ class CheckReport:
     failures: list[str]
     sites: list[SiteCheck]
     site_parity: float                 # lowest per-site parity (1.0 = exact everywhere)
-    code_agreement: float              # end-to-end, all sites pooled
-    max_logit_diff: float
-    top1_agreement: float              # the task's share of agreement (classification: equal argmax over the
-                                       # classes; regression: NaN), the file as deployed
+    code_agreement: float              # end-to-end (each runtime computing everything itself), all sites pooled
+    max_logit_diff: float              # end to end
+    top1_agreement: float              # the task's share of agreement given the file's codes (classification:
+                                       # equal argmax over the classes; regression: NaN)
     accuracy_torch: float | None       # the PyTorch reference's accuracy on the labelled samples
     accuracy_onnx: float | None        # the file's, in ``runtime``
     integer_ops: dict[str, int]        # integer kernels in ORT's optimized graph (the file's session options),
@@ -137,11 +139,18 @@ class CheckReport:
                                          # reference rounds the weights, as for an int8 file)
     task: str = "classification"       # the task whose figure is compared (see qat_ste.export.tasks)
     task_figure: str = "top-1 agreement"  # what that figure is
-    task_agreement: float = float("nan")  # the figure, the file as deployed (regression: relative error)
-    relative_drift: float = float("nan")  # ||torch - file|| / ||torch|| over the float outputs, as deployed
-    default_task_agreement: float | None = None  # the figure under ORT's default session options
-    default_max_logit_diff: float | None = None  # (None: the file does not load with them)
-    default_relative_drift: float | None = None
+    task_agreement: float = float("nan")  # the figure given the file's codes at every site (regression: relative
+                                          # error), the file's own options: what its thresholds bound
+    relative_drift: float = float("nan")  # ||torch - file|| / ||torch|| over the float outputs, end to end
+    default_task_agreement: float | None = None  # the figure given the codes the file computes under ORT's
+                                                 # default options (None: it does not load with them)
+    default_max_logit_diff: float | None = None  # end to end, under ORT's default options
+    default_relative_drift: float | None = None  # end to end, under ORT's default options
+    chained_code_agreement: float = 1.0   # PyTorch's codes equal to the file's given its upstream codes, pooled
+    chained_relative_drift: float = float("nan")  # output drift given the file's codes
+    end_to_end_task_agreement: float = float("nan")  # the task's figure end to end, the file's own options
+    default_end_to_end_agreement: float | None = None  # the same under ORT's default options
+    default_chained_code_agreement: float | None = None  # chained codes under ORT's default options
 
     @property
     def runtime_name(self) -> str:
@@ -166,10 +175,10 @@ class CheckReport:
                  f"{self.samples} samples): {'OK' if self.ok else 'FAILED'}",
                  f"  compared with {self.reference}"]
         width = max([len("site")] + [len(s.name) for s in self.sites])
-        lines.append(f"  {'site':<{width}}  bits  container  values    parity  dequant  end-to-end")
+        lines.append(f"  {'site':<{width}}  bits  container  values    parity  dequant  given codes  end-to-end")
         for s in self.sites:
             lines.append(f"  {s.name:<{width}}  {s.bits:>4}  {s.container:<9}  {s.values:>7}  {s.parity:>7.2%}  "
-                         f"{'exact' if s.dequant_exact else 'DIFF':<7}  {s.end_to_end:>9.2%}")
+                         f"{'exact' if s.dequant_exact else 'DIFF':<7}  {s.chained:>11.2%}  {s.end_to_end:>10.2%}")
         if self.weight_layers:
             wide = max([len("layer")] + [len(w.name) for w in self.weight_layers])
             short = "ORT" if self.runtime == "onnxruntime" else name
@@ -184,12 +193,20 @@ class CheckReport:
         t = self.thresholds
         lines += [
             f"  per-site code parity (same input u)  {self.site_parity:.4%}  (required: 100%)",
-            f"  end-to-end code agreement            {self.code_agreement:.4%}  (min {t['min_code_agreement']:.2%})",
-            f"  max |logit difference|               {self.max_logit_diff:.6g}"
-            + (f"  (max {t['max_logit_diff']:g})" if t.get("max_logit_diff") is not None else "  (not limited)"),
-            f"  relative output drift                {self.relative_drift:.4%}",
             f"  task                                 {self.task}",
-            f"  {self.task_figure:<35}  {self._figure_text(self.task_agreement, self.task_threshold())}",
+            "  given the file's codes at every site (each segment between sites starts from the same integers):",
+            f"    code agreement                     {self.chained_code_agreement:.4%}  "
+            f"{_limit_text('min', t.get('min_chained_code_agreement'))}",
+            f"    {self.task_figure:<33}  {self._figure_text(self.task_agreement, self.task_threshold())}",
+            f"    relative output drift              {self.chained_relative_drift:.4%}",
+            "  end to end (each runtime computing every site itself; float rounding may flip codes):",
+            f"    code agreement                     {self.code_agreement:.4%}  "
+            f"{_limit_text('min', t.get('min_code_agreement'))}",
+            f"    {self.task_figure:<33}  "
+            f"{self._figure_text(self.end_to_end_task_agreement, self.task_threshold(end_to_end=True))}",
+            f"    max |logit difference|             {self.max_logit_diff:.6g}  "
+            f"{_limit_text('max', t.get('max_logit_diff'), '{:g}')}",
+            f"    relative output drift              {self.relative_drift:.4%}",
         ]
         lines += self._default_lines()
         lines += self._accuracy_lines()
@@ -205,23 +222,29 @@ class CheckReport:
         lines += [f"  FAILED: {f}" for f in self.failures]
         return "\n".join(lines)
 
-    def task_threshold(self, default: bool = False) -> float | None:
-        """The threshold the task's figure must meet (``default``: under ORT's default options); None:
-        not limited."""
-        return self.thresholds.get(threshold_key(self.task, default))
+    def task_threshold(self, default: bool = False, end_to_end: bool = False) -> float | None:
+        """The threshold the task's figure must meet (given the file's codes; ``end_to_end``: the
+        end-to-end figure; ``default``: under ORT's default options); None: not limited."""
+        return self.thresholds.get(threshold_key(self.task, default, end_to_end))
 
-    def _figure_text(self, value: float, threshold: float | None) -> str:
-        bound = ("min" if self.task != "regression" else "max") if threshold is not None else ""
-        limit = f"({bound} {threshold:.2%})" if threshold is not None else "(not limited)"
+    def _figure_text(self, value: float | None, threshold: float | None) -> str:
+        if value is None:
+            return "not measured"
+        limit = _limit_text("min" if self.task != "regression" else "max", threshold)
         return f"{value:.4%}  {limit}" if self.task == "regression" else f"{value:.2%}  {limit}"
 
     def _default_lines(self) -> list[str]:
-        if self.default_task_agreement is None or self.default_max_logit_diff is None:
+        if self.default_max_logit_diff is None:
             why = self.options.get("default_options", "not measured")
             return [f"  ORT default options                  {why}"]
         limit = self.thresholds.get("max_default_logit_diff")
-        return [f"  {'ORT default options:':<35}  {self.task_figure} "
-                f"{self._figure_text(self.default_task_agreement, self.task_threshold(True))}, "
+        codes = self.default_chained_code_agreement
+        return ["  ORT default options (Q/DQ fused into integer kernels where ORT can):",
+                f"    {self.task_figure + ', given its codes':<33}  "
+                f"{self._figure_text(self.default_task_agreement, self.task_threshold(True))}"
+                + (f"; codes {codes:.4%}" if codes is not None else ""),
+                f"    {self.task_figure + ', end to end':<33}  "
+                f"{self._figure_text(self.default_end_to_end_agreement, None)}, "
                 f"max |logit difference| {self.default_max_logit_diff:.6g}"
                 + (f" (max {limit:g})" if limit is not None else "")
                 + f", relative drift {self.default_relative_drift or 0.0:.4%}"]
@@ -247,6 +270,10 @@ class CheckReport:
                 f"float conv/matmul left: {_ops_text(self.float_ops)}",
                 "  integer ops (ORT default options)    "
                 + (_ops_text(default) if isinstance(default, dict) else f"not loadable: {default}")]
+
+
+def _limit_text(bound: str, threshold: float | None, form: str = "{:.2%}") -> str:
+    return f"({bound} {form.format(threshold)})" if threshold is not None else "(not limited)"
 
 
 def _ops_text(ops: dict[str, int]) -> str:
@@ -401,14 +428,21 @@ def _capture_hook(store: dict[str, list[torch.Tensor]]):
 # ---- the check -------------------------------------------------------------------------------------
 
 
+#: check_onnx()'s threshold arguments (CheckReport.thresholds)
+THRESHOLD_ARGUMENTS = frozenset({
+    "min_chained_code_agreement", "min_top1_agreement", "min_pixel_agreement", "min_box_agreement",
+    "max_relative_error", "min_code_agreement", "min_end_to_end_agreement", "max_end_to_end_relative_error",
+    "max_logit_diff", "min_default_agreement", "max_default_relative_error", "max_default_logit_diff"})
 #: the threshold argument of each task's figure
 TASK_THRESHOLDS = {"classification": "min_top1_agreement", "segmentation": "min_pixel_agreement",
                    "detection": "min_box_agreement", "regression": "max_relative_error"}
 
 
-def threshold_key(task: str, default: bool = False) -> str:
-    """The check_onnx() threshold argument that bounds ``task``'s figure (``default``: the figure under
-    ORT's default options)."""
+def threshold_key(task: str, default: bool = False, end_to_end: bool = False) -> str:
+    """The check_onnx() threshold argument that bounds ``task``'s figure given the file's codes
+    (``default``: under ORT's default options; ``end_to_end``: the end-to-end figure)."""
+    if end_to_end:
+        return "max_end_to_end_relative_error" if task == "regression" else "min_end_to_end_agreement"
     if default:
         return "max_default_relative_error" if task == "regression" else "min_default_agreement"
     return TASK_THRESHOLDS[task]
@@ -421,12 +455,15 @@ def check_onnx(
     labels: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     task: str | None = None,
-    min_code_agreement: float = 0.9,
-    max_logit_diff: float | None = None,
+    min_chained_code_agreement: float | None = 0.999,
     min_top1_agreement: float = 0.9,
     min_pixel_agreement: float = 0.9,
     min_box_agreement: float = 0.9,
     max_relative_error: float | None = 0.1,
+    min_code_agreement: float | None = None,
+    min_end_to_end_agreement: float | None = None,
+    max_end_to_end_relative_error: float | None = None,
+    max_logit_diff: float | None = None,
     min_default_agreement: float | None = 0.9,
     max_default_relative_error: float | None = 0.2,
     max_default_logit_diff: float | None = None,
@@ -443,21 +480,23 @@ def check_onnx(
     fed to the file's inputs by name in the forward's order) or a sequence of batches; ``labels``:
     class indices matching them (per sample, or per pixel for segmentation; adds the accuracy of
     both). ``task``: "classification", "segmentation", "detection" or "regression" (None: picked by
-    the output's shape, see :mod:`qat_ste.export.tasks`); its figure must meet its threshold
-    (``min_top1_agreement``, ``min_pixel_agreement``, ``min_box_agreement``, ``max_relative_error``).
-    ``ok`` also requires exact per-site code parity, end-to-end code agreement >= ``min_code_agreement``
-    and, when given, max |output difference| <= ``max_logit_diff``. The task's figure and the drift are
-    also measured with ORT's default options (what users run: Q/DQ fused into integer kernels), against
-    ``min_default_agreement`` (regression: ``max_default_relative_error``) and ``max_default_logit_diff``;
-    a file those options cannot load is noted, not failed.
-    ``runtime``: ``"onnxruntime"`` (default) or ``"openvino"`` (the ``openvino`` extra) runs the file;
-    ``runtime_options`` are added to the options of the file as deployed and of both latency runs
-    (OpenVINO properties, e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}`` where bf16 is its default;
-    ORT session config entries).
-    ``latency``: also time the file against the float model's export (``float_onnx_path``, or exported
-    to a temp dir) in the same runtime with ``threads`` intra-op threads (None: the runtime's default),
-    median of ``latency_runs`` runs on the first batch. The module docstring says what each figure means.
+    the output's shape, see :mod:`qat_ste.export.tasks`).
+    ``ok`` requires exact per-site code parity and, PyTorch given the file's codes at every site
+    (:mod:`qat_ste.export.chained`), code agreement >= ``min_chained_code_agreement`` and the task's
+    figure within ``min_top1_agreement`` / ``min_pixel_agreement`` / ``min_box_agreement`` /
+    ``max_relative_error``. End-to-end figures (each runtime computing every site itself: float rounding
+    may flip codes that a sensitive model carries on) are limited only when given: ``min_code_agreement``,
+    ``min_end_to_end_agreement`` (regression: ``max_end_to_end_relative_error``), ``max_logit_diff``. Under
+    ORT's default options (Q/DQ fused into integer kernels): the task's figure given the codes computed
+    that way against ``min_default_agreement`` (``max_default_relative_error``), the end-to-end max
+    |output difference| against ``max_default_logit_diff``; a file they cannot load is noted.
+    ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (the ``openvino`` extra); ``runtime_options`` join
+    the options of the file as deployed and of both latency runs (ORT session config entries, OpenVINO
+    properties such as ``{"INFERENCE_PRECISION_HINT": "f32"}``). ``latency``: also time the file against
+    the float model's export (``float_onnx_path``, or exported to a temp dir) with ``threads`` intra-op
+    threads, median of ``latency_runs`` runs on the first batch. The module docstring explains each figure.
     """
+    thresholds = {name: value for name, value in locals().items() if name in THRESHOLD_ARGUMENTS}
     check_runtime(runtime)
     if task is not None:
         resolve_task(task, [])  # an unknown task fails before any work
@@ -465,21 +504,16 @@ def check_onnx(
     batches = _batches(inputs, labels, len(_file_inputs(proto)))
     integer = meta.get("weight_format") == "int8" and has_integer_points(model)
     deploy_config, probe_config = _runtime_configs(runtime, meta, integer)
-    extra = {str(k): str(v) for k, v in (runtime_options or {}).items()}
-    deploy_config.update(extra)
+    deploy_config.update(extra := {str(k): str(v) for k, v in (runtime_options or {}).items()})
     first = batches[0][0]
     reference_model, reference, notes = _reference_for(model, meta, _example(first) if integer else None)
     deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config, integer)
     default, default_described, same_as_deployed = _default_runner(runtime, path, deploy_config, notes)
+    probe.defaults = _default_probe(runtime, proto, probe, default, notes)
     options = _options(probe, deployed, default_described)
     tally = _compare(model, reference_model, (deployed, default), probe, batches, task)
-    tally.default = copy.deepcopy(tally.agreement) if same_as_deployed else tally.default
+    tally.copy_default_figures(same_as_deployed)
     site_checks = _site_checks(tally, meta)
-    thresholds = {"min_code_agreement": min_code_agreement, "max_logit_diff": max_logit_diff,
-                  "min_top1_agreement": min_top1_agreement, "min_pixel_agreement": min_pixel_agreement,
-                  "min_box_agreement": min_box_agreement, "max_relative_error": max_relative_error,
-                  "min_default_agreement": min_default_agreement, "max_default_logit_diff": max_default_logit_diff,
-                  "max_default_relative_error": max_default_relative_error}
     weight_checks = _weight_checks(model, proto, meta, first, runtime, probe_config)
     if weight_checks:
         options["weights"] = probe.runner.description + " (each quantized weight as an extra output)"
@@ -501,6 +535,22 @@ def _example(xs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor,
     return xs[0][:1] if len(xs) == 1 else tuple(x[:1] for x in xs)
 
 
+def _default_probe(runtime: str, proto: Any, probe: _Probe, default: Runner | None, notes: list[str]
+                   ) -> Runner | None:
+    """The file with each site's codes as extra outputs under ORT's default options, for the chained
+    figures there (None: OpenVINO, or the file does not load with ORT's defaults, or the file's own
+    options are ORT's defaults: then its figures are those)."""
+    if runtime != "onnxruntime" or default is None:
+        return None
+    instrumented, _ = _instrumented(proto, probe.tensors, expose_inputs=False, expose_outputs=False)
+    try:
+        return open_runner(runtime, instrumented, {})
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for a graph it cannot fuse
+        notes.append(f"the file with its codes exposed does not load with ORT's default options ({e}); "
+                     "no figures given its codes there")
+        return None
+
+
 def _options(probe: _Probe, deployed: Runner, default_described: str) -> dict[str, str]:
     """Figure -> the runtime options it used (latency, weights and integer ops are added later)."""
     return {
@@ -509,9 +559,12 @@ def _options(probe: _Probe, deployed: Runner, default_described: str) -> dict[st
             else " (the file with each site's u/codes as extra outputs)"),
         "end_to_end_codes": probe.runner.description + (
             " (the file with each site's codes as extra outputs)" if probe.alone else " (same run)"),
+        "given_codes": probe.runner.description + " (the instrumented file's codes and outputs; PyTorch given "
+                       "those codes at every site)",
         "logits": deployed.description + " (the file as deployed)",
         "default_options": default_described,
-    }
+    } | ({"default_given_codes": probe.defaults.description + " (the file with its codes as extra outputs)"}
+         if probe.defaults is not None else {})
 
 
 def _boundary_notes(site_checks: list[SiteCheck], runtime: str) -> list[str]:
@@ -530,10 +583,12 @@ def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, fai
             labelled: bool) -> CheckReport:
     """The CheckReport of the figures gathered."""
     assert tally.agreement is not None and tally.task is not None
-    agreement, default = tally.agreement, tally.default
+    agreement, default, chained = tally.agreement, tally.default, tally.chained
+    assert chained is not None
     notes = notes + [n for n in tally.notes + agreement.notes if n not in notes]
+    notes += ties_note(tally.chained_codes)
     labelled = labelled and tally.labelled > 0
-    value = agreement.value
+    value, default_chained = chained.value, tally.default_chained
     return CheckReport(
         onnx_path=str(path), form=str(meta.get("form")), weight_format=str(meta.get("weight_format")),
         reference=reference, samples=tally.samples, ok=not failures, failures=failures, sites=site_checks,
@@ -545,9 +600,14 @@ def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, fai
         latency_ms=latency_ms, thresholds=thresholds, options=options, notes=notes, weight_layers=weight_checks,
         runtime=runtime, accuracy_model=tally.correct_model / tally.labelled if labelled else None,
         task=tally.task, task_figure=agreement.figure, task_agreement=value, relative_drift=agreement.relative_drift,
-        default_task_agreement=default.value if default is not None else None,
+        default_task_agreement=default_chained.value if default_chained is not None else None,
         default_max_logit_diff=default.max_diff if default is not None else None,
-        default_relative_drift=default.relative_drift if default is not None else None)
+        default_relative_drift=default.relative_drift if default is not None else None,
+        chained_code_agreement=pooled_agreement(tally.chained_codes), chained_relative_drift=chained.relative_drift,
+        end_to_end_task_agreement=agreement.value,
+        default_end_to_end_agreement=default.value if default is not None else None,
+        default_chained_code_agreement=(pooled_agreement(tally.default_chained_codes)
+                                        if default_chained is not None else None))
 
 
 def _default_runner(runtime: str, path: Path, deploy_config: dict[str, str], notes: list[str]
@@ -593,6 +653,7 @@ class _Probe:
     alone: bytes | None = None   # OpenVINO: the instrumented file, whose quantizers run alone on PyTorch's u
     config: dict[str, str] = field(default_factory=dict)  # the options they run with
     quantizers: dict[tuple[Any, ...], Runner] = field(default_factory=dict)  # by the u shapes they take
+    defaults: Runner | None = None  # the file with its codes as extra outputs, under ORT's default options
 
 
 def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str, str],
@@ -683,6 +744,10 @@ class _Tally:
     task: str | None = None                  # as asked (None: picked from the first batch's outputs)
     agreement: Agreement | None = None       # the task's figure and the output drift, the file as deployed
     default: Agreement | None = None         # the same under ORT's default session options
+    chained: Agreement | None = None         # the same, PyTorch given the file's codes at every site
+    default_chained: Agreement | None = None  # ... given the codes of the file under ORT's default options
+    chained_codes: dict[str, ChainedCounts] = field(default_factory=dict)
+    default_chained_codes: dict[str, ChainedCounts] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     correct_torch: int = 0
@@ -690,6 +755,12 @@ class _Tally:
     correct_model: int = 0   # the model as given (the reference may round its weights)
     labelled: int = 0        # labelled class decisions (samples; pixels for segmentation)
     samples: int = 0
+
+    def copy_default_figures(self, same_as_deployed: bool) -> None:
+        """Where the file's own options are the runtime's defaults, its figures are the default-options ones."""
+        if same_as_deployed:
+            self.default, self.default_chained = copy.deepcopy(self.agreement), copy.deepcopy(self.chained)
+            self.default_chained_codes = copy.deepcopy(self.chained_codes)
 
     @property
     def code_agreement(self) -> float:
@@ -739,19 +810,42 @@ def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner
             given = _quantizers_on(probe, store, by_site) if probe.alone else values
             if tally.agreement is None:
                 tally.task = resolve_task(tally.task, outs_t)
-                tally.agreement = Agreement(tally.task)
+                tally.agreement, tally.chained = Agreement(tally.task), Agreement(tally.task)
                 tally.default = Agreement(tally.task) if default is not None else None
+                tally.default_chained = Agreement(tally.task) if probe.defaults is not None else None
             for name, occurrences in by_site.items():
                 _count_site(tally, name, sites[name].module, occurrences, (given, values), probe.codes_as,
                             store.get(name, []))
             tally.agreement.add(outs_t, outs_o)
+            assert tally.chained is not None
+            _add_chained(tally.chained, tally.chained_codes, (reference_model, sites, by_site), probe.runner, values,
+                         probe.codes_as, xs, n_file)
             if default is not None and tally.default is not None:
                 tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), len(outs_t)))
+            if probe.defaults is not None and tally.default_chained is not None:
+                _add_chained(tally.default_chained, tally.default_chained_codes, (reference_model, sites, by_site),
+                             probe.defaults, probe.defaults.named(_feeds(probe.defaults.inputs, xs)), probe.codes_as,
+                             xs, n_file)
             if y is not None:
                 as_given = outs_t if model is reference_model else _torch_outputs(model, xs, device, n_file)
                 _count_labels(tally, outs_t[0], outs_o[0], as_given[0], y)
             tally.samples += len(xs[0])
     return tally
+
+
+def _add_chained(agreement: Agreement, counts: dict[str, ChainedCounts],
+                 model_sites: tuple[nn.Module, dict[str, RoutedSite], dict[str, list[Any]]], runner: Runner,
+                 values: dict[str, np.ndarray], codes_as: dict[str, str], xs: tuple[torch.Tensor, ...],
+                 n_file: int) -> None:
+    """Count one batch of the chained run (see :mod:`qat_ste.export.chained`): ``model`` given the
+    codes ``runner`` computed at every site (``values``, by tensor name) against that run's outputs."""
+    model, sites, by_site = model_sites
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    codes = {name: file_codes(values, occurrences, codes_as) for name, occurrences in by_site.items()}
+    with export_routing(model, list(sites.values()), forcing_hook(codes, counts)):
+        outs = _torch_outputs(model, xs, device, n_file)
+    order = sorted(runner.outputs.items(), key=lambda item: item[1])
+    agreement.add(outs, [torch.from_numpy(np.asarray(values[name])) for name, _ in order[:len(outs)]])
 
 
 def _count_labels(tally: _Tally, torch_scores: torch.Tensor, file_scores: torch.Tensor, given_scores: torch.Tensor,
@@ -834,8 +928,7 @@ def _near_boundary(rounding: str, u: torch.Tensor, step: torch.Tensor, expected:
     """How many of the ``mismatch``ed codes differ by one where u/step lies within 2 float32 ulps of a
     rounding boundary (a half-way point for nearest rounding, an integer for ceil)."""
     ratio = u.double() / step.detach().cpu().double()
-    boundary = ratio.floor() + 0.5 if rounding == "nearest" else ratio.round()
-    near = (ratio - boundary).abs() <= 2 * torch.finfo(torch.float32).eps * ratio.abs().clamp_min(1.0)
+    near = boundary_distance(rounding, u, step) <= 2 * torch.finfo(torch.float32).eps * ratio.abs().clamp_min(1.0)
     return int((mismatch & near & ((expected - codes).abs() == 1)).sum())
 
 
@@ -847,7 +940,8 @@ def _site_checks(tally: _Tally, meta: dict[str, Any]) -> list[SiteCheck]:
         checks.append(SiteCheck(
             name=name, bits=int(meta_sites[name]["bits"]), container=str(meta_sites[name].get("container", "?")),
             occurrences=c.occurrences, values=c.values, parity=c.parity / n, dequant_exact=c.dequant_exact,
-            end_to_end=c.end_to_end / n, near_boundary=c.near_boundary))
+            end_to_end=c.end_to_end / n, near_boundary=c.near_boundary,
+            chained=tally.chained_codes[name].agreement if name in tally.chained_codes else 1.0))
     return checks
 
 
@@ -864,15 +958,26 @@ def _threshold_failures(site_checks: list[SiteCheck], tally: _Tally, thresholds:
     min_codes, max_diff = thresholds["min_code_agreement"], thresholds["max_logit_diff"]
     if min_codes is not None and tally.code_agreement < min_codes:
         failures.append(f"end-to-end code agreement {tally.code_agreement:.4%} < {min_codes:.2%}")
-    agreement, default = tally.agreement, tally.default
-    if agreement is None or tally.task is None:
+    chained_codes, min_chained = pooled_agreement(tally.chained_codes), thresholds["min_chained_code_agreement"]
+    if min_chained is not None and chained_codes < min_chained:
+        worst = sorted(tally.chained_codes.items(), key=lambda item: item[1].agreement)[:3]
+        failures.append(f"code agreement given the file's codes {chained_codes:.4%} < {min_chained:.2%} (lowest: "
+                        + ", ".join(f"{name} {c.agreement:.2%}" for name, c in worst)
+                        + "): the ops between these sites compute other values in the file")
+    agreement, default, chained = tally.agreement, tally.default, tally.chained
+    if agreement is None or chained is None or tally.task is None:
         return failures
     if max_diff is not None and agreement.max_diff > max_diff:
         failures.append(f"max |logit difference| {agreement.max_diff:.6g} > {max_diff:g}")
-    failures += _figure_failures(tally.task, agreement.value, thresholds[threshold_key(tally.task)], "")
+    failures += _figure_failures(tally.task, chained.value, thresholds[threshold_key(tally.task)],
+                                 " given the file's codes")
+    failures += _figure_failures(tally.task, agreement.value, thresholds[threshold_key(tally.task, end_to_end=True)],
+                                 " end to end")
+    if tally.default_chained is not None:
+        failures += _figure_failures(tally.task, tally.default_chained.value,
+                                     thresholds[threshold_key(tally.task, True)],
+                                     " under ORT's default options, given its codes")
     if default is not None:
-        failures += _figure_failures(tally.task, default.value, thresholds[threshold_key(tally.task, True)],
-                                     " under ORT's default options")
         limit = thresholds["max_default_logit_diff"]
         if limit is not None and default.max_diff > limit:
             failures.append(f"max |logit difference| under ORT's default options {default.max_diff:.6g} > {limit:g}")

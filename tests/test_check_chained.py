@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 
 import qat_ste  # noqa: E402
 from qat_ste.export import check_onnx, export_onnx  # noqa: E402
-from qat_ste.export.chained import ChainedCounts, file_codes, forcing_hook, pooled_agreement  # noqa: E402
+from qat_ste.export.chained import ChainedCounts, chained_notes, file_codes, forcing_hook, pooled_agreement  # noqa: E402
 from qat_ste.export.ops import export_routing, quant_sites  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -109,6 +109,8 @@ def test_forcing_hook_outputs_the_given_codes_and_counts() -> None:
         own = q(x)  # a shape that does not fit: PyTorch keeps its own codes
     assert own.tolist() == [[0.0, 1.0, 2.0, 3.0]] and counts["1"].unforced == 4
     assert pooled_agreement(counts) == 0.75 and pooled_agreement({}) == 1.0
+    assert chained_notes(counts) == ["4 value(s) at site(s) 1 kept PyTorch's own codes in the run given the file's "
+                                     "codes (the file had none of that shape there)"]
 
 
 def test_file_codes_reads_each_occurrence_by_its_exposed_name() -> None:

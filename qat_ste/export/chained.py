@@ -60,13 +60,19 @@ def pooled_agreement(counts: Mapping[str, ChainedCounts]) -> float:
     return sum(c.equal + c.ties for c in counts.values()) / values if values else 1.0
 
 
-def ties_note(counts: Mapping[str, ChainedCounts]) -> list[str]:
-    """A report note on the codes counted as rounding ties (none: no note)."""
+def chained_notes(counts: Mapping[str, ChainedCounts]) -> list[str]:
+    """Report notes on the codes counted as rounding ties and on sites that kept PyTorch's own codes."""
+    notes = []
     ties = sum(c.ties for c in counts.values())
-    if not ties:
-        return []
-    return [f"{ties} code(s) given the file's upstream codes are one apart at a rounding tie (PyTorch's u/step "
-            f"within {TIE_STEPS:g} + {TIE_RELATIVE:g} x |u/step| of a rounding boundary): counted as agreeing"]
+    if ties:
+        notes.append(f"{ties} code(s) given the file's upstream codes are one apart at a rounding tie (PyTorch's "
+                     f"u/step within {TIE_STEPS:g} + {TIE_RELATIVE:g} x |u/step| of a rounding boundary): counted "
+                     "as agreeing")
+    unforced = {name: c.unforced for name, c in counts.items() if c.unforced}
+    if unforced:
+        notes.append(f"{sum(unforced.values())} value(s) at site(s) {', '.join(list(unforced)[:5])} kept PyTorch's "
+                     "own codes in the run given the file's codes (the file had none of that shape there)")
+    return notes
 
 
 def boundary_distance(rounding: str, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -13,20 +13,25 @@ the runtime options it used, see ``CheckReport.options``):
   lies within an ulp of a rounding boundary: counted (``SiteCheck.near_boundary``) and noted, not a
   failure there. The file as deployed runs with OpenVINO's defaults (bf16 float arithmetic on CPUs
   that have it) unless ``runtime_options`` say otherwise.
-- end-to-end code agreement: the runtime's codes against PyTorch's, each computing everything
-  upstream itself. Float convolutions accumulate in a different order, so a few codes near a
-  rounding boundary differ; a tolerance applies (``min_code_agreement``). With int8 weights in
-  the file (the PyTorch model keeps float weights) this figure, and the logits, also carry the
-  weight quantization error.
-- max |logit difference| (over every float output of the model, in the file's output order), the
-  relative output drift, the task's figure (``qat_ste.export.tasks``: top-1 agreement over the
-  classes, per-pixel class agreement over the channel axis, boxes matched by IoU and label, or the
-  relative error), and the accuracy of both when labels are given (and of the model as given, when
-  the reference rounds its weights as an int8 file does). A model of several inputs gets one tensor
-  per input of the file, by name, in the forward's order.
-- the same task figure and drift with ONNX Runtime's default session options, which fuse Q/DQ into
-  integer kernels (the file's ``session.disable_quant_qdq=1`` keeps the check bit-exact; users open
-  files with the defaults): their own thresholds; a file those options cannot load is noted.
+- given the file's codes (:mod:`qat_ste.export.chained`): PyTorch runs with every site's output
+  replaced by the codes the file computed there; the share of PyTorch's codes, computed from the
+  file's upstream codes, equal to the file's (ties at a rounding boundary counted as agreeing), and
+  the task's figure (``qat_ste.export.tasks``: top-1 agreement over the classes, per-pixel class
+  agreement over the channel axis, boxes matched by IoU and label, or the relative error) of that
+  run against the file's outputs. These decide ``ok``: a wrong op between two sites shows at the
+  site after it, while a code that float rounding flips upstream does not carry on.
+- end to end: the runtime's codes, max |logit difference| (over every float output, in the file's
+  output order), relative output drift and the task's figure against PyTorch's, each runtime
+  computing everything itself. Float convolutions accumulate in a different order, so codes near a
+  rounding boundary differ, and a sensitive model (deep, random weights) carries them on: reported,
+  limited only when asked. With int8 weights in the file (the PyTorch model keeps float weights)
+  these also carry the weight quantization error. The accuracy of both when labels are given (and
+  of the model as given, when the reference rounds its weights as an int8 file does). A model of
+  several inputs gets one tensor per input of the file, by name, in the forward's order.
+- with ONNX Runtime's default session options, which fuse Q/DQ into integer kernels (the file's
+  ``session.disable_quant_qdq=1`` keeps the check bit-exact; users open files with the defaults): the
+  task's figure given the codes the file computes there (its own threshold), and the end-to-end
+  figure and drift; a file those options cannot load is noted.
 - which ops run as integer kernels (ORT's optimized graph; OpenVINO's runtime graph, each compute
   node's runtime precision), and latency against the float model's own export in the same runtime.
 - per layer with quantized weights: the distinct codes in the file against the spec's value set
@@ -52,7 +57,7 @@ import torch.nn as nn
 from ..atomic import json_safe
 from ..errors import QatSteError
 from ..nn_utils import logits_of
-from .chained import ChainedCounts, boundary_distance, file_codes, forcing_hook, pooled_agreement, ties_note
+from .chained import ChainedCounts, boundary_distance, chained_notes, file_codes, forcing_hook, pooled_agreement
 from .integer_reference import integer_reference
 from .onnx_export import DISABLE_QDQ, export_float_onnx, has_integer_points, read_metadata
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
@@ -586,7 +591,7 @@ def _report(path: Path, meta: dict[str, Any], reference: str, tally: _Tally, fai
     agreement, default, chained = tally.agreement, tally.default, tally.chained
     assert chained is not None
     notes = notes + [n for n in tally.notes + agreement.notes if n not in notes]
-    notes += ties_note(tally.chained_codes)
+    notes += chained_notes(tally.chained_codes)
     labelled = labelled and tally.labelled > 0
     value, default_chained = chained.value, tally.default_chained
     return CheckReport(

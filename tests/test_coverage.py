@@ -21,6 +21,7 @@ from tools.coverage_lib import (  # noqa: E402
     CoverageRow,
     check_model,
     rows_to_markdown,
+    summary_table,
     task_of,
 )
 
@@ -37,12 +38,26 @@ def test_model_is_quantized_completely(spec: str, single_thread) -> None:
         assert row.exported == "ok" and row.site_parity == 1.0
 
 
+def test_the_summary_counts_each_table_and_task() -> None:
+    def row(model: str, task: str, end_to_end: float | None, float64: float | None = None, **kw) -> CoverageRow:
+        return CoverageRow(model=model, task=task, census_ok=True, trained=True, site_parity=1.0, passed=True,
+                           end_to_end_agreement=end_to_end, float64_agreement=float64, **kw)
+    rows = [row("torchvision:a", "classification", 1.0), row("torchvision:b", "classification", 0.5, 0.75),
+            row("torchvision:c", "classification", 0.5, 1.0), row("torchvision:quantized_d", "classification", 1.0),
+            row("torchvision:raft", "optical_flow", 0.2, 0.15),
+            CoverageRow(model="torchvision:big", census_ok=True, trained=True, reason="export failed")]
+    text = summary_table({"tasks": rows})
+    assert "| tasks | classification | 4 | 4 | 3 | 3 | 3 | 1 of 3 | 1 of 2 |" in text
+    assert "| tasks | classification (quantizable variants) | 1 | 1 | 1 | 1 | 1 | 1 of 1 | 0 of 0 |" in text
+    assert "| tasks | optical_flow | 1 | 1 | 1 | 1 | 1 | 0 of 1 | 1 of 1 |" in text  # an error: lower is better
+
+
 def test_failures_are_reported_not_raised() -> None:
     row = check_model("timm:no_such_model_name")
     assert not row.passed and row.sites_found == 0
     assert "no_such_model_name" in row.reason or "Unknown model" in row.reason
     table = rows_to_markdown([row])
-    assert "| timm:no_such_model_name | classification | 0 | 0 | - | - | - | - | - | - | - | - | - | - | FAIL |" in table
+    assert "| timm:no_such_model_name | classification | 0 | 0 | " + "- | " * 10 + "FAIL |" in table
     assert "0/1 models pass (classification: 0/1)" in table
 
 

@@ -25,6 +25,7 @@ from tools.coverage_lib import (
     preamble,
     rows_to_json,
     rows_to_markdown,
+    summary_table,
     torchvision_models,
     torchvision_task_models,
 )
@@ -47,7 +48,15 @@ def main() -> int:
                    help="keep the rows already in OUT.json and run the rest (models named by --models run again)")
     p.add_argument("--out", default="docs/coverage", help="writes OUT.md and OUT.json")
     p.add_argument("--report-only", action="store_true", help="only rewrite OUT.md from OUT.json")
+    p.add_argument("--summary", nargs="+", metavar="OUT",
+                   help="print the counts per table and task of these sweeps' OUT.json (the README's table)")
     args = p.parse_args()
+    if args.summary:
+        missing = [out for out in args.summary if not Path(f"{out}.json").exists()]
+        if missing:
+            p.error(f"{', '.join(missing)}: no such sweep (OUT.json)")
+        print(summary_table({Path(out).name.removeprefix("coverage_"): _load_rows(out) for out in args.summary}))
+        return 0
     if args.report_only:
         if not Path(f"{args.out}.json").exists():
             p.error(f"{args.out}.json does not exist: run the sweep first (without --report-only)")

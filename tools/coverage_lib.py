@@ -553,5 +553,38 @@ def rows_to_markdown(rows: list[CoverageRow], intro: str = "") -> str:
     return head + body + f"\n{passed}/{len(rows)} models pass ({per_task}).\n"
 
 
+def _group(table: str, r: CoverageRow) -> str:
+    quantizable = r.model.startswith("torchvision:quantized_")
+    return f"| {table} | {r.task}{' (quantizable variants)' if quantizable else ''} |"
+
+
+def summary_table(tables: dict[str, list[CoverageRow]]) -> str:
+    """The counts per table and task (the README's coverage table): models; quantized, census and one
+    training step held; exported; 100 % per-site parity; check_onnx passed (figures given the file's
+    codes, bit-exact and under ORT's defaults); the end-to-end figure met; of the misses, how many the
+    float32-vs-float64 baseline misses too."""
+    lines = ["| table | task | models | quantize + census + train | export | 100 % per-site parity | "
+             "check passed (given the file's codes) | end-to-end figure met | end-to-end missed: float64 "
+             "baseline misses too |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for table, rows in tables.items():
+        groups: dict[str, list[CoverageRow]] = {}
+        for r in rows:
+            groups.setdefault(_group(table, r), []).append(r)
+        for label, group in sorted(groups.items()):
+            exported = [r for r in group if r.site_parity is not None]
+            measured = [r for r in exported if r.end_to_end_agreement is not None]
+            threshold = 0.1 if group[0].task == "optical_flow" else 0.9
+            def met(value: float | None, task: str = group[0].task, limit: float = threshold) -> bool:
+                return value is not None and (value <= limit if task == "optical_flow" else value >= limit)
+            missed = [r for r in measured if not met(r.end_to_end_agreement)]
+            lines.append(
+                f"{label} {len(group)} | {sum(bool(r.census_ok and r.trained) for r in group)} | {len(exported)} | "
+                f"{sum(r.site_parity == 1.0 for r in exported)} | {sum(r.passed for r in group)} | "
+                f"{len(measured) - len(missed)} of {len(measured)} | "
+                f"{sum(r.float64_agreement is not None and not met(r.float64_agreement) for r in missed)} of "
+                f"{len(missed)} |")
+    return "\n".join(lines) + "\n"
+
+
 def rows_to_json(rows: list[CoverageRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]

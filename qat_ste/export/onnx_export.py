@@ -21,6 +21,10 @@ integer codes and scale, whatever ``weight_format`` says (it applies to the floa
 values fit and the opset has the type) -> ``DequantizeLinear(codes, LAYER/weight_scale[, axis=0]
 per channel)`` -> the float Conv / Gemm / MatMul. codes x scale in float32 is PyTorch's Q(w) bit for
 bit. BatchNorm after such a layer stays a separate node (folding it would change the weight).
+
+A model over protobuf's 2 GiB (torchvision's vit_h_14, regnet_y_128gf) is written with its tensors in an
+external data file next to the .onnx (``model.onnx.data``, see ``export_onnx(external_data=...)``);
+check_onnx() and both runtimes read it from there.
 """
 
 from __future__ import annotations

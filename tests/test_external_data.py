@@ -261,3 +261,13 @@ def test_the_torchscript_path_with_a_data_file(small_limit, tmp_path, monkeypatc
     assert "conv2.weight" in {t.name for t in _external(result.path)}
     report = check_onnx(q, result.path, torch.randn(3, *SHAPE), latency=False)
     assert report.ok and report.site_parity == 1.0, report.table()
+
+
+def test_a_data_file_outside_the_folder_is_refused(model, exports, tmp_path) -> None:
+    proto = onnx.load(str(exports["deploy"][1]), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = "../m.onnx.data"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(QatSteError, match=rf"tensor {tensor.name} points at external data '../m.onnx.data' outside"):
+        check_onnx(model, path, torch.randn(2, *SHAPE), latency=False)

@@ -417,15 +417,17 @@ def test_failure_mid_export_leaves_no_file(exports, tmp_path, monkeypatch) -> No
     assert not list(tmp_path.iterdir())
 
 
-def test_model_over_the_protobuf_limit_is_refused_clearly(monkeypatch) -> None:
-    """Models whose weights exceed one ONNX file's 2 GiB get a clear error before exporting."""
+def test_model_over_the_protobuf_limit_is_refused_clearly_without_external_data(monkeypatch) -> None:
+    """With external_data=False, models whose weights exceed one ONNX file's 2 GiB get a clear error
+    before exporting (by default their weights go to a data file: tests/test_external_data.py)."""
     from qat_ste.export import onnx_export
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
     q = qat_ste.quantize(model, step_init=0.1)
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 100)  # the toy model's weights exceed 100 bytes
-    with pytest.raises(QatSteError, match="at most 2 GiB"):
-        onnx_export.export_onnx(q, "unused.onnx", torch.randn(1, 1, 8, 8))
+    with pytest.raises(QatSteError, match="at most 2 GiB") as e:
+        onnx_export.export_onnx(q, "unused.onnx", torch.randn(1, 1, 8, 8), external_data=False)
+    assert "external_data=None" in str(e.value.fix)
 
 
 def test_per_channel_token_steps_loaded_from_a_state_dict_export_on_the_channel_axis(tmp_path) -> None:

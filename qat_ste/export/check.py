@@ -344,6 +344,7 @@ def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True, ex
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    data_dir = _pop_data_dir(model)
     graph = model.graph
     outputs = {o.name for o in graph.output}
     codes_as: dict[str, str] = {}
@@ -366,7 +367,21 @@ def _instrumented(proto: Any, tensors: list[Any], expose_inputs: bool = True, ex
                                                    name=f"{t.prefix}/widen"))
         expose(codes, TensorProto.UINT8)
         codes_as[t.codes] = codes
-    return model.SerializeToString(), codes_as
+    from .runtime import SerializedModel
+
+    return SerializedModel(model.SerializeToString(), data_dir), codes_as
+
+
+def _pop_data_dir(model: Any) -> str | None:
+    """The folder of ``model``'s external data that _read_exported() recorded (None: none), removed from
+    ``model`` (a copy handed to a runtime)."""
+    from .runtime import DATA_DIR_KEY
+
+    for i, entry in enumerate(model.metadata_props):
+        if entry.key == DATA_DIR_KEY:
+            del model.metadata_props[i]
+            return str(entry.value)
+    return None
 
 
 def _quantizers_alone(instrumented: bytes, tensors: list[Any], codes_as: dict[str, str],
@@ -400,7 +415,10 @@ def _quantizers_alone(instrumented: bytes, tensors: list[Any], codes_as: dict[st
         [helper.make_tensor_value_info(o, TensorProto.UINT8 if o in codes else TensorProto.FLOAT, None)
          for o in outputs],
         [t for t in model.graph.initializer if t.name in used])
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
+    cut = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    from .runtime import SerializedModel, data_dir_of
+
+    return SerializedModel(cut.SerializeToString(), data_dir_of(instrumented))
 
 
 def int8_weight_reference(model: nn.Module) -> nn.Module:
@@ -683,16 +701,32 @@ def _open_runners(runtime: str, proto: Any, path: Path, deploy_config: dict[str,
 
 
 def _read_exported(onnx_path: str | os.PathLike, model: nn.Module) -> tuple[Path, Any, dict[str, Any]]:
-    """(path, loaded proto, qat_ste metadata) of a file export_onnx() wrote for ``model``."""
+    """(path, loaded proto, qat_ste metadata) of a file export_onnx() wrote for ``model``. A file with
+    an external data file (see export_onnx's ``external_data``) is loaded without it, once the data file
+    is found whole: the proto and its copies stay small and point at it (their runtime sessions read it
+    from its folder); only the tensors the check reads in numpy (the Q/DQ inputs) are loaded."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from .onnx_export import check_data_files
+    from .runtime import DATA_DIR_KEY
 
     path = Path(onnx_path)
     if not path.is_file():
         raise QatSteError(f"no ONNX file at {path}", "pass the path export_onnx() wrote")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several types for a file that is not ONNX
         raise QatSteError(f"cannot read {path} as ONNX: {e}", "pass a file written by export_onnx()") from e
+    external = check_data_files(path, proto)
+    if external:
+        read_in_numpy = {i for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                         for i in n.input}
+        for t in external:
+            if t.name in read_in_numpy:
+                load_external_data_for_tensor(t, str(path.parent))
+        entry = proto.metadata_props.add()  # for the copies handed to a runtime (see _instrumented)
+        entry.key, entry.value = DATA_DIR_KEY, str(path.parent.resolve())
     meta = read_metadata(proto)
     if not meta.get("sites"):
         raise QatSteError(f"{path} has no qat_ste metadata", "check a file written by qat_ste's export_onnx()")
@@ -1070,9 +1104,12 @@ def _runtime_weights(proto: Any, outputs: list[str], xs: tuple[torch.Tensor, ...
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    data_dir = _pop_data_dir(model)
+    from .runtime import SerializedModel
+
     del model.graph.output[:]
     model.graph.output.extend([helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
-    runner = open_runner(runtime, model.SerializeToString(), config)
+    runner = open_runner(runtime, SerializedModel(model.SerializeToString(), data_dir), config)
     values = runner.named(_feeds(runner.inputs, xs) if runner.inputs else {})
     return {o: values[o] for o in outputs}
 

@@ -117,7 +117,8 @@ def _torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int,
         torch.onnx.export(model, inputs, target, dynamo=False, opset_version=opset, input_names=names,
                           dynamic_axes=axes, do_constant_folding=True, custom_opsets={MARKER_DOMAIN: 1},
                           training=torch.onnx.TrainingMode.EVAL)
-        proto = onnx.load(target)
+        # a model over 2 GiB comes with its weights in files next to it (torch decides): loaded with them
+        proto = onnx.load(target, load_external_data=True)
     _name_outputs(proto)
     return proto if opset == requested else _convert_opset(proto, requested)
 
@@ -136,6 +137,7 @@ def _convert_opset(proto: Any, opset: int) -> Any:
     from .ops import SITE_INDEX_KEY, WEIGHT_INDEX_KEY
     from .passes import resolve_markers
 
+    detached = detach_large_tensors(proto)  # the converter takes one serialized protobuf (< 2 GiB)
     resolve_markers(proto)
     keys = (SITE_INDEX_KEY, WEIGHT_INDEX_KEY)
     for n in proto.graph.node:
@@ -143,13 +145,52 @@ def _convert_opset(proto: Any, opset: int) -> Any:
         if tags:
             key, value = next(iter(tags.items()))
             n.name = f"{key}={value}"
-    converted = version_converter.convert_version(proto, opset)
+    try:
+        converted = version_converter.convert_version(proto, opset)
+    finally:
+        attach_tensors(proto, detached)
+    attach_tensors(converted, detached)
     for n in converted.graph.node:
         key, _, value = n.name.partition("=")
         if key in keys and value:
             entry = n.metadata_props.add()
             entry.key, entry.value = key, value
     return converted
+
+
+#: detach_large_tensors() moves out tensors of at least this many bytes
+DETACH_THRESHOLD = 2**16
+#: the location a detached tensor points at (no such file: the tensor's data is held in memory)
+DETACHED = "qat_ste-detached"
+
+
+def detach_large_tensors(proto: Any, threshold: int | None = None) -> dict[str, bytes]:
+    """Move the raw data of every main-graph initializer of >= ``threshold`` bytes (default
+    :data:`DETACH_THRESHOLD`) out of ``proto``, leaving each marked as external data at :data:`DETACHED`;
+    returns {name: data} for :func:`attach_tensors`. onnx's passes that serialize the model (the
+    version converter) then work on models over protobuf's 2 GiB and carry such tensors through untouched."""
+    from onnx.external_data_helper import set_external_data
+
+    least = DETACH_THRESHOLD if threshold is None else threshold
+    detached: dict[str, bytes] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= least:
+            detached[tensor.name] = tensor.raw_data
+            set_external_data(tensor, DETACHED, 0, len(detached[tensor.name]))
+            tensor.ClearField("raw_data")
+    return detached
+
+
+def attach_tensors(proto: Any, detached: Mapping[str, bytes]) -> None:
+    """Give the initializers :func:`detach_large_tensors` moved out their data back (by name)."""
+    from onnx import TensorProto
+
+    for tensor in proto.graph.initializer:
+        if tensor.name in detached and tensor.data_location == TensorProto.EXTERNAL and any(
+                e.key == "location" and e.value == DETACHED for e in tensor.external_data):
+            tensor.raw_data = detached[tensor.name]
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def _name_outputs(proto: Any) -> None:

@@ -21,6 +21,10 @@ integer codes and scale, whatever ``weight_format`` says (it applies to the floa
 values fit and the opset has the type) -> ``DequantizeLinear(codes, LAYER/weight_scale[, axis=0]
 per channel)`` -> the float Conv / Gemm / MatMul. codes x scale in float32 is PyTorch's Q(w) bit for
 bit. BatchNorm after such a layer stays a separate node (folding it would change the weight).
+
+A model over protobuf's 2 GiB (torchvision's vit_h_14, regnet_y_128gf) is written with its tensors in an
+external data file next to the .onnx (``model.onnx.data``, see ``export_onnx(external_data=...)``);
+check_onnx() and both runtimes read it from there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -134,10 +140,12 @@ class ExportResult:
     notes: tuple[str, ...] = ()
     weight_layers: tuple[WeightInfo, ...] = ()   # layers with quantized weights (their own codes and scale)
     exporter: str = "dynamo"        # the exporter path that produced the file (qat_ste.export.exporters.PATHS)
+    data_path: Path | None = None   # the external data file next to ``path`` (None: one file); see export_onnx()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["data_path"] = None if self.data_path is None else str(self.data_path)
         return d
 
     @property
@@ -298,8 +306,18 @@ def _site_infos(quants: list, site_graphs: list, sites: list[RoutedSite]) -> lis
     return infos
 
 
-#: protobuf's limit on one serialised ONNX model
+#: protobuf's limit on one serialised ONNX model: a larger model's weights go to an external data file
 PROTOBUF_LIMIT = 2**31
+#: tensors of at least this many bytes go to the external data file (onnx's own default)
+EXTERNAL_DATA_THRESHOLD = 1024
+#: tensors of at least _ALIGN_FROM bytes start at a multiple of _ALIGNMENT in the data file (so a runtime
+#: may map them from the file; 64 KiB is every platform's mapping granularity)
+_ALIGN_FROM, _ALIGNMENT = 2**20, 2**16
+
+
+def data_file_name(path: str | os.PathLike) -> str:
+    """The name of the external data file export_onnx() writes next to ``path``: ``model.onnx.data``."""
+    return Path(path).name + ".data"
 
 
 def export_onnx(
@@ -312,6 +330,7 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = True,
     weights: str | None = None,
+    external_data: bool | None = None,
 ) -> ExportResult:
     """Export a quantized model (from ``qat_ste.quantize``) to ONNX at ``path``.
 
@@ -326,14 +345,20 @@ def export_onnx(
     metadata_props ``"qat_ste"`` holds the settings of every site (and, under ``weight_layers``, the
     spec of every quantized-weight layer) as JSON. Layers with quantized weights export their own
     codes and scale in any ``weight_format`` (see the module docstring). Raises QatSteError on bad input.
+
+    ``external_data``: None (default) writes one file while the graph fits one protobuf (2 GiB), else
+    the tensors of >= 1 KiB go to ``<file name>.data`` next to it (``model.onnx.data``, named relatively:
+    keep the two together); True always writes it; False refuses a model that does not fit one file.
+    ``ExportResult.data_path`` names it, ``file_size`` counts both files, written atomically (the data
+    file renamed into place just before the graph; a failure leaves neither, nor a temporary file).
     """
+    _check_external_data(external_data)
     if weights is not None:
         warnings.warn("export_onnx(weights=...) is deprecated; use weight_format=...", DeprecationWarning,
                       stacklevel=2)
         weight_format = weights
-    if weight_format is None:
-        weight_format = "int8" if has_integer_points(model) else "float"
-    sites = _exportable_sites(model, form, weight_format)
+    weight_format = weight_format or ("int8" if has_integer_points(model) else "float")
+    sites = _exportable_sites(model, form, weight_format, external_data)
     layers = weight_layers(model)
     bits = [s.module.bits for s in sites]
     weight_codes = [w.allowed_codes for w in layers]
@@ -345,11 +370,9 @@ def export_onnx(
     seen = _probe(model, sites, inputs)
     if not seen:
         raise QatSteError("no quantized activation ran on the example input", "check the model's forward and input")
-    notes = []
     skipped = [s.name for s in sites if s.index not in seen]
-    if skipped:
-        notes.append(f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
-                     f"{', '.join(skipped[:5])}")
+    notes = [f"{len(skipped)} site(s) did not run in eval mode and are not in the file: "
+             f"{', '.join(skipped[:5])}"] if skipped else []
     proto, exporter, exporter_notes = _run_exporter(model, sites, inputs, opset,
                                                     dynamic_batch, layers=layers, required_opset=required)
     notes.extend(exporter_notes)
@@ -364,17 +387,14 @@ def export_onnx(
     if weight_infos and weight_format == "int8":
         notes.append(f"{len(weight_infos)} layer(s) with quantized weights keep their own codes and scale "
                      "(weight_format='int8' applies to the float layers only)")
-    metadata = {
-        "format": METADATA_FORMAT, "form": form, "weight_format": weight_format, "opset": opset,
-        "exporter": exporter,
-        "session_config": session_config, "sites": [i.to_dict() for i in infos],
-        "weight_layers": [w.to_dict() for w in weight_infos],
-    }
-    data = _finish_and_write(proto, metadata, target)
+    metadata = {"format": METADATA_FORMAT, "form": form, "weight_format": weight_format, "opset": opset,
+                "exporter": exporter, "session_config": session_config, "sites": [i.to_dict() for i in infos],
+                "weight_layers": [w.to_dict() for w in weight_infos]}
+    size, data_path = _finish_and_write(proto, metadata, target, external_data)
     graph = proto.graph
     return ExportResult(
         path=target, form=form, weight_format=weight_format, opset=opset, ir_version=proto.ir_version,
-        file_size=len(data), sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
+        file_size=size, data_path=data_path, sites=tuple(infos), input_names=tuple(i.name for i in graph.input),
         output_names=tuple(o.name for o in graph.output), dynamic_batch=dynamic_batch and has_dynamic_batch(proto),
         session_config=session_config, weight_counts=weight_counts, notes=tuple(notes),
         weight_layers=tuple(weight_infos), exporter=exporter)
@@ -418,8 +438,16 @@ def _weight_infos(weight_graphs: list) -> list[WeightInfo]:
     return infos
 
 
-def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[RoutedSite]:
-    """The model's quantized sites, after checking the arguments and that the model fits one file."""
+def _check_external_data(external_data: Any) -> None:
+    if external_data is not None and not isinstance(external_data, bool):
+        raise QatSteError(f"external_data={external_data!r} is not None, True or False",
+                          "pass external_data=None (a data file only when the model needs one), True or False")
+
+
+def _exportable_sites(model: nn.Module, form: str, weight_format: str, external_data: bool | None = None
+                      ) -> list[RoutedSite]:
+    """The model's quantized sites, after checking the arguments and, with ``external_data=False``,
+    that the model fits one file."""
     if not isinstance(model, nn.Module):
         raise QatSteError(f"export_onnx() takes a torch.nn.Module, got {type(model).__name__}",
                           "pass the model returned by qat_ste.quantize()")
@@ -431,12 +459,15 @@ def _exportable_sites(model: nn.Module, form: str, weight_format: str) -> list[R
                           "quantize it first: qmodel = qat_ste.quantize(model, bits=4); "
                           "qat_ste.calibrate(qmodel, batches)")
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if size >= PROTOBUF_LIMIT and weight_format != "int8":
+    if external_data is False and size >= PROTOBUF_LIMIT and weight_format != "int8":
         raise QatSteError(
-            f"the model's weights take {size / 2**30:.1f} GiB; one ONNX file holds at most 2 GiB and "
-            "export_onnx does not write external data files",
-            "export with weight_format='int8' (4x smaller) if that fits, or a smaller model")
+            f"the model's weights take {size / 2**30:.1f} GiB; one ONNX file holds at most 2 GiB "
+            "(external_data=False)", _TOO_BIG_FIX)
     return sites
+
+
+_TOO_BIG_FIX = ("pass external_data=None (the default: the weights go to a data file next to the .onnx when they "
+                "do not fit), or weight_format='int8' (4x smaller weights) if that fits")
 
 
 def _rewrite_graph(graph: Any, quants: list, form: str, weight_format: str, notes: list[str],
@@ -486,23 +517,181 @@ def _settle_opset(proto: Any, opset: int, required: int, form: str, notes: list[
     return opset
 
 
-def _finish_and_write(proto: Any, metadata: dict[str, Any], target: Path) -> bytes:
-    """Attach the metadata, check the model, write it atomically; returns the bytes written."""
+def _finish_and_write(proto: Any, metadata: dict[str, Any], target: Path, external_data: bool | None = None
+                      ) -> tuple[int, Path | None]:
+    """Attach the metadata (naming the data file, when there is one), check the model and write it
+    atomically; returns (the bytes written, both files together; the data file or None)."""
     import onnx
 
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     proto.producer_name = "qat_ste"
+    external = _needs_external_data(proto, external_data)
+    if external:
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**metadata,
+                                                                      "external_data": data_file_name(target)})})
+    return _write_model(proto, target, external, full_check=True)
+
+
+def _needs_external_data(proto: Any, external_data: bool | None) -> bool:
+    """Whether ``proto`` is written with an external data file: as asked, else when it does not fit one
+    protobuf (``PROTOBUF_LIMIT``). A model that must not (``external_data=False``) but does not fit is refused."""
+    if external_data:
+        return True
+    fits = _tensor_bytes(proto.graph) < PROTOBUF_LIMIT
+    if fits:
+        try:
+            fits = proto.ByteSize() < PROTOBUF_LIMIT
+        except Exception:  # noqa: BLE001 - protobuf's EncodeError: over its own 2 GiB limit
+            fits = False
+    if external_data is False and not fits:
+        raise QatSteError("the exported graph takes more than one ONNX file holds (2 GiB; external_data=False)",
+                          _TOO_BIG_FIX)
+    return not fits
+
+
+def _initializers(graph: Any, attributes: bool = False) -> Iterator[Any]:
+    """Every initializer of ``graph`` and of its subgraphs (If/Loop/Scan bodies); with ``attributes``
+    also the tensors in node attributes (Constant's value)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attributes:
+                yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _initializers(sub, attributes)
+
+
+def check_data_files(path: Path, proto: Any) -> list[Any]:
+    """The tensors of ``proto`` (loaded from ``path`` without its external data) stored in external
+    data files, after checking that each such file lies in ``path``'s folder and holds their bytes;
+    else a QatSteError naming the file."""
+    from onnx import TensorProto
+
+    fix = (f"re-export the model with export_onnx() and keep {path.name} and its data file together in one "
+           "folder (the file names its data file by a relative name)")
+    tensors = [t for t in _initializers(proto.graph, attributes=True) if t.data_location == TensorProto.EXTERNAL]
+    sizes: dict[str, int] = {}
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        data = path.parent / location
+        if location not in sizes:
+            if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+                raise QatSteError(f"{path}: tensor {t.name} points at external data {location!r} outside its "
+                                  "folder", fix)
+            if not data.is_file():
+                raise QatSteError(f"the external data file {data} of {path} is missing", fix)
+            sizes[location] = data.stat().st_size
+        end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        if end > sizes[location]:
+            raise QatSteError(f"the external data file {data} of {path} is truncated or not its own: "
+                              f"{sizes[location]:,} bytes, tensor {t.name} ends at byte {end:,}", fix)
+    return tensors
+
+
+def _tensor_bytes(graph: Any) -> int:
+    return sum(len(t.raw_data) for t in _initializers(graph))
+
+
+def _check_written(model: Any, full_check: bool) -> None:
+    """onnx's checker on a proto or a file path (the only way for a model with external data)."""
+    import onnx
+
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(model, full_check=full_check)
     except Exception as e:  # noqa: BLE001 - the checker raises several types
         raise RuntimeError(f"qat_ste produced an invalid ONNX graph (a bug, please report): {e}") from e
+
+
+def _write_model(proto: Any, target: Path, external: bool, full_check: bool) -> tuple[int, Path | None]:
+    """Check ``proto`` and write it to ``target`` atomically, with its weights in an external data file
+    when ``external``; returns (the bytes written, the data file or None)."""
+    if external:
+        return _write_with_data_file(proto, target, full_check)
+    _check_written(proto, full_check)
     data = proto.SerializeToString()
     try:
         atomic_write_bytes(target, data)
     except OSError as e:
         raise QatSteError(f"cannot write {target}: {e}", "pass a path you can write to") from e
-    return data
+    return len(data), None
+
+
+def _write_with_data_file(proto: Any, target: Path, full_check: bool) -> tuple[int, Path]:
+    """The model at ``target`` and its tensors in ``target``'s data file: both are written under their
+    final names into a private folder next to ``target`` (the checker reads them there), then renamed
+    into place, the data file first; the folder goes, whatever happens. ``proto`` loses its tensor
+    data (it points at the data file)."""
+    data_target = target.with_name(data_file_name(target))
+    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmpdir"
+    staged, staged_data = staging / target.name, staging / data_target.name
+    try:
+        staging.mkdir()
+        data_size = _move_tensors_out(proto, staged_data)
+        with open(staged, "xb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        _check_written(str(staged), full_check)
+        size = staged.stat().st_size + data_size
+        os.replace(staged_data, data_target)
+        try:
+            os.replace(staged, target)
+        except BaseException:
+            data_target.unlink(missing_ok=True)  # no data file without its graph
+            raise
+    except OSError as e:
+        raise QatSteError(f"cannot write {target} and its data file {data_target.name}: {e}",
+                          "pass a path you can write to, on a device with room for both") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return size, data_target
+
+
+def _move_tensors_out(proto: Any, data_path: Path) -> int:
+    """Write every initializer of >= EXTERNAL_DATA_THRESHOLD bytes to ``data_path`` (a new file) and
+    point the tensor at it (location: the file's name); returns the file's size."""
+    from onnx.external_data_helper import set_external_data
+
+    offset = 0
+    with open(data_path, "xb") as f:
+        for tensor in _initializers(proto.graph):
+            if not _as_raw(tensor) or len(tensor.raw_data) < EXTERNAL_DATA_THRESHOLD:
+                continue
+            raw = tensor.raw_data
+            if len(raw) >= _ALIGN_FROM and offset % _ALIGNMENT:
+                f.write(bytes(_ALIGNMENT - offset % _ALIGNMENT))
+                offset += _ALIGNMENT - offset % _ALIGNMENT
+            f.write(raw)
+            set_external_data(tensor, data_path.name, offset, len(raw))
+            tensor.ClearField("raw_data")
+            offset += len(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _as_raw(tensor: Any) -> bool:
+    """Whether ``tensor`` holds its data as raw bytes, after moving it there from a typed field (e.g.
+    the INT4 codes passes.narrow_weight_containers writes) when it has at least EXTERNAL_DATA_THRESHOLD
+    elements; strings and tensors already external stay as they are."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.HasField("raw_data"):
+        return True
+    numel = 1
+    for d in tensor.dims:
+        numel *= d
+    if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED)
+            or numel < EXTERNAL_DATA_THRESHOLD):
+        return False
+    packed = numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name)
+    if packed.data_type != tensor.data_type or not packed.HasField("raw_data"):
+        return False
+    tensor.CopyFrom(packed)
+    return True
 
 
 def export_float_onnx(
@@ -512,11 +701,12 @@ def export_float_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    external_data: bool | None = None,
 ) -> Path:
     """Export ``model`` with every quantized site replaced by the float activation it wraps (the
-    float baseline for latency and size comparisons). BatchNorm is folded as in export_onnx()."""
-    import onnx
-
+    float baseline for latency and size comparisons). BatchNorm is folded as in export_onnx();
+    ``external_data`` as there (the weights go to ``<file name>.data`` when they do not fit one file)."""
+    _check_external_data(external_data)
     target = _check_path(path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = tuple(t.to(device) for t in _as_inputs(example_input))
@@ -527,8 +717,7 @@ def export_float_onnx(
     from . import passes
 
     passes.clean_metadata(proto.graph)
-    onnx.checker.check_model(proto)
-    atomic_write_bytes(target, proto.SerializeToString())
+    _write_model(proto, target, _needs_external_data(proto, external_data), full_check=False)
     return target
 
 

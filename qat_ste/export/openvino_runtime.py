@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +42,11 @@ def import_openvino() -> Any:
 
 
 def compile_model(model: str | os.PathLike | bytes, properties: Mapping[str, str] | None = None, *,
-                  threads: int | None = None) -> Any:
+                  threads: int | None = None, data_dir: str | None = None) -> Any:
     """An OpenVINO CPU compiled model of an ONNX file (a path, or its serialized bytes) with
-    ``properties`` (empty: OpenVINO's defaults) and ``threads`` inference threads (None: its default)."""
+    ``properties`` (empty: OpenVINO's defaults) and ``threads`` inference threads (None: its default).
+    Bytes whose tensors lie in an external data file in ``data_dir`` are read from a temporary copy in
+    that folder, removed once read: OpenVINO reads external data only from the model's own folder."""
     ov = import_openvino()
     config = {str(k): str(v) for k, v in (properties or {}).items()}
     if threads:
@@ -52,11 +55,7 @@ def compile_model(model: str | os.PathLike | bytes, properties: Mapping[str, str
     what = "the instrumented copy of the file" if isinstance(model, bytes) else str(model)
     try:
         if isinstance(model, bytes):  # through a file: read_model of ONNX bytes is not in every version >= 2024
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                with open(path, "wb") as f:
-                    f.write(model)
-                read = core.read_model(path)
+            read = _read_beside(core, model, data_dir) if data_dir else _read_copy(core, model)
         else:
             read = core.read_model(str(model))
         return core.compile_model(read, "CPU", config)
@@ -65,6 +64,31 @@ def compile_model(model: str | os.PathLike | bytes, properties: Mapping[str, str
         raise QatSteError(f"OpenVINO {ov.get_version().split('-')[0]} cannot load {what}: {reason}",
                           "export the deploy form (uint8 codes: export_onnx(form='deploy')), which OpenVINO reads, "
                           "or check the file with runtime='onnxruntime'") from e
+
+
+def _read_copy(core: Any, model: bytes) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model)
+        return core.read_model(path)
+
+
+def _read_beside(core: Any, model: bytes, folder: str) -> Any:
+    """``model`` read from a temporary file in ``folder`` (named as qat_ste.atomic names its temporary
+    files, so qat_ste.atomic.remove_stale_temp_files clears one a crash leaves), removed once read."""
+    path = os.path.join(folder, f".qat_ste_check.onnx.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(path, "xb") as f:
+            f.write(model)
+    except OSError as e:
+        raise QatSteError(f"OpenVINO reads the external data of the file in {folder} only through a copy of the "
+                          f"file in that folder, which cannot be written: {e}",
+                          "make the folder writable, or check the file with runtime='onnxruntime'") from e
+    try:
+        return core.read_model(path)
+    finally:
+        os.unlink(path)
 
 
 def output_index(compiled: Any) -> dict[str, int]:

@@ -30,6 +30,31 @@ FLOAT_COMPUTE_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "Fu
                                "FusedMatMul", "ConvTranspose"})
 
 
+#: ORT's session config entry naming the folder of the external data of a model given as bytes
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+#: metadata_props key under which check_onnx() keeps, in memory only, the folder of a loaded file's
+#: external data (its copies, handed to a runtime as bytes, read the data from there)
+DATA_DIR_KEY = "qat_ste.data_dir"
+
+
+class SerializedModel(bytes):
+    """A serialized ONNX model whose tensors may be stored in external data files in ``data_dir``
+    (a copy of a file export_onnx() wrote with ``external_data``): the runtimes read them from there."""
+
+    data_dir: str | None
+
+    def __new__(cls, data: bytes, data_dir: str | os.PathLike | None = None) -> SerializedModel:
+        model = super().__new__(cls, data)
+        model.data_dir = None if data_dir is None else os.fspath(data_dir)
+        return model
+
+
+def data_dir_of(model: str | os.PathLike | bytes) -> str | None:
+    """The folder of the external data of ``model`` when it is a :class:`SerializedModel`, else None
+    (a path's external data lies next to it; plain bytes have none)."""
+    return model.data_dir if isinstance(model, SerializedModel) else None
+
+
 def is_integer_op(op_type: str) -> bool:
     return op_type.startswith("QLinear") or op_type in INTEGER_OP_NAMES
 
@@ -50,12 +75,16 @@ def make_session(
     threads: int | None = None,
     optimized_path: str | None = None,
 ) -> Any:
-    """An ORT CPU session with ``config`` session entries (empty: ORT's defaults)."""
+    """An ORT CPU session with ``config`` session entries (empty: ORT's defaults). A
+    :class:`SerializedModel` reads its external data from its ``data_dir``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    for key, value in (config or {}).items():
+    config = dict(config or {})
+    if data_dir_of(model) is not None:
+        config[EXTERNAL_DATA_FOLDER] = str(data_dir_of(model))
+    for key, value in config.items():
         options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
@@ -72,7 +101,10 @@ def optimized_op_counts(model: str | os.PathLike | bytes, config: Mapping[str, s
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, config, optimized_path=path)
+        # the tensors go to a data file next to it (only the graph is read): one file holds at most 2 GiB
+        written = {"session.optimized_model_external_initializers_file_name": "optimized.onnx.data",
+                   "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
+        make_session(model, {**(config or {}), **written}, optimized_path=path)
         graph = onnx.load(path, load_external_data=False).graph
     return dict(collections.Counter(n.op_type for n in graph.node))
 
@@ -137,7 +169,7 @@ def open_runner(runtime: str, model: str | os.PathLike | bytes, config: Mapping[
     if runtime == "openvino":
         from . import openvino_runtime as ovr
 
-        compiled = ovr.compile_model(model, config, threads=threads)
+        compiled = ovr.compile_model(model, config, threads=threads, data_dir=data_dir_of(model))
         return Runner(runtime, tuple(ovr.input_names(compiled)), ovr.output_index(compiled),
                       ovr.describe_properties(compiled, config), compiled, lambda feeds: ovr.run(compiled, feeds))
     session = make_session(model, config, threads=threads)

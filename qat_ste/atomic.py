@@ -26,6 +26,8 @@ from .errors import QatSteError
 
 #: temporary files of :func:`atomic_write`: ``.<name>.<pid>.<8 hex>.tmp``
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]{8})\.tmp$")
+#: the staging folder of a write of several files (export_onnx's model and its external data file)
+_TEMP_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]{8})\.tmpdir$")
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -96,21 +98,24 @@ def is_temp_name(name: str) -> bool:
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that interrupted atomic writes left in ``folder``
-    (``.<name>.<pid>.<hex>.tmp`` whose process is gone, or is this process); returns them."""
+    """Delete the temporary files (``.<name>.<pid>.<hex>.tmp``) and staging folders (``....tmpdir``)
+    that interrupted atomic writes left in ``folder``, whose process is gone or is this process;
+    returns them."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in sorted(folder.iterdir()):
-        match = _TEMP_NAME.match(entry.name)
-        if match is None or entry.is_symlink() or not entry.is_file():
+        is_file = entry.is_file() and not entry.is_symlink()
+        is_folder = entry.is_dir() and not entry.is_symlink()
+        match = _TEMP_NAME.match(entry.name) if is_file else _TEMP_FOLDER.match(entry.name) if is_folder else None
+        if match is None:
             continue
         pid = int(match["pid"])
         if pid != os.getpid() and _process_alive(pid):
             continue  # another process may be writing it right now
         try:
-            entry.unlink()
+            shutil.rmtree(entry) if is_folder else entry.unlink()
         except OSError:  # gone meanwhile, or not ours to delete
             continue
         removed.append(entry)

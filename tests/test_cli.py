@@ -694,3 +694,17 @@ def test_fine_tuning_options_become_train_config_settings(capsys):
                           (["--lr", "0"], "--lr 0.0 must be > 0")):
         assert main(["convert", *bad, "--out", "/nonexistent/never"]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_export_names_the_data_file_of_a_model_over_the_one_file_limit(converted, tmp_path, capsys, monkeypatch):
+    from qat_ste.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1000)  # lenet5's weights take more: external data
+    target = tmp_path / "big.onnx"
+    assert main(["export", "--checkpoint", str(converted / "qat" / "last.pt"), "--out", str(target)]) == 0
+    assert "its weights are in big.onnx.data beside it: keep the two together" in capsys.readouterr().out
+    assert (tmp_path / "big.onnx.data").stat().st_size > 1000
+    code = main(["check", "--onnx", str(target), "--checkpoint", str(converted / "qat" / "last.pt"), "--json",
+                 "--check-samples", "16", "--no-latency"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"] and report["site_parity"] == 1.0

@@ -379,9 +379,15 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(data, tmp_path):
     }
     for name in names.values():
         (tmp_path / name).write_bytes(b"partial")
+    staging = tmp_path / f".big.onnx.{gone.pid}.0123abcd.tmpdir"  # export_onnx's model + data file, killed
+    staging.mkdir()
+    (staging / "big.onnx.data").write_bytes(b"partial")
+    (tmp_path / f".x.onnx.{gone.pid}.0123abcd.tmp.d").mkdir()  # not a staging folder's name: kept
     removed = remove_stale_temp_files(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([names["dead"], names["own"]])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other"], names["kept"]])
+    assert sorted(p.name for p in removed) == sorted([names["dead"], names["own"], staging.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["live"], names["other"], names["kept"], f".x.onnx.{gone.pid}.0123abcd.tmp.d"])
+    (tmp_path / f".x.onnx.{gone.pid}.0123abcd.tmp.d").rmdir()
     (tmp_path / names["dead"]).write_bytes(b"partial")  # left by a killed run: the next run removes it
     (tmp_path / "last.pt").unlink()
     train(make_model(), *data, config(tmp_path, epochs=1))

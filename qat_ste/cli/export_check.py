@@ -54,7 +54,9 @@ def _export(args: argparse.Namespace) -> int:
     result = export_onnx(qmodel, out, _example_input(val_set), form=args.form, weight_format=args.weight_format,
                          opset=args.opset)
     _out(f"wrote {result.path} ({_human_bytes(result.file_size)}, form {result.form}, {result.weight_format} "
-         f"weights, opset {result.opset}, {len(result.sites)} quantized site(s))")
+         f"weights, opset {result.opset}, {len(result.sites)} quantized site(s))"
+         + (f"; its weights are in {result.data_path.name} beside it: keep the two together" if result.data_path
+            else ""))
     for note in result.notes:
         _out(f"note: {note}")
     return EXIT_OK

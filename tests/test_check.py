@@ -242,3 +242,27 @@ def test_cli_check_runtime_option(files, capsys, monkeypatch) -> None:
     assert main([*base, "--runtime", "openvino"]) == 2  # refused before the model is built
     err = capsys.readouterr().err
     assert "not installed" in err and "pip install 'qat_ste[openvino]'" in err and "Traceback" not in err
+
+
+def test_at_most_two_sessions_hold_the_weights_at_once(quantized, files, data, monkeypatch) -> None:
+    """Each ORT session holds a copy of the weights (GiBs for vit_h_14): the file's own two run and
+    close before the default-options two open."""
+    import qat_ste.export.check as check_module
+
+    opened: list = []
+    most = []
+    real = check_module.open_runner
+
+    def tracking(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        opened.append(runner)
+        most.append(sum(r.handle is not None for r in opened))
+        return runner
+
+    monkeypatch.setattr(check_module, "open_runner", tracking)
+    r = check_onnx(quantized, files["float"], data[0], latency=False)
+    assert r.ok and r.default_task_agreement is not None, r.table()
+    assert len(opened) >= 4 and max(most) == 2
+    assert all(runner.handle is None for runner in opened[:4])  # closed once their batches ran
+    with pytest.raises(RuntimeError, match="session was closed"):
+        opened[0].run({})

@@ -531,11 +531,10 @@ def check_onnx(
     first = batches[0][0]
     reference_model, reference, notes = _reference_for(model, meta, _example(first) if integer else None)
     deployed, probe = _open_runners(runtime, proto, path, deploy_config, probe_config, integer)
-    default, default_described, same_as_deployed = _default_runner(runtime, path, deploy_config, notes)
-    probe.defaults = _default_probe(runtime, proto, probe, default, notes)
+    tally = _compare(model, reference_model, deployed, probe, batches, task)
+    default_described = _default_pass(runtime, (proto, path, deploy_config), (deployed, probe), tally,
+                                      (reference_model, batches), notes)
     options = _options(probe, deployed, default_described)
-    tally = _compare(model, reference_model, (deployed, default), probe, batches, task)
-    tally.copy_default_figures(same_as_deployed)
     site_checks = _site_checks(tally, meta)
     weight_checks = _weight_checks(model, proto, meta, first, runtime, probe_config)
     if weight_checks:
@@ -787,6 +786,7 @@ class _Tally:
     default_chained: Agreement | None = None  # ... given the codes of the file under ORT's default options
     chained_codes: dict[str, ChainedCounts] = field(default_factory=dict)
     default_chained_codes: dict[str, ChainedCounts] = field(default_factory=dict)
+    torch_outputs: list[list[torch.Tensor]] = field(default_factory=list)  # PyTorch's, per batch
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     correct_torch: int = 0
@@ -827,31 +827,34 @@ def _file_outputs(runner: Runner, feeds: dict[str, np.ndarray], n_file: int) -> 
     return [torch.from_numpy(np.asarray(v)) for v in runner.run(feeds)[:n_file]]
 
 
-def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner, Runner | None], probe: _Probe,
-             batches: list[Batch], task: str | None = None) -> _Tally:
-    """Run every batch through PyTorch, the file as deployed (and with ORT's default options, the
-    second runner, when given) and the instrumented file; count."""
-    deployed, default = runners
-    tensors, n_file = probe.tensors, len(deployed.outputs)
-    device = next((p.device for p in reference_model.parameters()), torch.device("cpu"))
-    sites = {s.name: s for s in quant_sites(reference_model)}
+def _site_maps(model: nn.Module, tensors: list[Any]) -> tuple[dict[str, RoutedSite], dict[str, list[Any]]]:
+    """(the model's sites by name, the file's occurrences of each site in order)."""
     by_site: dict[str, list[Any]] = {}
     for t in tensors:
         by_site.setdefault(t.name, []).append(t)
+    return {s.name: s for s in quant_sites(model)}, by_site
+
+
+def _compare(model: nn.Module, reference_model: nn.Module, deployed: Runner, probe: _Probe,
+             batches: list[Batch], task: str | None = None) -> _Tally:
+    """Run every batch through PyTorch, the file as deployed and the instrumented file; count (and keep
+    PyTorch's outputs for :func:`_compare_defaults`)."""
+    n_file = len(deployed.outputs)
+    device = next((p.device for p in reference_model.parameters()), torch.device("cpu"))
+    sites, by_site = _site_maps(reference_model, probe.tensors)
     tally = _Tally(sites={name: _SiteTally(occurrences=len(occ)) for name, occ in by_site.items()}, task=task)
     with torch.no_grad():
         for xs, y in batches:
             store: dict[str, list[torch.Tensor]] = {}
             with export_routing(reference_model, list(sites.values()), _capture_hook(store)):
                 outs_t = _torch_outputs(reference_model, xs, device, n_file, tally.notes)
+            tally.torch_outputs.append(outs_t)
             outs_o = _file_outputs(deployed, _feeds(deployed.inputs, xs), len(outs_t))
             values = probe.runner.named(_feeds(probe.runner.inputs, xs))
             given = _quantizers_on(probe, store, by_site) if probe.alone else values
             if tally.agreement is None:
                 tally.task = resolve_task(tally.task, outs_t)
                 tally.agreement, tally.chained = Agreement(tally.task), Agreement(tally.task)
-                tally.default = Agreement(tally.task) if default is not None else None
-                tally.default_chained = Agreement(tally.task) if probe.defaults is not None else None
             for name, occurrences in by_site.items():
                 _count_site(tally, name, sites[name].module, occurrences, (given, values), probe.codes_as,
                             store.get(name, []))
@@ -859,17 +862,49 @@ def _compare(model: nn.Module, reference_model: nn.Module, runners: tuple[Runner
             assert tally.chained is not None
             _add_chained(tally.chained, tally.chained_codes, (reference_model, sites, by_site), probe.runner, values,
                          probe.codes_as, xs, n_file)
-            if default is not None and tally.default is not None:
-                tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), len(outs_t)))
-            if probe.defaults is not None and tally.default_chained is not None:
-                _add_chained(tally.default_chained, tally.default_chained_codes, (reference_model, sites, by_site),
-                             probe.defaults, probe.defaults.named(_feeds(probe.defaults.inputs, xs)), probe.codes_as,
-                             xs, n_file)
             if y is not None:
                 as_given = outs_t if model is reference_model else _torch_outputs(model, xs, device, n_file)
                 _count_labels(tally, outs_t[0], outs_o[0], as_given[0], y)
             tally.samples += len(xs[0])
     return tally
+
+
+def _default_pass(runtime: str, file: tuple[Any, Path, dict[str, str]], runners: tuple[Runner, _Probe],
+                  tally: _Tally, reference: tuple[nn.Module, list[Batch]], notes: list[str]) -> str:
+    """After the file's own sessions are closed (in ORT: one model's sessions at a time, each holds the
+    weights, GiBs for a big model), the figures under ORT's default options; returns how they ran."""
+    (proto, path, deploy_config), (deployed, probe) = file, runners
+    for session in (deployed, probe.runner) if runtime == "onnxruntime" else ():
+        session.close()
+    default, default_described, same_as_deployed = _default_runner(runtime, path, deploy_config, notes)
+    probe.defaults = _default_probe(runtime, proto, probe, default, notes)
+    _compare_defaults(tally, reference[0], default, probe, reference[1])
+    tally.copy_default_figures(same_as_deployed)
+    return default_described
+
+
+def _compare_defaults(tally: _Tally, reference_model: nn.Module, default: Runner | None, probe: _Probe,
+                      batches: list[Batch]) -> None:
+    """The figures under ORT's default options: the file (``default``) against PyTorch's outputs kept by
+    :func:`_compare`, then the file with its codes exposed (``probe.defaults``) in the chained run; each
+    session is closed once its batches ran, so one copy of the weights is loaded at a time."""
+    if default is None or tally.task is None:
+        return
+    tally.default = Agreement(tally.task)
+    with torch.no_grad():
+        for (xs, _), outs_t in zip(batches, tally.torch_outputs, strict=True):
+            tally.default.add(outs_t, _file_outputs(default, _feeds(default.inputs, xs), len(outs_t)))
+        default.close()
+        if probe.defaults is None:
+            return
+        tally.default_chained = Agreement(tally.task)
+        sites, by_site = _site_maps(reference_model, probe.tensors)
+        n_file = len(default.outputs)
+        for xs, _ in batches:
+            _add_chained(tally.default_chained, tally.default_chained_codes, (reference_model, sites, by_site),
+                         probe.defaults, probe.defaults.named(_feeds(probe.defaults.inputs, xs)), probe.codes_as,
+                         xs, n_file)
+        probe.defaults.close()
 
 
 def _add_chained(agreement: Agreement, counts: dict[str, ChainedCounts],

@@ -160,6 +160,13 @@ class Runner:
         values = self.call(feeds)
         return {name: values[k] for name, k in self.outputs.items()}
 
+    def close(self) -> None:
+        """Release the session (and the copy of the model's weights it holds); run() fails afterwards."""
+        def closed(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            raise RuntimeError(f"the {RUNTIMES.get(self.runtime, self.runtime)} session was closed")
+        object.__setattr__(self, "handle", None)  # frozen: the fields stay, the session goes
+        object.__setattr__(self, "call", closed)
+
 
 def open_runner(runtime: str, model: str | os.PathLike | bytes, config: Mapping[str, str] | None = None, *,
                 threads: int | None = None) -> Runner:

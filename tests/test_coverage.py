@@ -38,6 +38,15 @@ def test_model_is_quantized_completely(spec: str, single_thread) -> None:
         assert row.exported == "ok" and row.site_parity == 1.0
 
 
+def test_zero_initialised_heads_get_random_weights() -> None:
+    from tools.coverage_lib import build_model
+
+    model, x = build_model("torchvision:vit_b_32")  # torchvision starts ViT heads at zero
+    assert bool(model.heads.head.weight.any())
+    logits = model.eval()(x)
+    assert logits.shape == (2, 10) and bool((logits - logits.mean(dim=1, keepdim=True)).abs().gt(0).all())
+
+
 def test_the_summary_counts_each_table_and_task() -> None:
     def row(model: str, task: str, end_to_end: float | None, float64: float | None = None, **kw) -> CoverageRow:
         return CoverageRow(model=model, task=task, census_ok=True, trained=True, site_parity=1.0, passed=True,

@@ -270,9 +270,27 @@ def _flow_case(name: str, num_classes: int) -> ModelCase:
 
 def _settle_norms(model: nn.Module, run: Callable[[], Any]) -> None:
     """Norm layers as a trained model has them: their own affine parameters, and BatchNorm running
-    statistics from ``run()`` (a training-mode forward)."""
+    statistics from ``run()`` (a training-mode forward); no layer left at zero weights."""
     _vary_norm_layers(model)
+    _fill_zero_layers(model)
     _match_norm_statistics(model, run)
+
+
+@torch.no_grad()
+def _fill_zero_layers(model: nn.Module, seed: int = 0) -> list[str]:
+    """Give every conv / linear layer whose weight is all zeros (torchvision's ViT heads, timm's MLP-Mixer
+    and ResMLP heads start so) seeded random weights (std 0.02), as a trained model has them: a zero
+    head makes every logit its bias, and top-1 agreement a tie broken the same way in every runtime.
+    Returns the layers filled."""
+    g = torch.Generator().manual_seed(seed)
+    filled = []
+    for name, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(weight, torch.Tensor)
+                and weight.numel() and not bool(weight.any())):
+            weight.copy_(0.02 * torch.randn(weight.shape, generator=g).to(weight.dtype))
+            filled.append(name)
+    return filled
 
 
 @torch.no_grad()

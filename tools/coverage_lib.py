@@ -368,6 +368,8 @@ def check_model(spec: str, bits: int = 4, ste: str = "clipped_relu", export: boo
         row.trained = bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
         if not row.trained:
             problems.append("no gradients" if not grads else "non-finite gradients")
+        del grads
+        q.zero_grad(set_to_none=True)  # the gradients take as much memory as the weights (GiBs for vit_h_14)
         for training in (False, True):
             cov = check_coverage(model, q, *(case.train_args if training else case.inputs), training=training)
             if not cov.ok:

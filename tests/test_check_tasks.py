@@ -161,6 +161,18 @@ def test_box_matching_needs_iou_and_label() -> None:
     assert resolve_task(None, [boxes, torch.rand(3), labels]) == "detection"
 
 
+def test_flat_boxes_match_when_their_coordinates_agree() -> None:
+    """fcos_resnet50_fpn clips random-weight boxes to the image and keeps flat ones (y1 == y2): the
+    file's are the same boxes, but a box of zero area has no IoU with itself."""
+    flat = torch.tensor([[86.434372, 48.0, 88.0, 48.0], [32.0, 62.4, 32.0, 64.0]])
+    labels = torch.tensor([3, 1])
+    assert matched_boxes(flat, flat, labels, labels) == 2
+    assert matched_boxes(flat, flat + 1e-3, labels, labels) == 2  # within 1e-4 of the largest coordinate
+    assert matched_boxes(flat, flat + torch.tensor([0.0, 0.5, 0.0, 0.5]), labels, labels) == 0
+    assert matched_boxes(flat, flat, labels, labels.flip(0)) == 0
+    assert matched_boxes(flat[:1], torch.tensor([[86.0, 40.0, 88.0, 48.0]])) == 0  # flat vs a real box: IoU 0
+
+
 def test_tuple_outputs_are_compared_per_tensor(tmp_path) -> None:
     class Pair(nn.Module):
         def __init__(self) -> None:

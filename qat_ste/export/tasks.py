@@ -9,6 +9,8 @@ output flattened the way the exporter flattens it: tuples/lists in order, dicts 
 - ``detection``: matched boxes, per image: a box of the file matches an unmatched box of the model
   with IoU >= 0.9 and the same label (when the outputs carry labels: an integer tensor of one value
   per box); the figure is the matched boxes over the larger of the two counts, pooled over images.
+  Two boxes of zero area (a detector clips boxes to the image and may keep flat ones) have no IoU:
+  they match when their coordinates agree within ``DEGENERATE_TOLERANCE`` (relative).
 - ``regression`` (and optical flow): relative error ||a - b|| / ||a|| over every float output.
 
 With ``task=None`` the task is picked by the outputs' shapes: a float (..., K, 4) box tensor next to
@@ -38,6 +40,8 @@ TASKS = {
 SHARE_TASKS = frozenset({"classification", "segmentation", "detection"})
 #: the IoU a box must reach to match
 MATCH_IOU = 0.9
+#: two zero-area boxes match (IoU 1) when every coordinate agrees within this, relative to the largest
+DEGENERATE_TOLERANCE = 1e-4
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
@@ -100,7 +104,13 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     high = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = (high - low).clamp_min(0).prod(-1)
     union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-300), torch.zeros_like(inter))
+    iou = torch.where(union > 0, inter / union.clamp_min(1e-300), torch.zeros_like(inter))
+    flat = union <= 0  # both boxes of zero area: the same box when their coordinates agree
+    if bool(flat.any()):
+        gap = (a[:, None, :] - b[None, :, :]).abs().amax(-1)
+        scale = torch.maximum(a.abs().amax(-1)[:, None], b.abs().amax(-1)[None, :]).clamp_min(1.0)
+        iou = torch.where(flat & (gap <= DEGENERATE_TOLERANCE * scale), torch.ones_like(iou), iou)
+    return iou
 
 
 def matched_boxes(boxes_a: torch.Tensor, boxes_b: torch.Tensor, labels_a: torch.Tensor | None = None,

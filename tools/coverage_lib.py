@@ -91,9 +91,8 @@ class CoverageRow:
     exporter: str = ""             # the exporter path that wrote the file (qat_ste.export.exporters)
     task_figure: str = ""          # what task_agreement measures (check_onnx's figure for the task)
     task_agreement: float | None = None     # that figure, bit-exact mode, PyTorch given the file's codes at every
-                                            # site (check_onnx's task figure; rows of earlier sweeps: end to end)
-    default_agreement: float | None = None  # that figure under ONNX Runtime's default options (given its codes;
-                                            # rows of earlier sweeps: end to end)
+                                            # site (check_onnx's task figure)
+    default_agreement: float | None = None  # that figure under ONNX Runtime's default options (given its codes)
     float64_agreement: float | None = None  # that figure for the quantized PyTorch model in float32 against
                                             # itself in float64 (measured when the end-to-end figure misses the
                                             # threshold: how far float rounding alone moves these outputs)
@@ -498,7 +497,9 @@ def _mark(value: bool | None) -> str:
 def _figure(value: float | None, figure: str) -> str:
     if value is None or value != value:  # None or NaN
         return "-"
-    return f"{value:.4f}" if figure == "relative error" else f"{100 * value:.2f} %"
+    if figure == "relative error":
+        return f"{value:.4f}" if value >= 1e-3 else f"{value:.1e}"
+    return f"{100 * value:.2f} %"
 
 
 def _known(value: bool | None, r: CoverageRow) -> bool | None:
@@ -543,11 +544,7 @@ def preamble(bits: int, ste: str, export: bool) -> str:
             "- **end to end**: the same figure with each runtime computing every site itself (shown, not required); "
             "where it misses the threshold, **float32 vs float64** gives the figure between the quantized PyTorch "
             "model in float32 and in float64 (or on inputs one ulp apart): in deep networks with random weights one "
-            "code that float rounding flips moves the next layers' codes, so no two runtimes agree end to end there;",
-            "- rows whose export path reads `ok (path not recorded)` come from the earlier sweep, which recorded "
-            "neither the path nor the task figures and required site parity only; rows without **codes given "
-            "file's** come from a sweep before the chained figures, whose **given file's codes** column holds the "
-            "end-to-end figure.",
+            "code that float rounding flips moves the next layers' codes, so no two runtimes agree end to end there.",
         ]
     return "\n".join(lines) + "\n\n"
 

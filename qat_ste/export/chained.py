@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ops import RoutedSite, reference_codes
+from ..quantizer.functional import quantize_codes
+from .ops import RoutedSite
 
 #: a code one apart from the file's is a rounding tie where PyTorch's u/step lies within
 #: TIE_STEPS + TIE_RELATIVE * |u/step| of a rounding boundary
@@ -75,10 +76,14 @@ def chained_notes(counts: Mapping[str, ChainedCounts]) -> list[str]:
     return notes
 
 
-def boundary_distance(rounding: str, u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """|u/step - the nearest rounding boundary| in float64 (a half-way point for nearest rounding, an
-    integer for ceil)."""
-    ratio = u.double() / step.detach().to(u.device).double()
+def step_ratio(u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """u / step in float64."""
+    return u.double() / step.detach().to(u.device).double()
+
+
+def boundary_distance(rounding: str, ratio: torch.Tensor) -> torch.Tensor:
+    """|u/step - the nearest rounding boundary| for ``ratio`` = u/step (:func:`step_ratio`): the
+    boundaries are half-way points for nearest rounding, integers for ceil."""
     boundary = ratio.floor() + 0.5 if rounding == "nearest" else ratio.round()
     return (ratio - boundary).abs()
 
@@ -101,8 +106,8 @@ def forcing_hook(codes_by_site: Mapping[str, list[np.ndarray | None]], counts: d
             k = calls.get(site.name, 0)
             calls[site.name] = k + 1
             count = counts.setdefault(site.name, ChainedCounts())
-            step, zero_point = module.grid(u)
-            own = reference_codes(module, u)
+            step, zero_point = module.grid(u)  # one grid() for the codes and the output (reference_codes' math)
+            own = quantize_codes(u, step, zero_point, module.levels, module.rounding)
             given = codes_by_site.get(site.name, [])
             theirs = given[k] if k < len(given) else None
             if theirs is None or tuple(theirs.shape) != tuple(u.shape):
@@ -113,8 +118,8 @@ def forcing_hook(codes_by_site: Mapping[str, list[np.ndarray | None]], counts: d
             equal = own == codes
             count.equal += int(equal.sum())
             if not bool(equal.all()):
-                ratio = (u.double() / step.detach().to(u.device).double()).abs()
-                near = boundary_distance(module.rounding, u, step) <= TIE_STEPS + TIE_RELATIVE * ratio
+                ratio = step_ratio(u, step)
+                near = boundary_distance(module.rounding, ratio) <= TIE_STEPS + TIE_RELATIVE * ratio.abs()
                 count.ties += int((~equal & near & ((own - codes).abs() == 1)).sum())
             return ((codes - zero_point) * step).to(u.dtype)
         return run

@@ -57,7 +57,15 @@ import torch.nn as nn
 from ..atomic import json_safe
 from ..errors import QatSteError
 from ..nn_utils import logits_of
-from .chained import ChainedCounts, boundary_distance, chained_notes, file_codes, forcing_hook, pooled_agreement
+from .chained import (
+    ChainedCounts,
+    boundary_distance,
+    chained_notes,
+    file_codes,
+    forcing_hook,
+    pooled_agreement,
+    step_ratio,
+)
 from .integer_reference import integer_reference
 from .onnx_export import DISABLE_QDQ, export_float_onnx, has_integer_points, read_metadata
 from .ops import RoutedSite, export_routing, quant_sites, reference_codes
@@ -1001,8 +1009,8 @@ def _near_boundary(rounding: str, u: torch.Tensor, step: torch.Tensor, expected:
                    mismatch: torch.Tensor) -> int:
     """How many of the ``mismatch``ed codes differ by one where u/step lies within 2 float32 ulps of a
     rounding boundary (a half-way point for nearest rounding, an integer for ceil)."""
-    ratio = u.double() / step.detach().cpu().double()
-    near = boundary_distance(rounding, u, step) <= 2 * torch.finfo(torch.float32).eps * ratio.abs().clamp_min(1.0)
+    ratio = step_ratio(u, step)
+    near = boundary_distance(rounding, ratio) <= 2 * torch.finfo(torch.float32).eps * ratio.abs().clamp_min(1.0)
     return int((mismatch & near & ((expected - codes).abs() == 1)).sum())
 
 

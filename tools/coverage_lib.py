@@ -574,11 +574,20 @@ def _group(table: str, r: CoverageRow) -> str:
     return f"| {table} | {r.task}{' (quantizable variants)' if quantizable else ''} |"
 
 
+def _default_threshold(task: str) -> float | None:
+    """check_onnx()'s default threshold of ``task``'s figure (the one the sweep's checks used)."""
+    from qat_ste.export.check import check_onnx, threshold_key
+
+    return inspect.signature(check_onnx).parameters[threshold_key(task)].default
+
+
 def summary_table(tables: dict[str, list[CoverageRow]]) -> str:
     """The counts per table and task (the README's coverage table): models; quantized, census and one
     training step held; exported; 100 % per-site parity; check_onnx passed (figures given the file's
     codes, bit-exact and under ORT's defaults); the end-to-end figure met; of the misses, how many the
     float32-vs-float64 baseline misses too."""
+    from qat_ste.export.tasks import meets
+
     lines = ["| table | task | models | quantize + census + train | export | 100 % per-site parity | "
              "check passed (given the file's codes) | end-to-end figure met | end-to-end missed: float64 "
              "baseline misses too |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -589,9 +598,11 @@ def summary_table(tables: dict[str, list[CoverageRow]]) -> str:
         for label, group in sorted(groups.items()):
             exported = [r for r in group if r.site_parity is not None]
             measured = [r for r in exported if r.end_to_end_agreement is not None]
-            threshold = 0.1 if group[0].task == "optical_flow" else 0.9
-            def met(value: float | None, task: str = group[0].task, limit: float = threshold) -> bool:
-                return value is not None and (value <= limit if task == "optical_flow" else value >= limit)
+            task = CHECK_TASK[group[0].task]
+            threshold = _default_threshold(task)
+
+            def met(value: float | None, task: str = task, threshold: float | None = threshold) -> bool:
+                return value is not None and meets(task, value, threshold)
             missed = [r for r in measured if not met(r.end_to_end_agreement)]
             lines.append(
                 f"{label} {len(group)} | {sum(bool(r.census_ok and r.trained) for r in group)} | {len(exported)} | "

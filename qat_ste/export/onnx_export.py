@@ -526,11 +526,9 @@ def _finish_and_write(proto: Any, metadata: dict[str, Any], target: Path, extern
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     proto.producer_name = "qat_ste"
-    external = _needs_external_data(proto, external_data)
-    if external:
-        del proto.metadata_props[:]
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**metadata,
-                                                                      "external_data": data_file_name(target)})})
+    external = _needs_external_data(proto, external_data)  # measured with the metadata on
+    if external:  # the one entry set above
+        proto.metadata_props[0].value = json.dumps({**metadata, "external_data": data_file_name(target)})
     return _write_model(proto, target, external, full_check=True)
 
 
